@@ -1,0 +1,124 @@
+"""Shared fixtures: tiny Llama bases (fp32, bf16, 4-bit NF4), an in-process tokenizer, real data paths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+GSM8K_TRAIN = SHARED / "data" / "gsm8k" / "train.jsonl"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
+    "{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+BASE_KINDS = ["fp32", "bf16", "nf4"]
+
+
+def gsm8k_rows(n: int) -> list[dict]:
+    with GSM8K_TRAIN.open() as handle:
+        return [json.loads(line) for _, line in zip(range(n), handle, strict=False)]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A byte-level BPE tokenizer (vocab 1000) trained here on GSM8K questions, with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    rows = gsm8k_rows(2000)
+    bpe.train_from_iterator([r["question"] + "\n" + r["answer"] for r in rows], trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="session")
+def gsm8k_batch(tokenizer):
+    """Four real GSM8K examples, chat-formatted and tokenized: (input_ids, attention_mask)."""
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}], tokenize=False
+        )
+        for r in gsm8k_rows(4)
+    ]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=96)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    """A randomly initialized two-layer Llama saved as a normal model folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1234)
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+def load_base(path: str, kind: str):
+    """The base model in fp32, bf16 or bitsandbytes 4-bit NF4 (fp32 compute), on CPU."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if kind == "nf4":
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=quant, dtype=torch.float32, device_map="cpu"
+        )
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[kind]
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def lora_config(**overrides):
+    from peft import LoraConfig
+
+    values = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    values.update(overrides)
+    return LoraConfig(**values)
+
+
+def make_peft(path: str, kind: str = "fp32", seed: int = 0, **lora_overrides):
+    """A PeftModel with LoRA on every linear layer. ``init_lora_weights=False`` gives a non-zero B."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    return get_peft_model(load_base(path, kind), lora_config(**lora_overrides))
+
+
+def logits(model, input_ids, attention_mask=None) -> torch.Tensor:
+    """Logits without grad, in train mode: on CPU an eval-mode forward repacks 4-bit weights (see README)."""
+    model.train()
+    with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+
+
+def reference_contract(cores: list[torch.Tensor]) -> np.ndarray:
+    """Independent MPO contraction in float64: a sum of Kronecker products over every bond index."""
+    cores = [c.detach().double().cpu().numpy() for c in cores]
+    mats = [cores[0][0, :, :, e] for e in range(cores[0].shape[3])]
+    for core in cores[1:]:
+        mats = [sum(np.kron(mats[a], core[a, :, :, b]) for a in range(core.shape[0])) for b in range(core.shape[3])]
+    return mats[0]
