@@ -1,0 +1,32 @@
+"""lora-over-trl: LoRA-Over (over-parameterized LoRA factors) for the Hugging Face fine-tuning stack.
+
+Example:
+    >>> from lora_over_trl import LoraOverConfig, apply_lora_over, collapse
+    >>> apply_lora_over(peft_model, LoraOverConfig(capacity=1.0))   # train as usual afterwards
+    >>> collapse(peft_model)
+    >>> peft_model.save_pretrained("out")                            # a standard PEFT LoRA adapter
+"""
+
+from .checkpoint import load_lora_over, save_lora_over
+from .config import CapacityRule, LoraOverConfig
+from .export import export_merged
+from .patch import (
+    apply_lora_over,
+    collapse,
+    lora_over_parameter_groups,
+    over_parameterized_factors,
+)
+
+__all__ = [
+    "CapacityRule",
+    "LoraOverConfig",
+    "apply_lora_over",
+    "collapse",
+    "export_merged",
+    "load_lora_over",
+    "lora_over_parameter_groups",
+    "over_parameterized_factors",
+    "save_lora_over",
+]
+
+__version__ = "0.1.0"

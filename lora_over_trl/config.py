@@ -1,0 +1,159 @@
+"""User-facing configuration of LoRA-Over: what to over-parameterize, and by how much."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from difflib import get_close_matches
+from typing import Any
+
+__all__ = ["CapacityRule", "LoraOverConfig", "module_matches", "layer_index"]
+
+_FACTORS = ("both", "A", "B")
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def module_matches(name: str, target_modules: str | list[str]) -> bool:
+    """PEFT's matching rule: a string is a regex that must match the whole name; a list matches by suffix."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def layer_index(name: str) -> int | None:
+    """The first integer path component of a module name (``model.layers.3.mlp`` -> 3), or ``None``."""
+    match = _LAYER_INDEX.search(name + ".")
+    return int(match.group(1)) if match else None
+
+
+@dataclass
+class CapacityRule:
+    """Capacity for the LoRA modules a rule selects; the first matching rule in a list wins.
+
+    Args:
+        target_modules: module names as in PEFT's ``LoraConfig.target_modules`` (a list matches name
+            suffixes such as ``"q_proj"``; a string is a regex over the whole name).
+        capacity: over-parameterization ratio of the selected modules (see :class:`LoraOverConfig`).
+        layers: optional inclusive range ``[first, last]`` of layer indices the rule is limited to.
+    """
+
+    target_modules: str | list[str]
+    capacity: float
+    layers: list[int] | None = None
+
+    def problems(self, where: str) -> list[str]:
+        found = []
+        if not self.target_modules:
+            found.append(f"`{where}.target_modules` is empty: name at least one module")
+        if not isinstance(self.capacity, (int, float)) or self.capacity < 0:
+            found.append(f"`{where}.capacity` must be a number >= 0, got {self.capacity!r}")
+        if self.layers is not None and (
+            len(self.layers) != 2
+            or not all(isinstance(i, int) and i >= 0 for i in self.layers)
+            or self.layers[0] > self.layers[1]
+        ):
+            found.append(f"`{where}.layers` must be [first, last] with 0 <= first <= last, got {self.layers!r}")
+        return found
+
+    def selects(self, name: str) -> bool:
+        if not module_matches(name, self.target_modules):
+            return False
+        if self.layers is None:
+            return True
+        index = layer_index(name)
+        return index is not None and self.layers[0] <= index <= self.layers[1]
+
+
+@dataclass
+class LoraOverConfig:
+    """LoRA-Over settings: over-parameterize LoRA factors as MPO (tensor-train) cores during training.
+
+    The *capacity* of a module is its over-parameterization ratio: auxiliary parameters (core parameters
+    beyond those of the plain factors) per LoRA parameter. ``capacity=1.0`` roughly doubles the module's
+    trainable parameters; ``0`` keeps it plain LoRA. Bonds are chosen as large as the capacity allows; a
+    factor whose capacity cannot hold the exact layout stays plain.
+
+    Args:
+        capacity: capacity of every LoRA module no rule selects.
+        rules: per-module capacities (:class:`CapacityRule` or dicts with its fields); first match wins.
+        target_modules: restrict over-parameterization to these LoRA modules (PEFT's matching rule);
+            ``None`` means every LoRA module.
+        factors: which LoRA factors to over-parameterize: ``"both"``, ``"A"`` or ``"B"``.
+        num_cores: cores per factor (one central core plus ``num_cores - 1`` auxiliary cores).
+        aux_core_size: bound on the product of ``p_j * q_j`` over the auxiliary cores on each side of the
+            central core (their exact bonds grow with it).
+        aux_lr: learning rate of the auxiliary cores (OPF trains them apart); ``None`` uses the main one.
+        init_std: scale of the random half of padded bond slots; ``None`` uses ``1 / sqrt(fan_in)``.
+        seed: seed of that random initialization (the same seed gives the same cores).
+        adapter_name: the PEFT adapter to over-parameterize.
+
+    Raises:
+        ValueError: listing every invalid field at once.
+
+    Example:
+        >>> LoraOverConfig(capacity=0.5, rules=[{"target_modules": ["v_proj"], "capacity": 2.0}])
+    """
+
+    capacity: float = 1.0
+    rules: list[CapacityRule] = field(default_factory=list)
+    target_modules: str | list[str] | None = None
+    factors: str = "both"
+    num_cores: int = 2
+    aux_core_size: int = 16
+    aux_lr: float | None = None
+    init_std: float | None = None
+    seed: int = 0
+    adapter_name: str = "default"
+
+    def __post_init__(self) -> None:
+        problems = []
+        rules = []
+        for i, rule in enumerate(self.rules or []):
+            if isinstance(rule, dict):
+                try:
+                    rule = CapacityRule(**rule)
+                except TypeError as err:
+                    problems.append(f"`rules[{i}]`: {err} (fields: target_modules, capacity, layers)")
+                    continue
+            problems += rule.problems(f"rules[{i}]")
+            rules.append(rule)
+        self.rules = rules
+        if not isinstance(self.capacity, (int, float)) or self.capacity < 0:
+            problems.append(f"`capacity` must be a number >= 0, got {self.capacity!r}")
+        if self.factors not in _FACTORS:
+            problems.append(f"`factors` must be one of {_FACTORS}, got {self.factors!r}")
+        if not isinstance(self.num_cores, int) or self.num_cores < 2:
+            problems.append(f"`num_cores` must be an integer >= 2, got {self.num_cores!r}")
+        if not isinstance(self.aux_core_size, int) or self.aux_core_size < 1:
+            problems.append(f"`aux_core_size` must be an integer >= 1, got {self.aux_core_size!r}")
+        if self.aux_lr is not None and not self.aux_lr > 0:
+            problems.append(f"`aux_lr` must be > 0 or None, got {self.aux_lr!r}")
+        if self.init_std is not None and not self.init_std > 0:
+            problems.append(f"`init_std` must be > 0 or None, got {self.init_std!r}")
+        if self.target_modules is not None and not self.target_modules:
+            problems.append("`target_modules` is empty: use None for every LoRA module")
+        if problems:
+            raise ValueError("invalid LoraOverConfig: " + "; ".join(problems))
+
+    def capacity_of(self, name: str) -> float:
+        """Capacity of the LoRA module ``name`` under the rules and the default."""
+        for rule in self.rules:
+            if rule.selects(name):
+                return float(rule.capacity)
+        return float(self.capacity)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LoraOverConfig:
+        """Build from a plain dict (YAML, JSON); unknown keys are an error naming them."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            hints = [
+                f"{key!r} (did you mean {close[0]!r}?)" if (close := get_close_matches(key, known, n=1)) else repr(key)
+                for key in unknown
+            ]
+            raise ValueError(f"unknown LoraOverConfig keys: {', '.join(hints)}; allowed: {sorted(known)}")
+        return cls(**values)

@@ -1,0 +1,65 @@
+"""LoraOverConfig: field validation, rule matching, dict round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from lora_over_trl import CapacityRule, LoraOverConfig
+from lora_over_trl.config import layer_index, module_matches
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ValueError) as info:
+        LoraOverConfig(
+            capacity=-1,
+            factors="C",
+            num_cores=1,
+            aux_lr=0.0,
+            rules=[{"target_modules": [], "capacity": -2, "layers": [3, 1]}],
+        )
+    message = str(info.value)
+    for field in (
+        "`capacity`",
+        "`factors`",
+        "`num_cores`",
+        "`aux_lr`",
+        "`rules[0].target_modules`",
+        "`rules[0].capacity`",
+        "`rules[0].layers`",
+    ):
+        assert field in message
+
+
+def test_rule_with_unknown_field_names_the_fields():
+    with pytest.raises(ValueError, match=r"rules\[0\].*fields: target_modules, capacity, layers"):
+        LoraOverConfig(rules=[{"modules": ["q_proj"], "capacity": 1.0}])
+
+
+def test_first_matching_rule_wins_then_the_default():
+    config = LoraOverConfig(
+        capacity=0.5,
+        rules=[
+            {"target_modules": ["q_proj"], "capacity": 2.0, "layers": [1, 2]},
+            CapacityRule(target_modules=r".*proj", capacity=1.0),
+        ],
+    )
+    assert config.capacity_of("model.layers.1.self_attn.q_proj") == 2.0
+    assert config.capacity_of("model.layers.0.self_attn.q_proj") == 1.0  # layer outside [1, 2]
+    assert config.capacity_of("model.layers.0.self_attn.v_proj") == 1.0
+    assert config.capacity_of("lm_head") == 0.5
+
+
+def test_matching_follows_peft():
+    assert module_matches("model.layers.0.self_attn.q_proj", ["q_proj"])
+    assert not module_matches("model.layers.0.self_attn.q_proj_x", ["q_proj"])
+    assert module_matches("model.layers.10.mlp.up_proj", r".*\.1\d\.mlp\..*")
+    assert not module_matches("model.layers.1.mlp.up_proj", r"mlp")  # a string must match the whole name
+    assert layer_index("model.layers.12.mlp.up_proj") == 12
+    assert layer_index("lm_head") is None
+
+
+def test_dict_round_trip_and_unknown_keys():
+    config = LoraOverConfig(capacity=0.25, rules=[{"target_modules": "v_proj", "capacity": 3.0}], aux_lr=1e-3)
+    assert LoraOverConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match=r"unknown LoraOverConfig keys: 'capcity' \(did you mean 'capacity'\?\)"):
+        LoraOverConfig.from_dict({"capcity": 1.0})

@@ -1,0 +1,236 @@
+"""apply_lora_over / collapse on tiny Llama bases (fp32, bf16, 4-bit NF4) with real tokenized GSM8K text."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import BASE_KINDS, load_base, logits, make_peft, reference_contract
+from safetensors.torch import load_file
+
+from lora_over_trl import LoraOverConfig, apply_lora_over, collapse, lora_over_parameter_groups
+from lora_over_trl.patch import lora_modules, over_parameterized_factors, resize_module
+
+
+def train_steps(model, batch, steps: int, lr: float = 1e-2, groups=None):
+    """A few AdamW steps with gradient checkpointing; yields after each backward (gradients present)."""
+    input_ids, mask = batch
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.AdamW(groups or [p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=input_ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        yield loss.item()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("kind", BASE_KINDS)
+def test_apply_is_exact_and_every_core_trains(tiny_llama_dir, gsm8k_batch, kind):
+    model = make_peft(tiny_llama_dir, kind, init_lora_weights=False)  # B != 0: a stronger exactness check
+    before = logits(model, *gsm8k_batch)
+    report = apply_lora_over(model, LoraOverConfig(capacity=1.0))
+    assert torch.equal(logits(model, *gsm8k_batch), before)
+    factors = over_parameterized_factors(model)
+    assert len(factors) == 2 * 14 and 0 < report.aux_params <= report.lora_params
+    cores = {f"{key}.{j}": core for key, f in factors.items() for j, core in enumerate(f.cores)}
+    seen = dict.fromkeys(cores, False)
+    for _ in train_steps(model, gsm8k_batch, steps=3):
+        for name, core in cores.items():
+            seen[name] |= core.grad is not None and bool(core.grad.abs().max() > 0)
+    assert all(seen.values()), [n for n, s in seen.items() if not s]
+
+
+def test_standard_lora_init_b_zero_cores_train(tiny_llama_dir, gsm8k_batch):
+    model = make_peft(tiny_llama_dir, "fp32")  # PEFT default: B = 0
+    apply_lora_over(model, LoraOverConfig(capacity=0.5, num_cores=3))
+    factors = over_parameterized_factors(model)
+    cores = [core for f in factors.values() for core in f.cores]
+    seen = [False] * len(cores)
+    for _ in train_steps(model, gsm8k_batch, steps=3):
+        seen = [s or bool(c.grad.abs().max() > 0) for s, c in zip(seen, cores, strict=True)]
+    assert all(seen)
+
+
+def test_capacity_rules_choose_modules_and_sizes(tiny_llama_dir):
+    model = make_peft(tiny_llama_dir, "fp32")
+    config = LoraOverConfig(
+        capacity=0.0,
+        rules=[
+            {"target_modules": ["q_proj", "v_proj"], "capacity": 2.0, "layers": [1, 1]},
+            {"target_modules": ["down_proj"], "capacity": 0.5},
+        ],
+    )
+    report = apply_lora_over(model, config)
+    expected = {
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.v_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.mlp.down_proj",
+    }
+    assert set(report.layouts) == expected
+    layers = lora_modules(model)
+    for key, factor in over_parameterized_factors(model).items():
+        module = key.rsplit(".", 1)[0]
+        plain = getattr(layers[module], key.rsplit(".", 1)[1])["default"].parametrizations.weight.original
+        assert factor.aux_params <= config.capacity_of(module) * plain.numel()
+
+
+@pytest.mark.parametrize("kind", BASE_KINDS)
+def test_collapse_error_and_stock_peft_reload(tiny_llama_dir, gsm8k_batch, tmp_path, kind):
+    model = make_peft(tiny_llama_dir, kind)
+    apply_lora_over(model, LoraOverConfig(capacity=1.5))
+    for _ in train_steps(model, gsm8k_batch, steps=2):
+        pass
+    factors = over_parameterized_factors(model)
+    layers = lora_modules(model)
+    expected_ba = {}
+    for name in layers:
+        a, b = (reference_contract(factors[f"{name}.{w}"].cores) for w in ("lora_A", "lora_B"))
+        expected_ba[name] = b @ a
+    trained = logits(model, *gsm8k_batch)
+    errors = collapse(model)
+    assert set(errors) == set(layers) and max(errors.values()) <= 1e-6
+    assert not over_parameterized_factors(model)
+    for name, layer in layers.items():
+        ba = (
+            layer.lora_B["default"].weight.double().detach().numpy()
+            @ layer.lora_A["default"].weight.double().detach().numpy()
+        )
+        assert np.linalg.norm(ba - expected_ba[name]) <= 1e-6 * np.linalg.norm(expected_ba[name])
+        assert layer.lora_A["default"].weight.requires_grad
+    assert (logits(model, *gsm8k_batch) - trained).abs().max() <= 1e-5
+
+    collapsed, vanilla = tmp_path / "collapsed", tmp_path / "vanilla"
+    model.save_pretrained(collapsed)
+    make_peft(tiny_llama_dir, "fp32").save_pretrained(vanilla)
+    ours, theirs = load_file(collapsed / "adapter_model.safetensors"), load_file(vanilla / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    config, vanilla_config = (json.loads((d / "adapter_config.json").read_text()) for d in (collapsed, vanilla))
+    assert config == vanilla_config
+
+    torch.save(gsm8k_batch, tmp_path / "batch.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from peft import PeftModel
+        sys.path.insert(0, {str(tmp_path.parent)!r})
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        kind = {kind!r}
+        if kind == "nf4":
+            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+            base = AutoModelForCausalLM.from_pretrained({tiny_llama_dir!r}, quantization_config=q,
+                                                        dtype=torch.float32, device_map="cpu")
+        else:
+            base = AutoModelForCausalLM.from_pretrained({tiny_llama_dir!r},
+                                                        dtype=dict(fp32=torch.float32, bf16=torch.bfloat16)[kind])
+        model = PeftModel.from_pretrained(base, {str(collapsed)!r})
+        ids, mask = torch.load({str(tmp_path / "batch.pt")!r})
+        model.train()
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask).logits.float()
+        assert not any(m.startswith("lora_over_trl") for m in sys.modules), "stock PEFT only"
+        torch.save(out, {str(tmp_path / "stock.pt")!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    assert (torch.load(tmp_path / "stock.pt") - trained).abs().max() <= 1e-5
+
+
+def test_resize_grows_exactly_and_truncation_reports_its_error(tiny_llama_dir, gsm8k_batch):
+    model = make_peft(tiny_llama_dir, "fp32", init_lora_weights=False)
+    config = LoraOverConfig(capacity=1.0)
+    apply_lora_over(model, config)
+    before = logits(model, *gsm8k_batch)
+    layers = lora_modules(model)
+    name = "model.layers.0.self_attn.q_proj"
+    factor = over_parameterized_factors(model)[f"{name}.lora_A"]
+    exact = factor.layout.bonds
+    assert resize_module(layers[name], name, "A", tuple(b + 5 for b in exact), config) == 0.0
+    assert torch.equal(logits(model, *gsm8k_batch), before)
+    weight = layers[name].lora_A["default"].weight.detach().double().numpy()
+    error = resize_module(layers[name], name, "A", (2,), config)
+    after = layers[name].lora_A["default"].weight.detach().double().numpy()
+    assert error == pytest.approx(np.linalg.norm(after - weight) / np.linalg.norm(weight), rel=1e-4)
+    assert error > 1e-3
+
+
+def test_parameter_groups_give_aux_cores_their_lr(tiny_llama_dir):
+    model = make_peft(tiny_llama_dir, "fp32")
+    apply_lora_over(model, LoraOverConfig(capacity=1.0, aux_lr=5e-3))
+    groups = lora_over_parameter_groups(model, lr=1e-4)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(trainable) and len(grouped) == len(set(grouped))
+    aux = {id(t) for f in over_parameterized_factors(model).values() for t in f.auxiliary_cores()}
+    assert [g["lr"] for g in groups] == [1e-4, 5e-3] and {id(p) for p in groups[1]["params"]} == aux
+
+
+def test_bad_input_is_a_clear_error(tiny_llama_dir):
+    with pytest.raises(ValueError, match="no linear LoRA layers"):
+        apply_lora_over(load_base(tiny_llama_dir, "fp32"), LoraOverConfig())
+    model = make_peft(tiny_llama_dir, "fp32")
+    with pytest.raises(ValueError, match=r"`target_modules` \['qq_proj'\] matches none"):
+        apply_lora_over(model, LoraOverConfig(target_modules=["qq_proj"]))
+    with pytest.raises(ValueError, match=r"`rules\[0\]`.*matches none"):
+        apply_lora_over(model, LoraOverConfig(rules=[{"target_modules": ["q_proj"], "capacity": 1, "layers": [5, 9]}]))
+    with pytest.raises(ValueError, match="`capacities` names modules without LoRA"):
+        apply_lora_over(model, LoraOverConfig(), capacities={"model.layers.9.mlp.up_proj": 1.0})
+    with pytest.raises(ValueError, match="adapter `other`"):
+        apply_lora_over(model, LoraOverConfig(adapter_name="other"))
+    with pytest.raises(ValueError, match="collapse: the model has no over-parameterized"):
+        collapse(model)
+    apply_lora_over(model, LoraOverConfig())
+    with pytest.raises(ValueError, match="already over-parameterized"):
+        apply_lora_over(model, LoraOverConfig())
+    collapse(model)
+    with pytest.raises(ValueError, match=r"collapse\(\) already ran"):
+        collapse(model)
+
+
+def test_cached_contraction_changes_no_gradient(tiny_llama_dir, gsm8k_batch):
+    """One contraction per forward (refresh hook) gives the gradients of contracting at every read,
+    with gradient checkpointing and two accumulated micro-batches."""
+    import copy
+
+    from lora_over_trl.patch import _remove_refresh_hook
+
+    models = []
+    for cached in (True, False):
+        model = make_peft(tiny_llama_dir, "fp32")
+        apply_lora_over(model, LoraOverConfig(capacity=1.0, seed=3))
+        if not cached:
+            _remove_refresh_hook(model)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        input_ids, mask = gsm8k_batch
+        for half in (slice(0, 2), slice(2, 4)):
+            ids = input_ids[half]
+            model(input_ids=ids, attention_mask=mask[half], labels=ids).loss.backward()
+        models.append(model)
+    cached, uncached = (over_parameterized_factors(m) for m in models)
+    for key in cached:
+        for a, b in zip(cached[key].cores, uncached[key].cores, strict=True):
+            assert a.grad is not None and torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    clone = copy.deepcopy(models[0])  # e.g. a reference model; the cache must not get in the way
+    assert torch.equal(logits(clone, *gsm8k_batch), logits(models[0], *gsm8k_batch))
+
+
+def test_one_batched_contraction_per_layout_and_step(tiny_llama_dir, gsm8k_batch, monkeypatch):
+    from lora_over_trl import factor as factor_module
+
+    model = make_peft(tiny_llama_dir, "fp32")
+    apply_lora_over(model, LoraOverConfig(capacity=1.0))
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    calls = []
+    real = factor_module.mpo.contract
+    monkeypatch.setattr(factor_module.mpo, "contract", lambda cores: calls.append(1) or real(cores))
+    ids, mask = gsm8k_batch
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    layouts = {f.layout for f in over_parameterized_factors(model).values()}
+    assert len(calls) == len(layouts) < 28  # not one per factor, and no re-contraction at any read
