@@ -1,0 +1,202 @@
+"""Score a run's collapsed adapter (or a merged model) with lm-evaluation-harness, and write MT-Bench answers.
+
+    python -m lora_over_trl.eval OUTPUT_DIR --tasks gsm8k,humaneval --limit 50 --confirm_run_unsafe_code
+    python -m lora_over_trl.eval OUTPUT_DIR/adapter --tasks gsm8k --gsm8k_dir ../shared/data/gsm8k
+    python -m lora_over_trl.eval OUTPUT_DIR --tasks mt_bench --mt_bench_questions question.jsonl
+
+OUTPUT_DIR is a run folder (with ``adapter/`` or ``merged/``), a PEFT adapter folder, or a model folder.
+The model is built here (base, 4-bit when asked, plus the adapter with stock PEFT) and handed to lm-eval
+as an instance: lm-eval's own ``model_args`` cannot load a 4-bit base. Task names: ``gsm8k``, ``gsm8k_cot``
+(chat, 8-shot chain of thought), ``humaneval``, ``humaneval_instruct``, ``humaneval_64`` (our offline
+wrappers in ``evals/tasks``), ``mt_bench``, or any lm-eval task name. Results (JSON, per-sample logs, a
+table) go to ``OUTPUT_DIR/eval-<time>/``, written whole or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+TASK_ALIASES = {
+    "gsm8k": "gsm8k_local",
+    "gsm8k_cot": "gsm8k_local_cot_llama",
+    "humaneval": "humaneval_local",
+    "humaneval_instruct": "humaneval_local_instruct",
+    "humaneval_64": "humaneval_local_64",
+}
+TASKS_DIR = Path(__file__).resolve().parents[1] / "evals" / "tasks"
+
+
+class UsageError(ValueError):
+    """Bad input: reported as one line, exit code 2."""
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lora_over_trl.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("path", help="run folder, adapter folder, or model folder")
+    parser.add_argument("--tasks", default="gsm8k", help="comma-separated task names (default: gsm8k)")
+    parser.add_argument("--limit", type=float, default=None, help="documents per task (int) or fraction (< 1)")
+    parser.add_argument("--base", default=None, help="base model path or hub id (default: from adapter_config)")
+    parser.add_argument("--load_in_4bit", action="store_true", help="load the base in 4-bit NF4 (bitsandbytes)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available)")
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--num_fewshot", type=int, default=None)
+    parser.add_argument("--apply_chat_template", action="store_true")
+    parser.add_argument("--gen_kwargs", default=None, help="lm-eval generation overrides, e.g. max_gen_toks=256")
+    parser.add_argument("--gsm8k_dir", default=None, help="local GSM8K folder (train.jsonl, test.jsonl)")
+    parser.add_argument("--mt_bench_questions", default=None, help="FastChat question.jsonl (for mt_bench)")
+    parser.add_argument("--max_new_tokens", type=int, default=1024, help="MT-Bench answer length")
+    parser.add_argument("--include_path", default=str(TASKS_DIR), help="folder of lm-eval task YAMLs")
+    parser.add_argument("--output", default=None, help="results folder (default: PATH/eval-<time>)")
+    parser.add_argument(
+        "--confirm_run_unsafe_code", action="store_true", help="allow HumanEval to execute model-written code"
+    )
+    return parser
+
+
+def resolve_checkpoint(path: Path, base: str | None) -> tuple[str, Path | None]:
+    """``(base model, adapter folder or None)`` for a run, adapter or model folder."""
+    for candidate in (path, path / "adapter"):
+        if (candidate / "adapter_config.json").is_file():
+            if (candidate / "lora_over.json").is_file():
+                raise UsageError(
+                    f"{candidate} is an over-parameterized training checkpoint; evaluate the collapsed adapter "
+                    "(collapse(model) then save_pretrained) or the run's adapter/ folder"
+                )
+            recorded = json.loads((candidate / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if not (base or recorded):
+                raise UsageError(f"{candidate}/adapter_config.json names no base model; pass --base")
+            return base or recorded, candidate
+    for candidate in (path / "merged", path):
+        if (candidate / "config.json").is_file():
+            return str(candidate), None
+    raise UsageError(f"{path}: no adapter_config.json or config.json in it, its adapter/ or its merged/ folder")
+
+
+def check_args(args: argparse.Namespace) -> tuple[list[str], bool]:
+    """lm-eval task names and whether MT-Bench was asked for; every problem is a UsageError."""
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names:
+        raise UsageError("--tasks is empty; name at least one task, e.g. --tasks gsm8k")
+    tasks = [TASK_ALIASES.get(n, n) for n in names if n != "mt_bench"]
+    if any(t.startswith("humaneval") for t in tasks) and not args.confirm_run_unsafe_code:
+        raise UsageError("HumanEval executes model-written code: add --confirm_run_unsafe_code to allow it")
+    if "mt_bench" in names and not args.mt_bench_questions:
+        raise UsageError("mt_bench needs --mt_bench_questions FILE (FastChat's question.jsonl)")
+    for flag in ("mt_bench_questions", "gsm8k_dir"):
+        value = getattr(args, flag)
+        if value and not Path(value).exists():
+            raise UsageError(f"--{flag} {value} does not exist")
+    if not Path(args.include_path).is_dir():
+        raise UsageError(f"--include_path {args.include_path} is not a folder of task YAMLs")
+    if args.limit is not None and args.limit <= 0:
+        raise UsageError(f"--limit must be > 0, got {args.limit:g}")
+    if tasks:
+        from lm_eval.tasks import TaskManager
+
+        known = set(TaskManager(include_path=args.include_path).all_tasks)
+        unknown = [t for t in tasks if t not in known]
+        if unknown:
+            raise UsageError(f"unknown task(s) {unknown}; ours: {sorted(TASK_ALIASES)} + mt_bench, or any lm-eval task")
+    return tasks, "mt_bench" in names
+
+
+def load_model(base: str, adapter: Path | None, args: argparse.Namespace) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if args.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+        kwargs["device_map"] = device
+    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    if not args.load_in_4bit:
+        model = model.to(device)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    has_tokenizer = adapter is not None and (adapter / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else base)
+    return model.eval(), tokenizer
+
+
+def run(args: argparse.Namespace) -> Path:
+    from .atomic import staged_directory
+
+    path = Path(args.path)
+    if not path.exists():
+        raise UsageError(f"{path} does not exist")
+    tasks, mt_bench = check_args(args)
+    base, adapter = resolve_checkpoint(path, args.base)
+    model, tokenizer = load_model(base, adapter, args)
+    output = Path(args.output) if args.output else path / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    with staged_directory(output) as staging:
+        summary: dict[str, Any] = {"base": base, "adapter": str(adapter) if adapter else None}
+        if tasks:
+            summary["lm_eval"] = run_lm_eval(model, tokenizer, tasks, args, staging)
+        if mt_bench:
+            from .mt_bench import generate_answers, read_questions, write_answers
+
+            questions = read_questions(args.mt_bench_questions, int(args.limit) if args.limit else None)
+            model_id = (adapter or Path(base)).name
+            answers = generate_answers(model, tokenizer, questions, model_id, max_new_tokens=args.max_new_tokens)
+            summary["mt_bench_answers"] = str(write_answers(answers, staging / "mt_bench" / f"{model_id}.jsonl"))
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return output
+
+
+def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], args: argparse.Namespace, out: Path) -> dict:
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
+
+    metadata = {"gsm8k_dir": str(Path(args.gsm8k_dir).resolve())} if args.gsm8k_dir else None
+    limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
+    results = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size),
+        tasks=tasks,
+        task_manager=TaskManager(include_path=args.include_path, metadata=metadata),
+        num_fewshot=args.num_fewshot,
+        limit=limit,
+        log_samples=True,
+        apply_chat_template=args.apply_chat_template,
+        gen_kwargs=args.gen_kwargs,
+        confirm_run_unsafe_code=args.confirm_run_unsafe_code,
+    )
+    samples = results.pop("samples", {})
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    for task, rows in samples.items():
+        with (out / f"samples_{task}.jsonl").open("w") as handle:
+            handle.writelines(json.dumps(row, default=str) + "\n" for row in rows)
+    table = make_table(results)
+    (out / "results.md").write_text(table)
+    print(table)
+    return results["results"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        output = run(args)
+    except (UsageError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"results written to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""End to end: a tiny collapsed LoRA-Over adapter scored through the `lm_eval` command line and our runner."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHARED, make_peft
+from test_patch import train_steps
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lora_over_trl import LoraOverConfig, apply_lora_over, collapse, export_merged, save_lora_over
+from lora_over_trl.eval import main
+
+ROOT = Path(__file__).resolve().parents[1]
+GSM8K_DIR = SHARED / "data" / "gsm8k"
+QUESTIONS = SHARED / "data" / "mt_bench" / "question.jsonl"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tokenizer, gsm8k_batch) -> Path:
+    """A run folder: base/ (tiny Llama + tokenizer), adapter/ (collapsed LoRA-Over), checkpoint/ (not collapsed)."""
+    root = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    model = make_peft(str(root / "base"), "fp32")
+    apply_lora_over(model, LoraOverConfig(capacity=1.0))
+    for _ in train_steps(model, gsm8k_batch, steps=2):
+        pass
+    save_lora_over(model, root / "checkpoint")
+    collapse(model)
+    model.save_pretrained(root / "adapter")
+    export_merged(model, root / "merged", tokenizer=tokenizer)
+    return root
+
+
+def test_lm_eval_command_line_scores_the_collapsed_adapter(run_dir, tmp_path):
+    out = tmp_path / "lm_eval_out"
+    cmd = [
+        str(Path(sys.executable).parent / "lm_eval"),
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={run_dir / 'base'},peft={run_dir / 'adapter'},dtype=float32",
+        "--include_path",
+        str(ROOT / "evals" / "tasks"),
+        "--tasks",
+        "gsm8k_local",
+        "--limit",
+        "2",
+        "--num_fewshot",
+        "1",
+        "--gen_kwargs",
+        "max_gen_toks=8",
+        "--device",
+        "cpu",
+        "--metadata",
+        json.dumps({"gsm8k_dir": str(GSM8K_DIR)}),
+        "--output_path",
+        str(out),
+        "--log_samples",
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["gsm8k_local"]
+    assert {"exact_match,strict-match", "exact_match,flexible-extract"} <= set(results)
+    samples = [json.loads(line) for line in next(out.rglob("samples_gsm8k_local_*.jsonl")).read_text().splitlines()]
+    assert {s["doc_id"] for s in samples} == {0, 1}  # one line per document and filter
+
+
+def test_runner_scores_gsm8k_humaneval_and_writes_mt_bench_answers(run_dir, tmp_path, capsys):
+    out = tmp_path / "scores"
+    code = main(
+        [
+            str(run_dir),
+            "--tasks",
+            "gsm8k,humaneval,mt_bench",
+            "--limit",
+            "2",
+            "--num_fewshot",
+            "1",
+            "--gen_kwargs",
+            "max_gen_toks=8",
+            "--max_new_tokens",
+            "4",
+            "--device",
+            "cpu",
+            "--gsm8k_dir",
+            str(GSM8K_DIR),
+            "--mt_bench_questions",
+            str(QUESTIONS),
+            "--confirm_run_unsafe_code",
+            "--output",
+            str(out),
+        ]
+    )
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert "exact_match,strict-match" in results["gsm8k_local"] and "pass@1,create_test" in results["humaneval_local"]
+    samples = [json.loads(line) for line in (out / "samples_humaneval_local.jsonl").read_text().splitlines()]
+    assert {s["doc_id"] for s in samples} == {0, 1}
+    assert "gsm8k_local" in capsys.readouterr().out  # the table
+    answers = [json.loads(line) for line in (out / "mt_bench" / "adapter.jsonl").read_text().splitlines()]
+    assert [a["question_id"] for a in answers] == [81, 82]
+    assert all(len(a["choices"][0]["turns"]) == 2 and a["model_id"] == "adapter" for a in answers)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["adapter"] == str(run_dir / "adapter") and summary["base"] == str(run_dir / "base")
+
+
+def test_runner_scores_a_merged_model_like_its_adapter(run_dir, tmp_path):
+    scores = {}
+    for name in ("adapter", "merged"):
+        out = tmp_path / name
+        assert (
+            main(
+                [
+                    str(run_dir / name),
+                    "--tasks",
+                    "gsm8k",
+                    "--limit",
+                    "2",
+                    "--num_fewshot",
+                    "1",
+                    "--gen_kwargs",
+                    "max_gen_toks=8",
+                    "--device",
+                    "cpu",
+                    "--gsm8k_dir",
+                    str(GSM8K_DIR),
+                    "--output",
+                    str(out),
+                ]
+            )
+            == 0
+        )
+        samples = (out / "samples_gsm8k_local.jsonl").read_text().splitlines()
+        scores[name] = [json.loads(line)["filtered_resps"] for line in samples]
+    assert scores["adapter"] == scores["merged"]  # same greedy generations: the merge is the trained function
+
+
+def test_runner_loads_a_4bit_base(run_dir, tmp_path):
+    out = tmp_path / "scores4"
+    assert (
+        main(
+            [
+                str(run_dir / "adapter"),
+                "--tasks",
+                "gsm8k",
+                "--limit",
+                "1",
+                "--num_fewshot",
+                "0",
+                "--gen_kwargs",
+                "max_gen_toks=4",
+                "--load_in_4bit",
+                "--device",
+                "cpu",
+                "--gsm8k_dir",
+                str(GSM8K_DIR),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert "gsm8k_local" in json.loads((out / "results.json").read_text())["results"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["{run}/nowhere"], "does not exist"),
+        (["{run}", "--tasks", "humaneval"], "add --confirm_run_unsafe_code"),
+        (["{run}", "--tasks", "gsm8k,not_a_task"], "unknown task(s) ['not_a_task']"),
+        (["{run}", "--tasks", "mt_bench"], "mt_bench needs --mt_bench_questions"),
+        (["{run}/checkpoint"], "over-parameterized training checkpoint"),
+        (["{run}/base/..", "--limit", "0"], "--limit must be > 0"),
+        (["{tmp}"], "no adapter_config.json or config.json"),
+    ],
+)
+def test_runner_bad_input_is_one_line_and_exit_2(run_dir, tmp_path, capsys, argv, message):
+    argv = [a.format(run=run_dir, tmp=tmp_path) for a in argv]
+    before = sorted(p.name for p in run_dir.iterdir())
+    assert main([*argv, "--gsm8k_dir", str(GSM8K_DIR)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert sorted(p.name for p in run_dir.iterdir()) == before  # nothing written
