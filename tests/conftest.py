@@ -59,24 +59,27 @@ def gsm8k_batch(tokenizer):
     return enc["input_ids"], enc["attention_mask"]
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> str:
-    """A randomly initialized two-layer Llama saved as a normal model folder."""
+def save_tiny_llama(path, *, hidden_size: int = 128, max_positions: int = 256, seed: int = 1234) -> str:
+    """A randomly initialized two-layer Llama (vocab 1000) saved as a normal model folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(1234)
+    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=1000,
-        hidden_size=128,
-        intermediate_size=256,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=max_positions,
     )
-    path = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def load_base(path: str, kind: str):

@@ -8,10 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import SHARED, make_peft
+from conftest import SHARED, make_peft, save_tiny_llama
 from test_patch import train_steps
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lora_over_trl import LoraOverConfig, apply_lora_over, collapse, export_merged, save_lora_over
 from lora_over_trl.eval import main
@@ -21,21 +19,17 @@ GSM8K_DIR = SHARED / "data" / "gsm8k"
 QUESTIONS = SHARED / "data" / "mt_bench" / "question.jsonl"
 
 
+def score(path: Path, out: Path, *extra: str, tasks: str = "gsm8k", limit: int = 2) -> int:
+    """Our runner on few documents with short generations; returns its exit code."""
+    common = f"--tasks {tasks} --limit {limit} --num_fewshot 1 --gen_kwargs max_gen_toks=8 --device cpu".split()
+    return main([str(path), *common, "--gsm8k_dir", str(GSM8K_DIR), "--output", str(out), *extra])
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tokenizer, gsm8k_batch) -> Path:
     """A run folder: base/ (tiny Llama + tokenizer), adapter/ (collapsed LoRA-Over), checkpoint/ (not collapsed)."""
     root = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    )
-    LlamaForCausalLM(config).save_pretrained(root / "base")
+    save_tiny_llama(root / "base", hidden_size=64, max_positions=1024, seed=0)
     tokenizer.save_pretrained(root / "base")
     model = make_peft(str(root / "base"), "fp32")
     apply_lora_over(model, LoraOverConfig(capacity=1.0))
@@ -83,31 +77,8 @@ def test_lm_eval_command_line_scores_the_collapsed_adapter(run_dir, tmp_path):
 
 def test_runner_scores_gsm8k_humaneval_and_writes_mt_bench_answers(run_dir, tmp_path, capsys):
     out = tmp_path / "scores"
-    code = main(
-        [
-            str(run_dir),
-            "--tasks",
-            "gsm8k,humaneval,mt_bench",
-            "--limit",
-            "2",
-            "--num_fewshot",
-            "1",
-            "--gen_kwargs",
-            "max_gen_toks=8",
-            "--max_new_tokens",
-            "4",
-            "--device",
-            "cpu",
-            "--gsm8k_dir",
-            str(GSM8K_DIR),
-            "--mt_bench_questions",
-            str(QUESTIONS),
-            "--confirm_run_unsafe_code",
-            "--output",
-            str(out),
-        ]
-    )
-    assert code == 0
+    extra = ["--max_new_tokens", "4", "--mt_bench_questions", str(QUESTIONS), "--confirm_run_unsafe_code"]
+    assert score(run_dir, out, *extra, tasks="gsm8k,humaneval,mt_bench") == 0
     results = json.loads((out / "results.json").read_text())["results"]
     assert "exact_match,strict-match" in results["gsm8k_local"] and "pass@1,create_test" in results["humaneval_local"]
     samples = [json.loads(line) for line in (out / "samples_humaneval_local.jsonl").read_text().splitlines()]
@@ -121,62 +92,17 @@ def test_runner_scores_gsm8k_humaneval_and_writes_mt_bench_answers(run_dir, tmp_
 
 
 def test_runner_scores_a_merged_model_like_its_adapter(run_dir, tmp_path):
-    scores = {}
+    generations = {}
     for name in ("adapter", "merged"):
-        out = tmp_path / name
-        assert (
-            main(
-                [
-                    str(run_dir / name),
-                    "--tasks",
-                    "gsm8k",
-                    "--limit",
-                    "2",
-                    "--num_fewshot",
-                    "1",
-                    "--gen_kwargs",
-                    "max_gen_toks=8",
-                    "--device",
-                    "cpu",
-                    "--gsm8k_dir",
-                    str(GSM8K_DIR),
-                    "--output",
-                    str(out),
-                ]
-            )
-            == 0
-        )
-        samples = (out / "samples_gsm8k_local.jsonl").read_text().splitlines()
-        scores[name] = [json.loads(line)["filtered_resps"] for line in samples]
-    assert scores["adapter"] == scores["merged"]  # same greedy generations: the merge is the trained function
+        assert score(run_dir / name, tmp_path / name) == 0
+        samples = (tmp_path / name / "samples_gsm8k_local.jsonl").read_text().splitlines()
+        generations[name] = [json.loads(line)["filtered_resps"] for line in samples]
+    assert generations["adapter"] == generations["merged"]  # same greedy output: the merge is the trained function
 
 
 def test_runner_loads_a_4bit_base(run_dir, tmp_path):
-    out = tmp_path / "scores4"
-    assert (
-        main(
-            [
-                str(run_dir / "adapter"),
-                "--tasks",
-                "gsm8k",
-                "--limit",
-                "1",
-                "--num_fewshot",
-                "0",
-                "--gen_kwargs",
-                "max_gen_toks=4",
-                "--load_in_4bit",
-                "--device",
-                "cpu",
-                "--gsm8k_dir",
-                str(GSM8K_DIR),
-                "--output",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    assert "gsm8k_local" in json.loads((out / "results.json").read_text())["results"]
+    assert score(run_dir / "adapter", tmp_path / "scores4", "--load_in_4bit", limit=1) == 0
+    assert "gsm8k_local" in json.loads((tmp_path / "scores4" / "results.json").read_text())["results"]
 
 
 @pytest.mark.parametrize(
