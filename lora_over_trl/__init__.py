@@ -7,6 +7,7 @@ Example:
     >>> peft_model.save_pretrained("out")                            # a standard PEFT LoRA adapter
 """
 
+from .callback import LoraOverCallback
 from .checkpoint import load_lora_over, save_lora_over
 from .config import CapacityRule, LoraOverConfig
 from .export import export_merged
@@ -19,6 +20,7 @@ from .patch import (
 
 __all__ = [
     "CapacityRule",
+    "LoraOverCallback",
     "LoraOverConfig",
     "apply_lora_over",
     "collapse",

@@ -10,6 +10,8 @@ from typing import Any
 __all__ = ["CapacityRule", "LoraOverConfig", "module_matches", "layer_index"]
 
 _FACTORS = ("both", "A", "B")
+_SCHEDULES = ("static", "dynamic")
+_SCOPES = ("global", "per_type")
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
@@ -86,6 +88,19 @@ class LoraOverConfig:
         init_std: scale of the random half of padded bond slots; ``None`` uses ``1 / sqrt(fan_in)``.
         seed: seed of that random initialization (the same seed gives the same cores).
         adapter_name: the PEFT adapter to over-parameterize.
+        schedule: ``"static"`` (capacities from ``capacity`` and ``rules``, fixed) or ``"dynamic"``
+            (modules chosen at run time by gradient sensitivity, each at ``capacity``, within the budget).
+        budget: most auxiliary parameters in total (never exceeded); or
+        budget_ratio: the same as a fraction of the LoRA parameters. Neither: no limit (static only).
+        scope: ``"global"`` ranks all modules together; ``"per_type"`` splits the budget by module type
+            (``q_proj``, ``v_proj`` ...) in proportion to their cost, as OPF picked matrices per type.
+        interval: dynamic: re-allocate every this many optimizer steps ...
+        warmup_steps: ... from this step on (importance needs a few steps to settle) ...
+        final_steps: ... and not in the last this many steps (the allocation freezes).
+        beta1, beta2: dynamic: EMA factors of the sensitivity and of its uncertainty (AdaLoRA's symbols).
+        uncertainty: score = EMA sensitivity x EMA uncertainty (AdaLoRA) instead of the sensitivity alone.
+        collapse_on_train_end: the callback collapses at ``on_train_end``, so ``trainer.save_model()``
+            writes a standard PEFT adapter.
 
     Raises:
         ValueError: listing every invalid field at once.
@@ -104,6 +119,17 @@ class LoraOverConfig:
     init_std: float | None = None
     seed: int = 0
     adapter_name: str = "default"
+    schedule: str = "static"
+    budget: int | None = None
+    budget_ratio: float | None = None
+    scope: str = "global"
+    interval: int = 10
+    warmup_steps: int = 0
+    final_steps: int = 0
+    beta1: float = 0.85
+    beta2: float = 0.85
+    uncertainty: bool = True
+    collapse_on_train_end: bool = True
 
     def __post_init__(self) -> None:
         problems = []
@@ -130,6 +156,26 @@ class LoraOverConfig:
             problems.append(f"`aux_lr` must be > 0 or None, got {self.aux_lr!r}")
         if self.init_std is not None and not self.init_std > 0:
             problems.append(f"`init_std` must be > 0 or None, got {self.init_std!r}")
+        if self.schedule not in _SCHEDULES:
+            problems.append(f"`schedule` must be one of {_SCHEDULES}, got {self.schedule!r}")
+        if self.scope not in _SCOPES:
+            problems.append(f"`scope` must be one of {_SCOPES}, got {self.scope!r}")
+        if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
+            problems.append(f"`budget` must be an integer >= 1 (auxiliary parameters) or None, got {self.budget!r}")
+        if self.budget_ratio is not None and not self.budget_ratio > 0:
+            problems.append(f"`budget_ratio` must be > 0 or None, got {self.budget_ratio!r}")
+        if self.budget is not None and self.budget_ratio is not None:
+            problems.append("set `budget` or `budget_ratio`, not both")
+        if self.schedule == "dynamic" and self.budget is None and self.budget_ratio is None:
+            problems.append("`schedule='dynamic'` needs `budget` or `budget_ratio` (what the modules compete for)")
+        if not isinstance(self.interval, int) or self.interval < 1:
+            problems.append(f"`interval` must be an integer >= 1, got {self.interval!r}")
+        for name in ("warmup_steps", "final_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                problems.append(f"`{name}` must be an integer >= 0, got {getattr(self, name)!r}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                problems.append(f"`{name}` must be in [0, 1), got {getattr(self, name)!r}")
         if self.target_modules is not None and not self.target_modules:
             problems.append("`target_modules` is empty: use None for every LoRA module")
         if problems:

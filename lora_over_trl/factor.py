@@ -9,6 +9,7 @@ parameters; the frozen ``original`` tensor that ``parametrize`` keeps is only th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -47,6 +48,7 @@ class MpoFactor(nn.Module):
         self.cores = nn.ParameterList([nn.Parameter(t) for t in cores])
         self._cached: torch.Tensor | None = None
         self._cache_key: tuple | None = None
+        self.grad_observer: Callable[[torch.Tensor], None] | None = None  # sees dL/dW (a scheduler's statistic)
 
     @classmethod
     def from_weight(
@@ -63,12 +65,19 @@ class MpoFactor(nn.Module):
 
         Returns ``None`` when the capacity cannot hold even the exact layout (the factor stays plain).
         """
-        base = mpo.choose_layout(*weight.shape, num_cores=num_cores, aux_size=aux_core_size)
-        layout = mpo.fit_bonds(base, math.floor(capacity * weight.numel()))
+        layout = cls.plan(tuple(weight.shape), capacity, num_cores=num_cores, aux_core_size=aux_core_size)
         if layout is None:
             return None
         std = default_std(weight.shape[1]) if std is None else std
         return cls(layout, mpo.decompose(weight.detach(), layout, std=std, generator=generator))
+
+    @staticmethod
+    def plan(
+        shape: tuple[int, int], capacity: float, *, num_cores: int = 2, aux_core_size: int = 16
+    ) -> mpo.MpoLayout | None:
+        """The layout :meth:`from_weight` would choose for a factor of ``shape`` (``None``: stays plain)."""
+        base = mpo.choose_layout(*shape, num_cores=num_cores, aux_size=aux_core_size)
+        return mpo.fit_bonds(base, math.floor(capacity * shape[0] * shape[1]))
 
     @classmethod
     def empty(cls, layout: mpo.MpoLayout, *, dtype: torch.dtype, device: torch.device | str) -> MpoFactor:
@@ -94,6 +103,8 @@ class MpoFactor(nn.Module):
             weight = mpo.contract(list(self.cores))
         if weight.requires_grad:
             weight.register_hook(self._forget)
+            if self.grad_observer is not None:
+                weight.register_hook(self.grad_observer)
         self._cached, self._cache_key = weight, self._state_key()
 
     def _state_key(self) -> tuple:
@@ -108,7 +119,7 @@ class MpoFactor(nn.Module):
 
     def __getstate__(self) -> dict:
         # A cached non-leaf tensor can be neither deep-copied nor pickled; it is only a cache.
-        return {**self.__dict__, "_cached": None, "_cache_key": None}
+        return {**self.__dict__, "_cached": None, "_cache_key": None, "grad_observer": None}
 
     @property
     def aux_params(self) -> int:

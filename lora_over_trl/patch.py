@@ -189,22 +189,28 @@ def resize_module(layer: LoraLayer, name: str, which: str, bonds: tuple[int, ...
     return factor.resize(bonds, std=std, generator=module_generator(config.seed + 1, f"{name}.{which}.{bonds}"))
 
 
+def remove_factor(linear: nn.Linear) -> None:
+    """Leave the contracted value as a plain weight, trainable as the cores were (nothing if not installed)."""
+    factor = _mpo_factor(linear)
+    if factor is None:
+        return
+    _factors_changed()
+    requires_grad = factor.cores[0].requires_grad
+    parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
+    linear.weight.requires_grad_(requires_grad)
+
+
 def collapse_module(layer: LoraLayer, adapter_name: str = "default") -> float:
     """Write the contracted factors into plain LoRA weights; returns the relative error of ``B A``.
 
     The error compares the weights left behind (float32 or the working dtype) with a float64 contraction
     of the same cores, through Gram matrices so the ``m x n`` product is never formed.
     """
-    _factors_changed()
     linear_a, linear_b = _factor_linear(layer, "A", adapter_name), _factor_linear(layer, "B", adapter_name)
     with torch.no_grad():
         reference_a, reference_b = _weight_f64(linear_a), _weight_f64(linear_b)
     for linear in (linear_a, linear_b):
-        factor = _mpo_factor(linear)
-        if factor is not None:
-            requires_grad = factor.cores[0].requires_grad
-            parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
-            linear.weight.requires_grad_(requires_grad)
+        remove_factor(linear)
     with torch.no_grad():
         collapsed_a, collapsed_b = linear_a.weight.double(), linear_b.weight.double()
         difference = _product_norm(torch.cat([collapsed_b, -reference_b], 1), torch.cat([collapsed_a, reference_a]))

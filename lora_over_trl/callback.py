@@ -1,0 +1,309 @@
+"""LoRA-Over in any ``transformers.Trainer`` / TRL ``SFTTrainer`` script: one callback.
+
+    trainer = SFTTrainer(..., peft_config=LoraConfig(...),
+                         callbacks=[LoraOverCallback(LoraOverConfig(schedule="dynamic", budget_ratio=0.5))])
+    trainer.train()
+    trainer.save_model()   # a standard PEFT LoRA adapter (collapsed at on_train_end)
+
+Events (STACK_NOTES lists what each receives):
+- ``on_init_end``: the model is already the ``PeftModel``; the factors are installed here, before the
+  Trainer builds its optimizer, so the cores train from step 0 with the LoRA weights' learning rate.
+- ``on_pre_optimizer_step`` (dynamic): fold this step's sensitivity ``sum |W * dL/dW|`` per module into
+  the tracker. ``dL/dW`` is taken by hooks on the factor weights, summed over micro-batches.
+- ``on_step_end`` (dynamic): every ``interval`` steps between ``warmup_steps`` and the last
+  ``final_steps``, choose modules by score within the budget; modules that leave are collapsed to plain
+  LoRA (exact), modules that enter are over-parameterized (exact); the optimizer follows
+  (:mod:`lora_over_trl.optim`).
+- ``on_save``: ``checkpoint-N/`` gets ``lora_over.json`` (layouts) and ``lora_over_scheduler.json``
+  (tracker, allocation history). On resume the Trainer loads the adapter before any callback event, so the
+  callback wraps the model's ``load_adapter`` to rebuild the recorded layouts first.
+- ``on_train_end``: collapse (``collapse_on_train_end``) and write ``lora_over_history.json``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from . import mpo
+from .checkpoint import LAYOUT_FILE, write_layout_file
+from .config import LoraOverConfig
+from .factor import MpoFactor
+from .optim import group_index, sync_optimizer
+from .patch import (
+    FACTOR_NAMES,
+    _mpo_factor,
+    apply_lora_over,
+    collapse,
+    collapse_module,
+    ensure_refresh_hook,
+    install_layout,
+    lora_modules,
+    over_parameterize_module,
+    over_parameterized_factors,
+    remove_factor,
+)
+from .schedule import SensitivityTracker, allocate
+
+__all__ = ["LoraOverCallback"]
+
+logger = logging.getLogger(__name__)
+SCHEDULER_FILE = "lora_over_scheduler.json"
+HISTORY_FILE = "lora_over_history.json"
+
+
+class LoraOverCallback(TrainerCallback):
+    """Install, schedule and collapse LoRA-Over factors inside a Trainer run.
+
+    Args:
+        config: the :class:`LoraOverConfig` (capacity, rules, schedule, budget ...).
+
+    Raises:
+        ValueError: at ``on_init_end`` (no LoRA layers, rules matching nothing, a budget that holds no
+            module or that static rules exceed) or ``on_train_begin`` (warm-up beyond the run), before
+            any training step.
+    """
+
+    def __init__(self, config: LoraOverConfig) -> None:
+        self.config = config
+        # what the schedule knows
+        self.tracker = SensitivityTracker(config.beta1, config.beta2, config.uncertainty)
+        self.history: list[dict[str, Any]] = []
+        # run-time wiring
+        self.model: nn.Module | None = None
+        self.budget: int | None = None
+        self.costs: dict[str, int] = {}
+        self._grads: dict[str, torch.Tensor] = {}
+
+    # ---- events -------------------------------------------------------------------------------------
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        config = self.config
+        layers = lora_modules(model, config.adapter_name)
+        if not layers:
+            raise ValueError(
+                "LoraOverCallback: the model has no LoRA layers; pass peft_config=LoraConfig(...) to the trainer "
+                "or a PeftModel as the model"
+            )
+        self.model = model
+        lora_params = sum(
+            layer.lora_A[config.adapter_name].weight.numel() + layer.lora_B[config.adapter_name].weight.numel()
+            for layer in layers.values()
+        )
+        if config.budget is not None or config.budget_ratio is not None:
+            self.budget = config.budget if config.budget is not None else int(config.budget_ratio * lora_params)
+        self.costs = {name: self._cost(layer, config.capacity) for name, layer in layers.items()}
+        if config.schedule == "static":
+            report = apply_lora_over(model, config)
+            if self.budget is not None and report.aux_params > self.budget:
+                collapse(model)
+                raise ValueError(
+                    f"LoraOverCallback: the static rules need {report.aux_params:,} auxiliary parameters, over the "
+                    f"budget of {self.budget:,}; lower `capacity`/the rules' capacities or raise the budget"
+                )
+        else:
+            cheapest = min((c for c in self.costs.values() if c > 0), default=None)
+            if cheapest is None or cheapest > self.budget:
+                raise ValueError(
+                    f"LoraOverCallback: a budget of {self.budget:,} auxiliary parameters holds no module at capacity "
+                    f"{config.capacity:g} (the cheapest needs {cheapest or 0:,}); raise `budget`/`budget_ratio`"
+                )
+            # No statistics yet: start from a seeded random choice (the same on every process).
+            rng = random.Random(config.seed)
+            first = allocate({n: rng.random() for n in sorted(self.costs)}, self.costs, self.budget, config.scope)
+            apply_lora_over(model, config, capacities={n: config.capacity for n in first})
+            self._observe_gradients(layers)
+            self._record(0, "initial")
+        model.load_adapter = functools.partial(_load_adapter_with_layouts, model.load_adapter, self)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        config = self.config
+        if config.schedule == "dynamic":
+            last = state.max_steps - config.final_steps
+            if config.warmup_steps >= last:
+                raise ValueError(
+                    f"LoraOverCallback: `warmup_steps`={config.warmup_steps} leaves no re-allocation before step "
+                    f"{last} (max_steps {state.max_steps} - final_steps {config.final_steps})"
+                )
+            if args.world_size > 1:
+                raise ValueError(
+                    "LoraOverCallback: the dynamic schedule runs in one process for now; use schedule='static' "
+                    "for multi-process runs"
+                )
+        self.optimizer = optimizer
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.config.schedule != "dynamic" or not self._grads:
+            return
+        measured: dict[str, float] = {}
+        layers = lora_modules(self.model, self.config.adapter_name)
+        with torch.no_grad():
+            for key, grad in self._grads.items():
+                name, attr = key.rsplit(".", 1)
+                weight = getattr(layers[name], attr)[self.config.adapter_name].weight
+                measured[name] = measured.get(name, 0.0) + float((weight.detach() * grad).abs().sum())
+        self._grads.clear()
+        self.tracker.update(measured)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        config = self.config
+        step = state.global_step
+        if config.schedule != "dynamic" or step < config.warmup_steps or step >= state.max_steps - config.final_steps:
+            return
+        if (step - config.warmup_steps) % config.interval == 0:
+            self._reallocate(step)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero or not over_parameterized_factors(self.model, self.config.adapter_name):
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        write_layout_file(self.model, folder)
+        payload = {"tracker": self.tracker.state_dict(), "history": self.history}
+        (folder / SCHEDULER_FILE).write_text(json.dumps(payload))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.config.collapse_on_train_end and over_parameterized_factors(self.model, self.config.adapter_name):
+            errors = collapse(self.model)
+            self.history.append({"step": state.global_step, "event": "collapse", "max_error": max(errors.values())})
+        if state.is_world_process_zero:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(args.output_dir) / HISTORY_FILE).write_text(json.dumps(self.history, indent=1))
+
+    # ---- the dynamic schedule -----------------------------------------------------------------------
+
+    def _reallocate(self, step: int) -> None:
+        config, model = self.config, self.model
+        layers = lora_modules(model, config.adapter_name)
+        current = {key.rsplit(".", 1)[0] for key in over_parameterized_factors(model, config.adapter_name)}
+        chosen = allocate(self.tracker.scores(), self.costs, self.budget, config.scope)
+        leaving, entering = sorted(current - chosen), sorted(chosen - current)
+        placement: dict[int, int] = {}
+        for name in leaving:
+            groups = {w: self._group_of_factor(layers[name], w) for w in FACTOR_NAMES.values()}
+            collapse_module(layers[name], config.adapter_name)  # exact: the function is unchanged
+            for attr, index in groups.items():
+                weight = getattr(layers[name], attr)[config.adapter_name].weight
+                self._forget_state(weight)  # its Adam moments predate the over-parameterization
+                if index is not None:
+                    placement[id(weight)] = index
+        for name in entering:
+            groups = {
+                w: group_index(self.optimizer, getattr(layers[name], w)[config.adapter_name].weight)
+                for w in FACTOR_NAMES.values()
+            }
+            over_parameterize_module(layers[name], name, config.capacity, config)
+            for attr, index in groups.items():
+                factor = _mpo_factor(getattr(layers[name], attr)[config.adapter_name])
+                if factor is not None and index is not None:
+                    placement.update({id(core): index for core in factor.cores})
+        if leaving or entering:
+            ensure_refresh_hook(model)
+            sync_optimizer(self.optimizer, model, placement)
+            self._observe_gradients(layers)
+        self._record(step, "reallocate", leaving=leaving, entering=entering)
+
+    def _record(self, step: int, event: str, **extra: Any) -> None:
+        factors = over_parameterized_factors(self.model, self.config.adapter_name)
+        modules = sorted({key.rsplit(".", 1)[0] for key in factors})
+        aux = sum(f.aux_params for f in factors.values())
+        entry = {"step": step, "event": event, "modules": modules, "aux_params": aux, "budget": self.budget, **extra}
+        self.history.append(entry)
+        logger.info(
+            "LoRA-Over %s at step %d: %d modules, %d auxiliary params (budget %s)%s",
+            event,
+            step,
+            len(modules),
+            aux,
+            self.budget,
+            f", -{len(extra.get('leaving', []))} +{len(extra.get('entering', []))}" if extra else "",
+        )
+
+    # ---- helpers ------------------------------------------------------------------------------------
+
+    def _cost(self, layer: nn.Module, capacity: float) -> int:
+        total = 0
+        for attr in FACTOR_NAMES.values() if self.config.factors == "both" else (FACTOR_NAMES[self.config.factors],):
+            weight = getattr(layer, attr)[self.config.adapter_name].weight
+            layout = MpoFactor.plan(
+                tuple(weight.shape), capacity, num_cores=self.config.num_cores, aux_core_size=self.config.aux_core_size
+            )
+            total += 0 if layout is None else layout.aux_params()
+        return total
+
+    def _group_of_factor(self, layer: nn.Module, attr: str) -> int | None:
+        linear = getattr(layer, attr)[self.config.adapter_name]
+        factor = _mpo_factor(linear)
+        param = factor.cores[0] if factor is not None else linear.weight
+        return group_index(self.optimizer, param)
+
+    def _forget_state(self, param: nn.Parameter) -> None:
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        inner.state.pop(param, None)
+
+    def _observe_gradients(self, layers: dict[str, nn.Module]) -> None:
+        """Hooks that sum dL/dW per factor over the micro-batches of a step (W: the factor's weight)."""
+        for name, layer in layers.items():
+            for attr in FACTOR_NAMES.values():
+                key = f"{name}.{attr}"
+                linear = getattr(layer, attr)[self.config.adapter_name]
+                observe = functools.partial(_accumulate, self._grads, key)
+                factor = _mpo_factor(linear)
+                if factor is not None:
+                    factor.grad_observer = observe
+                    param = linear.parametrizations.weight.original
+                else:
+                    param = linear.weight
+                if param.requires_grad and not getattr(param, "_lora_over_observed", False):  # hook kept for good
+                    param.register_hook(observe)
+                    param._lora_over_observed = True
+
+
+def _accumulate(store: dict[str, torch.Tensor], key: str, grad: torch.Tensor) -> None:
+    store[key] = grad.detach().clone() if key not in store else store[key] + grad.detach()
+
+
+def _load_adapter_with_layouts(original_load, callback: LoraOverCallback, model_id, adapter_name, *args, **kwargs):
+    """``PeftModel.load_adapter`` that first gives the model the layouts recorded in the checkpoint."""
+    folder = Path(model_id)
+    if (folder / LAYOUT_FILE).is_file():
+        _restore_layouts(callback, folder)
+    return original_load(model_id, adapter_name, *args, **kwargs)
+
+
+def _restore_layouts(callback: LoraOverCallback, folder: Path) -> None:
+    config, model = callback.config, callback.model
+    recorded = json.loads((folder / LAYOUT_FILE).read_text())["factors"]
+    layers = lora_modules(model, config.adapter_name)
+    attr_to_factor = {attr: which for which, attr in FACTOR_NAMES.items()}
+    for name, layer in layers.items():
+        for attr in FACTOR_NAMES.values():
+            linear = getattr(layer, attr)[config.adapter_name]
+            fields = recorded.get(f"{name}.{attr}")
+            current = _mpo_factor(linear)
+            layout = (
+                None
+                if fields is None
+                else mpo.MpoLayout(
+                    tuple(fields["rows"]), tuple(fields["cols"]), tuple(fields["bonds"]), fields["central"]
+                )
+            )
+            if current is not None and current.layout == layout:
+                continue
+            remove_factor(linear)  # its values are about to be overwritten by the checkpoint anyway
+            if layout is not None:
+                install_layout(layer, attr_to_factor[attr], config.adapter_name, layout)
+    ensure_refresh_hook(model)
+    callback._observe_gradients(layers)
+    scheduler_file = folder / SCHEDULER_FILE
+    if scheduler_file.is_file():
+        state = json.loads(scheduler_file.read_text())
+        callback.tracker.load_state_dict(state["tracker"])
+        callback.history = state["history"]

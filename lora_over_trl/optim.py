@@ -1,0 +1,74 @@
+"""Keep an optimizer consistent with a model whose trainable parameters change during training.
+
+Invariant after :func:`sync_optimizer`: every parameter group holds exactly the model's trainable
+parameters that belong to it, in ``model.named_parameters()`` order. That is what a fresh ``Trainer``
+builds from the same model, so an optimizer state saved after any number of changes loads positionally
+into the optimizer of a resumed run. The number of groups never changes, so learning-rate schedulers
+(one lambda per group) stay valid; new parameters join the group of the weights they replace and get
+that group's learning rate and schedule.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["group_index", "sync_optimizer", "carry_state"]
+
+
+def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+
+
+def group_index(optimizer: torch.optim.Optimizer, param: nn.Parameter) -> int | None:
+    """The index of the group holding ``param``, or ``None``."""
+    for index, group in enumerate(_inner(optimizer).param_groups):
+        if any(p is param for p in group["params"]):
+            return index
+    return None
+
+
+def sync_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, placement: dict[int, int] | None = None) -> None:
+    """Drop parameters that left the model (or stopped training), add new ones, restore model order.
+
+    Args:
+        optimizer: the optimizer to fix in place (its state of dropped parameters is deleted).
+        model: the model whose trainable parameters the optimizer must hold.
+        placement: group index for each new parameter, by ``id``; unplaced new parameters go to group 0.
+    """
+    inner = _inner(optimizer)
+    placement = placement or {}
+    trainable = [p for _, p in model.named_parameters() if p.requires_grad]
+    order = {id(p): i for i, p in enumerate(trainable)}
+    held = {id(p): i for i, group in enumerate(inner.param_groups) for p in group["params"]}
+    for group in inner.param_groups:
+        for p in group["params"]:
+            if id(p) not in order:
+                inner.state.pop(p, None)
+        group["params"] = [p for p in group["params"] if id(p) in order]
+    for p in trainable:
+        if id(p) not in held:
+            inner.param_groups[placement.get(id(p), 0)]["params"].append(p)
+    for group in inner.param_groups:
+        group["params"].sort(key=lambda p: order[id(p)])
+
+
+def carry_state(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter) -> None:
+    """Give ``new`` (a padded copy of ``old``) the optimizer state of ``old``, zero-padded; ``step`` kept.
+
+    A grown core continues with its moments instead of restarting Adam's bias correction, which would
+    take a full learning-rate-sized step on every coordinate of the core.
+    """
+    inner = _inner(optimizer)
+    state = inner.state.pop(old, None)
+    if not state:
+        return
+    carried = {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.shape == old.shape:
+            padded = torch.zeros_like(new, dtype=value.dtype)
+            padded[tuple(slice(0, n) for n in old.shape)] = value
+            carried[key] = padded
+        else:
+            carried[key] = value
+    inner.state[new] = carried

@@ -1,0 +1,6 @@
+"""Capacity scheduling: which LoRA modules are over-parameterized, decided from statistics (pure functions)."""
+
+from .allocate import allocate, module_type
+from .importance import SensitivityTracker
+
+__all__ = ["SensitivityTracker", "allocate", "module_type"]

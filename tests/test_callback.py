@@ -1,0 +1,133 @@
+"""LoraOverCallback through a real TRL SFTTrainer on tiny Llamas: static and dynamic schedules, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import gsm8k_rows, load_base, lora_config
+from datasets import Dataset
+from safetensors.torch import load_file
+from trl import SFTConfig, SFTTrainer
+
+from lora_over_trl import LoraOverCallback, LoraOverConfig
+from lora_over_trl.callback import HISTORY_FILE, SCHEDULER_FILE
+from lora_over_trl.checkpoint import LAYOUT_FILE
+from lora_over_trl.patch import over_parameterized_factors
+
+
+def sft_args(out, **overrides) -> SFTConfig:
+    values = dict(
+        output_dir=str(out),
+        use_cpu=True,
+        bf16=False,
+        max_steps=10,
+        per_device_train_batch_size=2,
+        learning_rate=5e-3,
+        logging_steps=1,
+        save_steps=4,
+        report_to=[],
+        max_length=96,
+        seed=7,
+        gradient_checkpointing=True,
+        optim="adamw_torch",
+        dataloader_num_workers=0,
+    )
+    values.update(overrides)
+    return SFTConfig(**values)
+
+
+def gsm8k_dataset(n: int = 32) -> Dataset:
+    return Dataset.from_list([{"text": r["question"] + "\n" + r["answer"]} for r in gsm8k_rows(n)])
+
+
+def make_trainer(tiny_llama_dir, tokenizer, out, config, kind="fp32", **overrides):
+    return SFTTrainer(
+        model=load_base(tiny_llama_dir, kind),
+        args=sft_args(out, **overrides),
+        train_dataset=gsm8k_dataset(),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+        callbacks=[LoraOverCallback(config)],
+    )
+
+
+def losses(trainer) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in trainer.state.log_history if "loss" in row}
+
+
+@pytest.mark.parametrize("kind", ["fp32", "nf4"])
+def test_static_schedule_trains_and_saves_a_standard_adapter(tiny_llama_dir, tokenizer, tmp_path, kind):
+    config = LoraOverConfig(capacity=1.0, rules=[{"target_modules": ["q_proj"], "capacity": 2.0}])
+    trainer = make_trainer(tiny_llama_dir, tokenizer, tmp_path / "run", config, kind, max_steps=5)
+    factors = over_parameterized_factors(trainer.model)
+    assert len(factors) == 28  # installed before the optimizer exists ...
+    optimized = {id(p) for g in trainer.create_optimizer().param_groups for p in g["params"]}
+    assert all(id(core) in optimized for f in factors.values() for core in f.cores)  # ... so the cores train
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(list(losses(trainer).values()))))
+    assert (tmp_path / "run" / "checkpoint-4" / LAYOUT_FILE).is_file()
+    assert not over_parameterized_factors(trainer.model)  # collapsed at on_train_end
+    trainer.save_model(str(tmp_path / "final"))
+    keys = set(load_file(tmp_path / "final" / "adapter_model.safetensors"))
+    assert keys and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in keys)
+
+
+def test_dynamic_schedule_keeps_budget_and_optimizer_consistent(tiny_llama_dir, tokenizer, tmp_path):
+    config = LoraOverConfig(
+        capacity=1.0, schedule="dynamic", budget_ratio=0.3, interval=2, warmup_steps=2, collapse_on_train_end=False
+    )
+    trainer = make_trainer(tiny_llama_dir, tokenizer, tmp_path / "run", config)
+    trainer.train()
+    history = json.loads((tmp_path / "run" / HISTORY_FILE).read_text())
+    realloc = [h for h in history if h["event"] == "reallocate"]
+    assert [h["step"] for h in realloc] == [2, 4, 6, 8]
+    assert all(0 < h["aux_params"] <= h["budget"] for h in history)
+    assert any(h["leaving"] or h["entering"] for h in realloc)  # the scheduler moved capacity
+    model_order = [p for p in trainer.model.parameters() if p.requires_grad]
+    held = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    assert sorted(map(id, held)) == sorted(map(id, model_order))  # exactly the trainable parameters
+    for group in trainer.optimizer.param_groups:
+        index = [next(i for i, q in enumerate(model_order) if q is p) for p in group["params"]]
+        assert index == sorted(index)  # in model order: a resumed run's optimizer loads positionally
+
+
+def test_resume_after_reallocations_matches_an_uninterrupted_run(tiny_llama_dir, tokenizer, tmp_path):
+    config = LoraOverConfig(capacity=1.0, schedule="dynamic", budget_ratio=0.3, interval=2, warmup_steps=2)
+    full = make_trainer(tiny_llama_dir, tokenizer, tmp_path / "full", config)
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-4"
+    saved = json.loads((checkpoint / SCHEDULER_FILE).read_text())["history"]
+    assert saved[0]["modules"] != saved[-1]["modules"]  # the resumed run must rebuild a changed allocation
+    resumed = make_trainer(tiny_llama_dir, tokenizer, tmp_path / "resumed", config)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    expected, got = losses(full), losses(resumed)
+    assert sorted(got) == list(range(1, 11))  # 1-4 come from the checkpoint's trainer state
+    for step in range(5, 11):
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), step
+
+
+def test_bad_schedules_fail_before_any_step(tiny_llama_dir, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="needs `budget` or `budget_ratio`"):
+        LoraOverConfig(schedule="dynamic")
+    with pytest.raises(ValueError, match="`interval` must be an integer >= 1"):
+        LoraOverConfig(schedule="dynamic", budget=10, interval=0)
+    with pytest.raises(ValueError, match="holds no module"):
+        make_trainer(tiny_llama_dir, tokenizer, tmp_path / "a", LoraOverConfig(schedule="dynamic", budget=5))
+    with pytest.raises(ValueError, match="over the budget"):
+        make_trainer(tiny_llama_dir, tokenizer, tmp_path / "b", LoraOverConfig(capacity=1.0, budget=1000))
+    trainer = make_trainer(
+        tiny_llama_dir, tokenizer, tmp_path / "c", LoraOverConfig(schedule="dynamic", budget_ratio=0.3, warmup_steps=10)
+    )
+    with pytest.raises(ValueError, match="leaves no re-allocation"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        SFTTrainer(
+            model=load_base(tiny_llama_dir, "fp32"),
+            args=sft_args(tmp_path / "d"),
+            train_dataset=gsm8k_dataset(),
+            processing_class=tokenizer,
+            callbacks=[LoraOverCallback(LoraOverConfig())],
+        )
