@@ -52,12 +52,14 @@ from .patch import (
     remove_factor,
 )
 from .schedule import SensitivityTracker, allocate
+from .schedule.picture import draw_allocation
 
 __all__ = ["LoraOverCallback"]
 
 logger = logging.getLogger(__name__)
 SCHEDULER_FILE = "lora_over_scheduler.json"
 HISTORY_FILE = "lora_over_history.json"
+PICTURE_FILE = "lora_over_allocation.png"
 
 
 class LoraOverCallback(TrainerCallback):
@@ -176,6 +178,16 @@ class LoraOverCallback(TrainerCallback):
         if state.is_world_process_zero:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(args.output_dir) / HISTORY_FILE).write_text(json.dumps(self.history, indent=1))
+            draw_allocation(self.history, Path(args.output_dir) / PICTURE_FILE)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Reporting integrations (TensorBoard, W&B) read the same dict; they see these keys when this callback
+        # runs before them (the SFT command inserts it first; in a script: trainer.callback_handler.callbacks).
+        if logs is not None and self.history and self.config.schedule == "dynamic":
+            last = self.history[-1]
+            logs["lora_over/aux_params"] = last.get("aux_params", 0)
+            logs["lora_over/modules"] = len(last.get("modules", []))
+            logs["lora_over/moved"] = len(last.get("leaving", [])) + len(last.get("entering", []))
 
     # ---- the dynamic schedule -----------------------------------------------------------------------
 

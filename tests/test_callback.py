@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 from conftest import gsm8k_rows, load_base, lora_config
@@ -12,9 +13,10 @@ from safetensors.torch import load_file
 from trl import SFTConfig, SFTTrainer
 
 from lora_over_trl import LoraOverCallback, LoraOverConfig
-from lora_over_trl.callback import HISTORY_FILE, SCHEDULER_FILE
+from lora_over_trl.callback import HISTORY_FILE, PICTURE_FILE, SCHEDULER_FILE
 from lora_over_trl.checkpoint import LAYOUT_FILE
 from lora_over_trl.patch import over_parameterized_factors
+from lora_over_trl.schedule.picture import allocation_matrix
 
 
 def sft_args(out, **overrides) -> SFTConfig:
@@ -85,6 +87,11 @@ def test_dynamic_schedule_keeps_budget_and_optimizer_consistent(tiny_llama_dir, 
     assert [h["step"] for h in realloc] == [2, 4, 6, 8]
     assert all(0 < h["aux_params"] <= h["budget"] for h in history)
     assert any(h["leaving"] or h["entering"] for h in realloc)  # the scheduler moved capacity
+    picture = plt.imread(tmp_path / "run" / PICTURE_FILE)
+    modules, steps, rows = allocation_matrix(history)
+    assert steps == [0, 2, 4, 6, 8] and picture.shape[0] > 200 and picture.shape[1] > 200
+    assert {tuple(r) for r in rows} != {tuple(rows[0])}  # modules differ in when they held capacity
+    assert len({tuple(px) for px in picture.reshape(-1, picture.shape[-1])[:, :3].round(2)}) > 4  # not blank
     model_order = [p for p in trainer.model.parameters() if p.requires_grad]
     held = [p for g in trainer.optimizer.param_groups for p in g["params"]]
     assert sorted(map(id, held)) == sorted(map(id, model_order))  # exactly the trainable parameters

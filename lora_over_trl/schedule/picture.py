@@ -1,0 +1,40 @@
+"""The allocation history as a picture: modules (rows) x decisions (columns), filled where over-parameterized."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["allocation_matrix", "draw_allocation"]
+
+
+def allocation_matrix(history: list[dict[str, Any]]) -> tuple[list[str], list[int], list[list[int]]]:
+    """``(modules, steps, rows)``: ``rows[i][j]`` is 1 when module ``i`` was over-parameterized after decision ``j``."""
+    decisions = [h for h in history if "modules" in h]
+    modules = sorted({m for h in decisions for m in h["modules"]})  # a module that left was in before
+    steps = [h["step"] for h in decisions]
+    rows = [[int(m in h["modules"]) for h in decisions] for m in modules]
+    return modules, steps, rows
+
+
+def draw_allocation(history: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """Write the heatmap PNG; ``None`` when the history holds no decision."""
+    modules, steps, rows = allocation_matrix(history)
+    if not steps or not modules:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    height = max(3.0, 0.18 * len(modules) + 1.5)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(steps) + 3.5), height))
+    ax.imshow(rows, aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize=7)
+    ax.set_yticks(range(len(modules)), [m.removeprefix("model.") for m in modules], fontsize=6)
+    ax.set_xlabel("optimizer step of the decision")
+    ax.set_title("LoRA-Over allocation (green: over-parameterized)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
