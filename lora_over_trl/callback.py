@@ -118,12 +118,15 @@ class LoraOverCallback(TrainerCallback):
                     f"LoraOverCallback: a budget of {self.budget:,} auxiliary parameters holds no module at capacity "
                     f"{config.capacity:g} (the cheapest needs {cheapest or 0:,}); raise `budget`/`budget_ratio`"
                 )
-            # No statistics yet: start from a seeded random choice (the same on every process).
-            rng = random.Random(config.seed)
-            first = allocate({n: rng.random() for n in sorted(self.costs)}, self.costs, self.budget, config.scope)
-            apply_lora_over(model, config, capacities={n: config.capacity for n in first})
-            self._observe_gradients(layers)
-            self._record(0, "initial")
+            if config.schedule == "dynamic":
+                # No statistics yet: start from a seeded random choice (the same on every process).
+                rng = random.Random(config.seed)
+                first = allocate({n: rng.random() for n in sorted(self.costs)}, self.costs, self.budget, config.scope)
+                apply_lora_over(model, config, capacities={n: config.capacity for n in first})
+                self._observe_gradients(layers)
+                self._record(0, "initial")
+            else:
+                model.lora_over_config = config  # the pre-pass installs at on_train_begin
         model.load_adapter = functools.partial(_load_adapter_with_layouts, model.load_adapter, self)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -135,12 +138,35 @@ class LoraOverCallback(TrainerCallback):
                     f"LoraOverCallback: `warmup_steps`={config.warmup_steps} leaves no re-allocation before step "
                     f"{last} (max_steps {state.max_steps} - final_steps {config.final_steps})"
                 )
-            if args.world_size > 1:
-                raise ValueError(
-                    "LoraOverCallback: the dynamic schedule runs in one process for now; use schedule='static' "
-                    "for multi-process runs"
-                )
+        if config.schedule != "static" and args.world_size > 1:
+            raise ValueError(
+                f"LoraOverCallback: schedule={config.schedule!r} runs in one process for now (DDP does not see cores "
+                "installed after it wraps the model); use schedule='static' for multi-process runs"
+            )
         self.optimizer = optimizer
+        if config.schedule == "prepass" and state.global_step == 0:  # a resumed run got its layouts from disk
+            scores = self._fisher(model, kwargs["train_dataloader"])
+            self._move_capacity(allocate(scores, self.costs, self.budget, config.scope), step=0, event="prepass")
+
+    def _fisher(self, model: nn.Module, dataloader) -> dict[str, float]:
+        """Mean over ``prepass_batches`` batches of the squared gradient of each module's LoRA weights."""
+        layers = lora_modules(self.model, self.config.adapter_name)
+        fisher = dict.fromkeys(layers, 0.0)
+        model.train()
+        batches = 0
+        for batch in dataloader:
+            model.zero_grad(set_to_none=True)
+            inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "position_ids")}
+            model(**inputs).loss.backward()
+            for name, layer in layers.items():
+                for attr in FACTOR_NAMES.values():
+                    grad = getattr(layer, attr)[self.config.adapter_name].weight.grad
+                    fisher[name] += 0.0 if grad is None else float((grad.float() ** 2).sum())
+            batches += 1
+            if batches == self.config.prepass_batches:
+                break
+        model.zero_grad(set_to_none=True)
+        return _mean_over_processes({n: v / max(batches, 1) for n, v in fisher.items()})
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self.config.schedule != "dynamic" or not self._grads:
@@ -153,7 +179,7 @@ class LoraOverCallback(TrainerCallback):
                 weight = getattr(layers[name], attr)[self.config.adapter_name].weight
                 measured[name] = measured.get(name, 0.0) + float((weight.detach() * grad).abs().sum())
         self._grads.clear()
-        self.tracker.update(measured)
+        self.tracker.update(_mean_over_processes(measured))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         config = self.config
@@ -183,7 +209,7 @@ class LoraOverCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         # Reporting integrations (TensorBoard, W&B) read the same dict; they see these keys when this callback
         # runs before them (the SFT command inserts it first; in a script: trainer.callback_handler.callbacks).
-        if logs is not None and self.history and self.config.schedule == "dynamic":
+        if logs is not None and self.history and self.config.schedule != "static":
             last = self.history[-1]
             logs["lora_over/aux_params"] = last.get("aux_params", 0)
             logs["lora_over/modules"] = len(last.get("modules", []))
@@ -192,10 +218,14 @@ class LoraOverCallback(TrainerCallback):
     # ---- the dynamic schedule -----------------------------------------------------------------------
 
     def _reallocate(self, step: int) -> None:
+        chosen = allocate(self.tracker.scores(), self.costs, self.budget, self.config.scope)
+        self._move_capacity(chosen, step, "reallocate")
+
+    def _move_capacity(self, chosen: set[str], step: int, event: str) -> None:
+        """Over-parameterize exactly ``chosen``: others collapse (exact), new ones install (exact)."""
         config, model = self.config, self.model
         layers = lora_modules(model, config.adapter_name)
         current = {key.rsplit(".", 1)[0] for key in over_parameterized_factors(model, config.adapter_name)}
-        chosen = allocate(self.tracker.scores(), self.costs, self.budget, config.scope)
         leaving, entering = sorted(current - chosen), sorted(chosen - current)
         placement: dict[int, int] = {}
         for name in leaving:
@@ -219,8 +249,9 @@ class LoraOverCallback(TrainerCallback):
         if leaving or entering:
             ensure_refresh_hook(model)
             sync_optimizer(self.optimizer, model, placement)
-            self._observe_gradients(layers)
-        self._record(step, "reallocate", leaving=leaving, entering=entering)
+            if config.schedule == "dynamic":
+                self._observe_gradients(layers)
+        self._record(step, event, leaving=leaving, entering=entering)
 
     def _record(self, step: int, event: str, **extra: Any) -> None:
         factors = over_parameterized_factors(self.model, self.config.adapter_name)
@@ -276,6 +307,19 @@ class LoraOverCallback(TrainerCallback):
                 if param.requires_grad and not getattr(param, "_lora_over_observed", False):  # hook kept for good
                     param.register_hook(observe)
                     param._lora_over_observed = True
+
+
+def _mean_over_processes(values: dict[str, float]) -> dict[str, float]:
+    """The same statistics on every process (all-reduced mean), so every rank makes the same decision."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    names = sorted(values)
+    tensor = torch.tensor([values[n] for n in names], dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    torch.distributed.all_reduce(tensor)
+    tensor /= torch.distributed.get_world_size()
+    return dict(zip(names, tensor.cpu().tolist(), strict=True))
 
 
 def _accumulate(store: dict[str, torch.Tensor], key: str, grad: torch.Tensor) -> None:

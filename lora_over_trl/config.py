@@ -10,7 +10,7 @@ from typing import Any
 __all__ = ["CapacityRule", "LoraOverConfig", "module_matches", "layer_index"]
 
 _FACTORS = ("both", "A", "B")
-_SCHEDULES = ("static", "dynamic")
+_SCHEDULES = ("static", "prepass", "dynamic")
 _SCOPES = ("global", "per_type")
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -88,8 +88,11 @@ class LoraOverConfig:
         init_std: scale of the random half of padded bond slots; ``None`` uses ``1 / sqrt(fan_in)``.
         seed: seed of that random initialization (the same seed gives the same cores).
         adapter_name: the PEFT adapter to over-parameterize.
-        schedule: ``"static"`` (capacities from ``capacity`` and ``rules``, fixed) or ``"dynamic"``
-            (modules chosen at run time by gradient sensitivity, each at ``capacity``, within the budget).
+        schedule: ``"static"`` (capacities from ``capacity`` and ``rules``, fixed), ``"prepass"`` (before
+            training, ``prepass_batches`` batches score each module by Fisher information, the mean squared
+            gradient of its LoRA weights, as OPF did; the top modules within the budget get ``capacity``,
+            fixed) or ``"dynamic"`` (modules re-chosen during training by gradient sensitivity).
+        prepass_batches: batches of the importance pre-pass.
         budget: most auxiliary parameters in total (never exceeded); or
         budget_ratio: the same as a fraction of the LoRA parameters. Neither: no limit (static only).
         scope: ``"global"`` ranks all modules together; ``"per_type"`` splits the budget by module type
@@ -120,6 +123,7 @@ class LoraOverConfig:
     seed: int = 0
     adapter_name: str = "default"
     schedule: str = "static"
+    prepass_batches: int = 8
     budget: int | None = None
     budget_ratio: float | None = None
     scope: str = "global"
@@ -166,8 +170,10 @@ class LoraOverConfig:
             problems.append(f"`budget_ratio` must be > 0 or None, got {self.budget_ratio!r}")
         if self.budget is not None and self.budget_ratio is not None:
             problems.append("set `budget` or `budget_ratio`, not both")
-        if self.schedule == "dynamic" and self.budget is None and self.budget_ratio is None:
-            problems.append("`schedule='dynamic'` needs `budget` or `budget_ratio` (what the modules compete for)")
+        if self.schedule in ("prepass", "dynamic") and self.budget is None and self.budget_ratio is None:
+            problems.append(f"`schedule={self.schedule!r}` needs `budget` or `budget_ratio` (what modules compete for)")
+        if not isinstance(self.prepass_batches, int) or self.prepass_batches < 1:
+            problems.append(f"`prepass_batches` must be an integer >= 1, got {self.prepass_batches!r}")
         if not isinstance(self.interval, int) or self.interval < 1:
             problems.append(f"`interval` must be an integer >= 1, got {self.interval!r}")
         for name in ("warmup_steps", "final_steps"):

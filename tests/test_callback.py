@@ -16,6 +16,7 @@ from lora_over_trl import LoraOverCallback, LoraOverConfig
 from lora_over_trl.callback import HISTORY_FILE, PICTURE_FILE, SCHEDULER_FILE
 from lora_over_trl.checkpoint import LAYOUT_FILE
 from lora_over_trl.patch import over_parameterized_factors
+from lora_over_trl.schedule import module_type
 from lora_over_trl.schedule.picture import allocation_matrix
 
 
@@ -98,6 +99,35 @@ def test_dynamic_schedule_keeps_budget_and_optimizer_consistent(tiny_llama_dir, 
     for group in trainer.optimizer.param_groups:
         index = [next(i for i, q in enumerate(model_order) if q is p) for p in group["params"]]
         assert index == sorted(index)  # in model order: a resumed run's optimizer loads positionally
+
+
+@pytest.mark.parametrize("scope", ["global", "per_type"])
+def test_prepass_gives_capacity_to_the_modules_with_most_fisher_information(tiny_llama_dir, tokenizer, tmp_path, scope):
+    config = LoraOverConfig(
+        capacity=1.0, schedule="prepass", prepass_batches=3, budget_ratio=0.3, scope=scope, collapse_on_train_end=False
+    )
+    trainer = make_trainer(tiny_llama_dir, tokenizer, tmp_path / "run", config, max_steps=3)
+    callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LoraOverCallback))
+    assert not over_parameterized_factors(trainer.model)  # nothing before the pre-pass
+    scores = {}
+    original = callback._fisher
+    callback._fisher = lambda *a: scores.update(original(*a)) or scores
+    trainer.train()
+    chosen = {k.rsplit(".", 1)[0] for k in over_parameterized_factors(trainer.model)}
+    spent = sum(callback.costs[n] for n in chosen)
+    assert chosen and spent <= callback.budget
+    if scope == "global":  # greedy by score: everything scored above a chosen module is chosen or did not fit
+        for name in chosen:
+            assert all(
+                other in chosen or callback.costs[other] > callback.budget - spent + callback.costs[name]
+                for other in scores
+                if scores[other] > scores[name]
+            )
+    else:
+        assert len({module_type(n) for n in chosen}) > 1
+    optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert optimized == {id(p) for p in trainer.model.parameters() if p.requires_grad}
+    assert all(torch.isfinite(torch.tensor(list(losses(trainer).values()))))
 
 
 def test_resume_after_reallocations_matches_an_uninterrupted_run(tiny_llama_dir, tokenizer, tmp_path):

@@ -3,7 +3,8 @@
 OPF (Gao et al., 2023) over-parameterized the top-N matrices of each type by importance; here every chosen
 module gets the same capacity, and modules are taken in order of score while their auxiliary parameters fit
 the budget, either over all modules (``"global"``) or per module type with the budget split in proportion
-to each type's total cost (``"per_type"``). The budget is never exceeded.
+to each type's total cost (``"per_type"``; what no type can use goes to the best remaining modules).
+The budget is never exceeded.
 """
 
 from __future__ import annotations
@@ -47,4 +48,6 @@ def allocate(scores: dict[str, float], costs: dict[str, int], budget: int, scope
     for names in types.values():
         share = budget * sum(costs[n] for n in names) / total
         chosen |= _greedy(names, scores, costs, share)
-    return chosen
+    # What no type could use (a share smaller than its cheapest module) goes to the best of the rest.
+    left = budget - sum(costs[n] for n in chosen)
+    return chosen | _greedy([n for n in costs if n not in chosen], scores, costs, left)
