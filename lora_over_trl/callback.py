@@ -82,6 +82,7 @@ class LoraOverCallback(TrainerCallback):
         # run-time wiring
         self.model: nn.Module | None = None
         self.budget: int | None = None
+        self.aux_scale = 1.0
         self.costs: dict[str, int] = {}
         self._grads: dict[str, torch.Tensor] = {}
 
@@ -103,8 +104,11 @@ class LoraOverCallback(TrainerCallback):
         if config.budget is not None or config.budget_ratio is not None:
             self.budget = config.budget if config.budget is not None else int(config.budget_ratio * lora_params)
         self.costs = {name: self._cost(layer, config.capacity) for name, layer in layers.items()}
+        # The auxiliary cores' own learning rate, as a scale inside the factor (no extra optimizer group,
+        # so checkpoints load into a fresh Trainer's optimizer): see MpoFactor.
+        self.aux_scale = config.aux_lr / args.learning_rate if config.aux_lr else 1.0
         if config.schedule == "static":
-            report = apply_lora_over(model, config)
+            report = apply_lora_over(model, config, aux_scale=self.aux_scale)
             if self.budget is not None and report.aux_params > self.budget:
                 collapse(model)
                 raise ValueError(
@@ -122,7 +126,7 @@ class LoraOverCallback(TrainerCallback):
                 # No statistics yet: start from a seeded random choice (the same on every process).
                 rng = random.Random(config.seed)
                 first = allocate({n: rng.random() for n in sorted(self.costs)}, self.costs, self.budget, config.scope)
-                apply_lora_over(model, config, capacities={n: config.capacity for n in first})
+                apply_lora_over(model, config, capacities={n: config.capacity for n in first}, aux_scale=self.aux_scale)
                 self._observe_gradients(layers)
                 self._record(0, "initial")
             else:
@@ -241,7 +245,7 @@ class LoraOverCallback(TrainerCallback):
                 w: group_index(self.optimizer, getattr(layers[name], w)[config.adapter_name].weight)
                 for w in FACTOR_NAMES.values()
             }
-            over_parameterize_module(layers[name], name, config.capacity, config)
+            over_parameterize_module(layers[name], name, config.capacity, config, aux_scale=self.aux_scale)
             for attr, index in groups.items():
                 factor = _mpo_factor(getattr(layers[name], attr)[config.adapter_name])
                 if factor is not None and index is not None:
@@ -351,11 +355,12 @@ def _restore_layouts(callback: LoraOverCallback, folder: Path) -> None:
                     tuple(fields["rows"]), tuple(fields["cols"]), tuple(fields["bonds"]), fields["central"]
                 )
             )
-            if current is not None and current.layout == layout:
+            scale = 1.0 if fields is None else fields.get("aux_scale", 1.0)
+            if current is not None and current.layout == layout and current.aux_scale == scale:
                 continue
             remove_factor(linear)  # its values are about to be overwritten by the checkpoint anyway
             if layout is not None:
-                install_layout(layer, attr_to_factor[attr], config.adapter_name, layout)
+                install_layout(layer, attr_to_factor[attr], config.adapter_name, layout, scale)
     ensure_refresh_hook(model)
     callback._observe_gradients(layers)
     scheduler_file = folder / SCHEDULER_FILE

@@ -22,7 +22,6 @@ from .config import LoraOverConfig
 from .patch import (
     FACTOR_NAMES,
     ensure_refresh_hook,
-    factor_layouts,
     install_layout,
     lora_modules,
     over_parameterized_factors,
@@ -51,8 +50,14 @@ def write_layout_file(model: nn.Module, directory: str | os.PathLike) -> Path:
         "format_version": _FORMAT_VERSION,
         "config": config.to_dict(),
         "factors": {
-            key: {"rows": list(lay.rows), "cols": list(lay.cols), "bonds": list(lay.bonds), "central": lay.central}
-            for key, lay in factor_layouts(model, config.adapter_name).items()
+            key: {
+                "rows": list(f.layout.rows),
+                "cols": list(f.layout.cols),
+                "bonds": list(f.layout.bonds),
+                "central": f.layout.central,
+                "aux_scale": f.aux_scale,
+            }
+            for key, f in over_parameterized_factors(model, config.adapter_name).items()
         },
     }
     directory = Path(directory)
@@ -112,9 +117,9 @@ def load_lora_over(model: nn.Module, directory: str | os.PathLike) -> LoraOverCo
                 f"load_lora_over: `{key}` has shape {shape} here but {layout.shape} in the checkpoint: "
                 "the adapter's rank or the base model differ from the checkpoint's"
             )
-        planned.append((layers[name], attr_to_factor[attr], layout))
-    for layer, which, layout in planned:
-        install_layout(layer, which, config.adapter_name, layout)
+        planned.append((layers[name], attr_to_factor[attr], layout, fields.get("aux_scale", 1.0)))
+    for layer, which, layout, aux_scale in planned:
+        install_layout(layer, which, config.adapter_name, layout, aux_scale)
     result = set_peft_model_state_dict(model, load_peft_weights(str(directory)), adapter_name=config.adapter_name)
     missing = [k for k in result.missing_keys if f".{config.adapter_name}." in k and "lora_" in k]
     if result.unexpected_keys or missing:

@@ -30,6 +30,11 @@ class MpoFactor(nn.Module):
     Args:
         layout: how the factor is split into cores (shape, bonds, central core).
         cores: initial core tensors (see :func:`mpo.decompose`); they become this module's parameters.
+        aux_scale: the auxiliary cores are stored divided by this and multiplied back in the contraction.
+            Adam's update is invariant to the gradient's scale, so a stored core moves by ``lr`` per step
+            and the core itself by ``aux_scale * lr``: the auxiliary learning rate is ``aux_scale`` times the
+            main one, in any Trainer, with no extra optimizer group (exact for Adam-family optimizers up to
+            their epsilon; weight decay still acts on the stored values).
 
     Example:
         >>> import torch
@@ -39,13 +44,16 @@ class MpoFactor(nn.Module):
         >>> _ = parametrize.register_parametrization(lin, "weight", factor)
     """
 
-    def __init__(self, layout: mpo.MpoLayout, cores: list[torch.Tensor]) -> None:
+    def __init__(self, layout: mpo.MpoLayout, cores: list[torch.Tensor], aux_scale: float = 1.0) -> None:
         super().__init__()
         shapes = [tuple(t.shape) for t in cores]
         if shapes != layout.core_shapes():
             raise ValueError(f"MpoFactor: core shapes {shapes} do not match the layout's {layout.core_shapes()}")
+        if not aux_scale > 0:
+            raise ValueError(f"MpoFactor: `aux_scale` must be > 0, got {aux_scale!r}")
         self.layout = layout
-        self.cores = nn.ParameterList([nn.Parameter(t) for t in cores])
+        self.aux_scale = float(aux_scale)
+        self.cores = nn.ParameterList([nn.Parameter(t) for t in self._stored(cores)])
         self._cached: torch.Tensor | None = None
         self._cache_key: tuple | None = None
         self.grad_observer: Callable[[torch.Tensor], None] | None = None  # sees dL/dW (a scheduler's statistic)
@@ -60,6 +68,7 @@ class MpoFactor(nn.Module):
         aux_core_size: int = 16,
         std: float | None = None,
         generator: torch.Generator | None = None,
+        aux_scale: float = 1.0,
     ) -> MpoFactor | None:
         """Over-parameterize ``weight`` with at most ``capacity * weight.numel()`` auxiliary parameters.
 
@@ -69,7 +78,7 @@ class MpoFactor(nn.Module):
         if layout is None:
             return None
         std = default_std(weight.shape[1]) if std is None else std
-        return cls(layout, mpo.decompose(weight.detach(), layout, std=std, generator=generator))
+        return cls(layout, mpo.decompose(weight.detach(), layout, std=std, generator=generator), aux_scale)
 
     @staticmethod
     def plan(
@@ -80,15 +89,28 @@ class MpoFactor(nn.Module):
         return mpo.fit_bonds(base, math.floor(capacity * shape[0] * shape[1]))
 
     @classmethod
-    def empty(cls, layout: mpo.MpoLayout, *, dtype: torch.dtype, device: torch.device | str) -> MpoFactor:
+    def empty(
+        cls, layout: mpo.MpoLayout, *, dtype: torch.dtype, device: torch.device | str, aux_scale: float = 1.0
+    ) -> MpoFactor:
         """Zero cores in ``layout``, to be filled by ``load_state_dict`` (restoring a checkpoint)."""
-        return cls(layout, [torch.zeros(s, dtype=dtype, device=device) for s in layout.core_shapes()])
+        return cls(layout, [torch.zeros(s, dtype=dtype, device=device) for s in layout.core_shapes()], aux_scale)
+
+    def _stored(self, cores: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.aux_scale == 1.0:
+            return list(cores)
+        return [t if j == self.layout.central else t / self.aux_scale for j, t in enumerate(cores)]
+
+    def effective_cores(self) -> list[torch.Tensor]:
+        """The cores whose contraction is the factor (the stored ones with ``aux_scale`` applied)."""
+        if self.aux_scale == 1.0:
+            return list(self.cores)
+        return [t if j == self.layout.central else t * self.aux_scale for j, t in enumerate(self.cores)]
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         # `original` is the weight at install time: the cores alone define the factor.
         if self._cached is not None and self._cache_key == self._state_key():
             return self._cached
-        return mpo.contract(list(self.cores))
+        return mpo.contract(self.effective_cores())
 
     def refresh(self, weight: torch.Tensor | None = None) -> None:
         """Contract now (or take ``weight``, this factor's slice of a batched contraction) and serve
@@ -100,7 +122,7 @@ class MpoFactor(nn.Module):
         result is dropped when backward reaches it (its graph is spent) and ignored once the cores change.
         """
         if weight is None:
-            weight = mpo.contract(list(self.cores))
+            weight = mpo.contract(self.effective_cores())
         if weight.requires_grad:
             weight.register_hook(self._forget)
             if self.grad_observer is not None:
@@ -142,19 +164,22 @@ class MpoFactor(nn.Module):
         afterwards: an optimizer holding the old ones must be told.
         """
         layout = mpo.MpoLayout(self.layout.rows, self.layout.cols, tuple(bonds), self.layout.central)
-        old = [t.detach() for t in self.cores]
+        old = [t.detach() for t in self.effective_cores()]
         if all(b >= a for a, b in zip(self.layout.bonds, bonds, strict=True)):
             new, error = mpo.grow(old, layout, std=std, generator=generator), 0.0
         else:
             new, error = mpo.truncate(old, layout, std=std, generator=generator)
         requires_grad = self.cores[0].requires_grad
-        self.cores = nn.ParameterList([nn.Parameter(t, requires_grad=requires_grad) for t in new])
         self.layout = layout
+        self.cores = nn.ParameterList([nn.Parameter(t, requires_grad=requires_grad) for t in self._stored(new)])
         self._cached = None
         return error
 
     def extra_repr(self) -> str:
-        return f"rows={self.layout.rows}, cols={self.layout.cols}, bonds={self.layout.bonds}, aux={self.aux_params}"
+        scale = f", aux_scale={self.aux_scale:g}" if self.aux_scale != 1.0 else ""
+        return (
+            f"rows={self.layout.rows}, cols={self.layout.cols}, bonds={self.layout.bonds}, aux={self.aux_params}{scale}"
+        )
 
 
 def refresh_all(factors: list[MpoFactor]) -> None:
@@ -167,11 +192,12 @@ def refresh_all(factors: list[MpoFactor]) -> None:
     groups: dict[tuple, list[MpoFactor]] = {}
     for factor in factors:
         first = factor.cores[0]
-        groups.setdefault((factor.layout, first.dtype, first.device), []).append(factor)
+        groups.setdefault((factor.layout, factor.aux_scale, first.dtype, first.device), []).append(factor)
     for group in groups.values():
         if len(group) == 1:
             group[0].refresh()
             continue
-        stacked = [torch.stack([f.cores[j] for f in group]) for j in range(group[0].layout.num_cores)]
+        cores = [f.effective_cores() for f in group]
+        stacked = [torch.stack([c[j] for c in cores]) for j in range(group[0].layout.num_cores)]
         for factor, weight in zip(group, mpo.contract(stacked).unbind(0), strict=True):
             factor.refresh(weight)

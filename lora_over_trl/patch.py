@@ -27,7 +27,6 @@ __all__ = [
     "apply_lora_over",
     "collapse",
     "collapse_module",
-    "factor_layouts",
     "lora_modules",
     "lora_over_parameter_groups",
     "over_parameterize_module",
@@ -77,11 +76,6 @@ def over_parameterized_factors(model: nn.Module, adapter_name: str = "default") 
             if factor is not None:
                 found[f"{name}.{attr}"] = factor
     return found
-
-
-def factor_layouts(model: nn.Module, adapter_name: str = "default") -> dict[str, mpo.MpoLayout]:
-    """The layout (shape and bonds) of each installed factor: what a checkpoint must record."""
-    return {key: factor.layout for key, factor in over_parameterized_factors(model, adapter_name).items()}
 
 
 def module_generator(seed: int, name: str) -> torch.Generator:
@@ -140,9 +134,10 @@ def _install(linear: nn.Linear, factor: MpoFactor) -> None:
 
 
 def over_parameterize_module(
-    layer: LoraLayer, name: str, capacity: float, config: LoraOverConfig
+    layer: LoraLayer, name: str, capacity: float, config: LoraOverConfig, *, aux_scale: float = 1.0
 ) -> dict[str, mpo.MpoLayout | None]:
-    """Over-parameterize the chosen factors of one LoRA layer, keeping its function bit for bit.
+    """Over-parameterize the chosen factors of one LoRA layer, keeping its function (bit for bit when
+    ``aux_scale`` is 1; see :class:`MpoFactor` for what the scale does).
 
     Returns the layout per factor (``None`` where the capacity holds no layout and the factor stays plain).
     """
@@ -159,6 +154,7 @@ def over_parameterize_module(
             aux_core_size=config.aux_core_size,
             std=config.init_std,
             generator=module_generator(config.seed, f"{name}.{FACTOR_NAMES[which]}"),
+            aux_scale=aux_scale,
         )
         layouts[which] = None if factor is None else factor.layout
         if factor is not None:
@@ -166,7 +162,9 @@ def over_parameterize_module(
     return layouts
 
 
-def install_layout(layer: LoraLayer, which: str, adapter_name: str, layout: mpo.MpoLayout) -> MpoFactor:
+def install_layout(
+    layer: LoraLayer, which: str, adapter_name: str, layout: mpo.MpoLayout, aux_scale: float = 1.0
+) -> MpoFactor:
     """Install zero cores of a known layout (to be filled from a checkpoint's state dict)."""
     linear = _factor_linear(layer, which, adapter_name)
     if tuple(linear.weight.shape) != layout.shape:
@@ -174,7 +172,7 @@ def install_layout(layer: LoraLayer, which: str, adapter_name: str, layout: mpo.
             f"`{FACTOR_NAMES[which]}` weight has shape {tuple(linear.weight.shape)} but the recorded layout "
             f"needs {layout.shape}: the adapter's rank or the base model differ from the checkpoint's"
         )
-    factor = MpoFactor.empty(layout, dtype=linear.weight.dtype, device=linear.weight.device)
+    factor = MpoFactor.empty(layout, dtype=linear.weight.dtype, device=linear.weight.device, aux_scale=aux_scale)
     _install(linear, factor)
     return factor
 
@@ -227,7 +225,9 @@ def _weight_f64(linear: nn.Linear) -> torch.Tensor:
     factor = _mpo_factor(linear)
     if factor is None:
         return linear.weight.detach().double()
-    return mpo.contract([t.detach().double() for t in factor.cores])
+    scale = factor.aux_scale  # applied in float64 too, so the reference carries no float32 rounding
+    central = factor.layout.central
+    return mpo.contract([t.detach().double() * (1.0 if j == central else scale) for j, t in enumerate(factor.cores)])
 
 
 @dataclass
@@ -248,7 +248,7 @@ class ApplyReport:
 
 
 def apply_lora_over(
-    model: nn.Module, config: LoraOverConfig, capacities: dict[str, float] | None = None
+    model: nn.Module, config: LoraOverConfig, capacities: dict[str, float] | None = None, *, aux_scale: float = 1.0
 ) -> ApplyReport:
     """Over-parameterize the LoRA factors of a PEFT model in place; its outputs stay bit for bit the same.
 
@@ -257,6 +257,9 @@ def apply_lora_over(
         config: what to over-parameterize and how much (:class:`LoraOverConfig`).
         capacities: optional explicit capacity per module name (a scheduler's decision); it replaces the
             config's rules and default. Modules not named stay plain LoRA.
+        aux_scale: multiplier of the auxiliary cores' learning rate under Adam (see :class:`MpoFactor`);
+            ``LoraOverCallback`` sets it to ``aux_lr / learning_rate``. Leave it at 1 when giving the
+            cores their own optimizer group (:func:`lora_over_parameter_groups`) instead.
 
     Returns:
         An :class:`ApplyReport` (``print`` it for a one-line summary).
@@ -289,7 +292,9 @@ def apply_lora_over(
         lora_a, lora_b = (_factor_linear(layers[name], w, config.adapter_name).weight for w in ("A", "B"))
         report.lora_params += lora_a.numel() + lora_b.numel()
         if capacities.get(name, 0.0) > 0:
-            report.layouts[name] = over_parameterize_module(layers[name], name, capacities[name], config)
+            report.layouts[name] = over_parameterize_module(
+                layers[name], name, capacities[name], config, aux_scale=aux_scale
+            )
     report.aux_params = sum(f.aux_params for f in over_parameterized_factors(model, config.adapter_name).values())
     model.lora_over_config = config  # saved beside checkpoints; read by save/load and the callback
     ensure_refresh_hook(model)

@@ -62,10 +62,11 @@ def losses(trainer) -> dict[int, float]:
 
 @pytest.mark.parametrize("kind", ["fp32", "nf4"])
 def test_static_schedule_trains_and_saves_a_standard_adapter(tiny_llama_dir, tokenizer, tmp_path, kind):
-    config = LoraOverConfig(capacity=1.0, rules=[{"target_modules": ["q_proj"], "capacity": 2.0}])
+    config = LoraOverConfig(capacity=1.0, rules=[{"target_modules": ["q_proj"], "capacity": 2.0}], aux_lr=2e-2)
     trainer = make_trainer(tiny_llama_dir, tokenizer, tmp_path / "run", config, kind, max_steps=5)
     factors = over_parameterized_factors(trainer.model)
     assert len(factors) == 28  # installed before the optimizer exists ...
+    assert {f.aux_scale for f in factors.values()} == {2e-2 / 5e-3}  # aux_lr / learning_rate
     optimized = {id(p) for g in trainer.create_optimizer().param_groups for p in g["params"]}
     assert all(id(core) in optimized for f in factors.values() for core in f.cores)  # ... so the cores train
     trainer.train()

@@ -18,7 +18,7 @@ from lora_over_trl.patch import lora_modules, over_parameterized_factors, resize
 def test_checkpoint_restores_exactly_and_training_continues_identically(tiny_llama_dir, gsm8k_batch, tmp_path, kind):
     config = LoraOverConfig(capacity=1.0, rules=[{"target_modules": ["v_proj"], "capacity": 0.0}], seed=5)
     model = make_peft(tiny_llama_dir, kind)
-    apply_lora_over(model, config)
+    apply_lora_over(model, config, aux_scale=2.5)  # the auxiliary cores' learning-rate scale is restored too
     for _ in train_steps(model, gsm8k_batch, steps=2):
         pass
     name = "model.layers.1.mlp.up_proj"  # a scheduler may have resized a factor since apply_lora_over
@@ -31,7 +31,7 @@ def test_checkpoint_restores_exactly_and_training_continues_identically(tiny_lla
     ours, theirs = over_parameterized_factors(model), over_parameterized_factors(fresh)
     assert ours.keys() == theirs.keys()
     for key in ours:
-        assert ours[key].layout == theirs[key].layout
+        assert ours[key].layout == theirs[key].layout and theirs[key].aux_scale == 2.5
         assert all(torch.equal(a, b) for a, b in zip(ours[key].cores, theirs[key].cores, strict=True))
     assert torch.equal(logits(fresh, *gsm8k_batch), logits(model, *gsm8k_batch))
     assert list(train_steps(model, gsm8k_batch, steps=2)) == list(train_steps(fresh, gsm8k_batch, steps=2))

@@ -17,12 +17,12 @@ from lora_over_trl import LoraOverConfig, apply_lora_over, collapse, lora_over_p
 from lora_over_trl.patch import lora_modules, over_parameterized_factors, resize_module
 
 
-def train_steps(model, batch, steps: int, lr: float = 1e-2, groups=None):
+def train_steps(model, batch, steps: int, lr: float = 1e-2, groups=None, eps: float = 1e-8):
     """A few AdamW steps with gradient checkpointing; yields after each backward (gradients present)."""
     input_ids, mask = batch
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    optimizer = torch.optim.AdamW(groups or [p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimizer = torch.optim.AdamW(groups or [p for p in model.parameters() if p.requires_grad], lr=lr, eps=eps)
     for _ in range(steps):
         loss = model(input_ids=input_ids, attention_mask=mask, labels=input_ids.masked_fill(mask == 0, -100)).loss
         loss.backward()
@@ -234,3 +234,26 @@ def test_one_batched_contraction_per_layout_and_step(tiny_llama_dir, gsm8k_batch
     model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
     layouts = {f.layout for f in over_parameterized_factors(model).values()}
     assert len(calls) == len(layouts) < 28  # not one per factor, and no re-contraction at any read
+
+
+def test_aux_scale_gives_adam_the_auxiliary_learning_rate(tiny_llama_dir, gsm8k_batch):
+    """Cores stored at 1/s and scaled by s in the contraction train under Adam exactly as an own group at s*lr."""
+    lr, aux_lr = 2e-3, 1e-2
+    grouped = make_peft(tiny_llama_dir, "fp32", init_lora_weights=False)
+    apply_lora_over(grouped, LoraOverConfig(capacity=1.0, seed=3))
+    scaled = make_peft(tiny_llama_dir, "fp32", init_lora_weights=False)
+    apply_lora_over(scaled, LoraOverConfig(capacity=1.0, seed=3), aux_scale=aux_lr / lr)
+    assert (logits(scaled, *gsm8k_batch) - logits(grouped, *gsm8k_batch)).abs().max() < 1e-6  # same start
+    groups = lora_over_parameter_groups(grouped, lr, aux_lr=aux_lr)  # weight decay 0: it acts on stored values
+    one_group = lora_over_parameter_groups(scaled, lr)
+    assert len(one_group) == 2 and one_group[1]["lr"] == lr
+    # Adam's epsilon acts on the stored gradient (s times larger): with the usual 1e-8, coordinates whose
+    # gradient is itself ~1e-8 (fresh padding) differ; a negligible epsilon isolates the learning-rate claim.
+    assert list(train_steps(grouped, gsm8k_batch, steps=3, groups=groups, eps=1e-20)) == pytest.approx(
+        list(train_steps(scaled, gsm8k_batch, steps=3, groups=one_group, eps=1e-20)), rel=1e-5
+    )
+    ours, theirs = over_parameterized_factors(scaled), over_parameterized_factors(grouped)
+    for key, factor in ours.items():
+        for a, b in zip(factor.effective_cores(), theirs[key].cores, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6)
+    assert any(not torch.equal(f.cores[0], f.effective_cores()[0]) for f in ours.values())  # the scale is at work
