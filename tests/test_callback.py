@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
@@ -169,3 +172,34 @@ def test_bad_schedules_fail_before_any_step(tiny_llama_dir, tokenizer, tmp_path)
             processing_class=tokenizer,
             callbacks=[LoraOverCallback(LoraOverConfig())],
         )
+
+
+def run_two_processes(tiny_llama_dir, tokenizer, out, schedule):
+    tokenizer.save_pretrained(out / "tokenizer")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [
+        str(torchrun),
+        "--nproc_per_node",
+        "2",
+        str(Path(__file__).parent / "ddp_worker.py"),
+        tiny_llama_dir,
+        str(out / "tokenizer"),
+        str(out),
+        schedule,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def test_two_processes_train_the_same_cores(tiny_llama_dir, tokenizer, tmp_path):
+    done = run_two_processes(tiny_llama_dir, tokenizer, tmp_path, "static")
+    assert done.returncode == 0, done.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["hash"] == ranks[1]["hash"]  # different data shards, one set of cores: gradients are synced
+    assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 3
+
+
+def test_two_processes_refuse_a_runtime_schedule_before_training(tiny_llama_dir, tokenizer, tmp_path):
+    done = run_two_processes(tiny_llama_dir, tokenizer, tmp_path, "dynamic")
+    assert done.returncode != 0 and "runs in one process for now" in done.stderr
+    assert not list(tmp_path.glob("rank*.json"))

@@ -1,0 +1,65 @@
+"""One rank of a multi-process SFTTrainer run with LoraOverCallback (launched by test_callback.py via torchrun).
+
+Writes ``rank<R>.json`` with the world size, a hash of every core and the losses, so the test can check that
+the ranks agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from conftest import gsm8k_rows, load_base, lora_config  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+from lora_over_trl import LoraOverCallback, LoraOverConfig  # noqa: E402
+from lora_over_trl.patch import over_parameterized_factors  # noqa: E402
+
+
+def main(base: str, tokenizer_dir: str, out: str, schedule: str) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    data = Dataset.from_list([{"text": r["question"] + "\n" + r["answer"]} for r in gsm8k_rows(32)])
+    args = SFTConfig(
+        output_dir=out,
+        use_cpu=True,
+        bf16=False,
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=5e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        max_length=64,
+        seed=7,
+        optim="adamw_torch",
+    )
+    extra = {"budget_ratio": 0.3} if schedule != "static" else {}
+    callback = LoraOverCallback(LoraOverConfig(capacity=1.0, schedule=schedule, collapse_on_train_end=False, **extra))
+    trainer = SFTTrainer(
+        model=load_base(base, "fp32"),
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+        callbacks=[callback],
+    )
+    trainer.train()
+    digest = hashlib.sha256()
+    for _, factor in sorted(over_parameterized_factors(trainer.model).items()):
+        for core in factor.cores:
+            digest.update(core.detach().numpy().tobytes())
+    rank = int(os.environ.get("RANK", "0"))
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    result = {"rank": rank, "world": trainer.args.world_size, "hash": digest.hexdigest(), "losses": losses}
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
