@@ -26,6 +26,7 @@ import functools
 import json
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,10 +82,11 @@ class LoraOverCallback(TrainerCallback):
         self.history: list[dict[str, Any]] = []
         # run-time wiring
         self.model: nn.Module | None = None
+        self.layers: dict[str, nn.Module] = {}
         self.budget: int | None = None
         self.aux_scale = 1.0
         self.costs: dict[str, int] = {}
-        self._grads: dict[str, torch.Tensor] = {}
+        self._grads: dict[str, list[torch.Tensor]] = {}  # factor -> [W, sum of dL/dW over micro-batches]
 
     # ---- events -------------------------------------------------------------------------------------
 
@@ -96,7 +98,7 @@ class LoraOverCallback(TrainerCallback):
                 "LoraOverCallback: the model has no LoRA layers; pass peft_config=LoraConfig(...) to the trainer "
                 "or a PeftModel as the model"
             )
-        self.model = model
+        self.model, self.layers = model, layers  # the LoRA layers stay the same modules for the whole run
         lora_params = sum(
             layer.lora_A[config.adapter_name].weight.numel() + layer.lora_B[config.adapter_name].weight.numel()
             for layer in layers.values()
@@ -154,7 +156,7 @@ class LoraOverCallback(TrainerCallback):
 
     def _fisher(self, model: nn.Module, dataloader) -> dict[str, float]:
         """Mean over ``prepass_batches`` batches of the squared gradient of each module's LoRA weights."""
-        layers = lora_modules(self.model, self.config.adapter_name)
+        layers = self.layers
         fisher = dict.fromkeys(layers, 0.0)
         model.train()
         batches = 0
@@ -175,13 +177,13 @@ class LoraOverCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self.config.schedule != "dynamic" or not self._grads:
             return
-        measured: dict[str, float] = {}
-        layers = lora_modules(self.model, self.config.adapter_name)
         with torch.no_grad():
-            for key, grad in self._grads.items():
-                name, attr = key.rsplit(".", 1)
-                weight = getattr(layers[name], attr)[self.config.adapter_name].weight
-                measured[name] = measured.get(name, 0.0) + float((weight.detach() * grad).abs().sum())
+            keys = sorted(self._grads)
+            sums = torch.stack([(w * g).abs().sum().float().cpu() for w, g in (self._grads[k] for k in keys)])
+        measured: dict[str, float] = {}
+        for key, value in zip(keys, sums.tolist(), strict=True):
+            name = key.rsplit(".", 1)[0]
+            measured[name] = measured.get(name, 0.0) + value
         self._grads.clear()
         self.tracker.update(_mean_over_processes(measured))
 
@@ -222,13 +224,14 @@ class LoraOverCallback(TrainerCallback):
     # ---- the dynamic schedule -----------------------------------------------------------------------
 
     def _reallocate(self, step: int) -> None:
+        began = time.perf_counter()
         chosen = allocate(self.tracker.scores(), self.costs, self.budget, self.config.scope)
         self._move_capacity(chosen, step, "reallocate")
+        self.history[-1]["seconds"] = round(time.perf_counter() - began, 4)
 
     def _move_capacity(self, chosen: set[str], step: int, event: str) -> None:
         """Over-parameterize exactly ``chosen``: others collapse (exact), new ones install (exact)."""
-        config, model = self.config, self.model
-        layers = lora_modules(model, config.adapter_name)
+        config, model, layers = self.config, self.model, self.layers
         current = {key.rsplit(".", 1)[0] for key in over_parameterized_factors(model, config.adapter_name)}
         leaving, entering = sorted(current - chosen), sorted(chosen - current)
         placement: dict[int, int] = {}
@@ -301,15 +304,14 @@ class LoraOverCallback(TrainerCallback):
             for attr in FACTOR_NAMES.values():
                 key = f"{name}.{attr}"
                 linear = getattr(layer, attr)[self.config.adapter_name]
-                observe = functools.partial(_accumulate, self._grads, key)
                 factor = _mpo_factor(linear)
                 if factor is not None:
-                    factor.grad_observer = observe
+                    factor.grad_observer = functools.partial(_accumulate, self._grads, key)
                     param = linear.parametrizations.weight.original
                 else:
                     param = linear.weight
                 if param.requires_grad and not getattr(param, "_lora_over_observed", False):  # hook kept for good
-                    param.register_hook(observe)
+                    param.register_hook(functools.partial(_accumulate, self._grads, key, param))
                     param._lora_over_observed = True
 
 
@@ -326,8 +328,11 @@ def _mean_over_processes(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(names, tensor.cpu().tolist(), strict=True))
 
 
-def _accumulate(store: dict[str, torch.Tensor], key: str, grad: torch.Tensor) -> None:
-    store[key] = grad.detach().clone() if key not in store else store[key] + grad.detach()
+def _accumulate(store: dict[str, list[torch.Tensor]], key: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
+    if key in store:
+        store[key][1] = store[key][1] + grad.detach()
+    else:
+        store[key] = [weight.detach(), grad.detach().clone()]
 
 
 def _load_adapter_with_layouts(original_load, callback: LoraOverCallback, model_id, adapter_name, *args, **kwargs):
@@ -341,7 +346,7 @@ def _load_adapter_with_layouts(original_load, callback: LoraOverCallback, model_
 def _restore_layouts(callback: LoraOverCallback, folder: Path) -> None:
     config, model = callback.config, callback.model
     recorded = json.loads((folder / LAYOUT_FILE).read_text())["factors"]
-    layers = lora_modules(model, config.adapter_name)
+    layers = callback.layers
     attr_to_factor = {attr: which for which, attr in FACTOR_NAMES.items()}
     for name, layer in layers.items():
         for attr in FACTOR_NAMES.values():

@@ -8,6 +8,7 @@ parameters; the frozen ``original`` tensor that ``parametrize`` keeps is only th
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -56,7 +57,8 @@ class MpoFactor(nn.Module):
         self.cores = nn.ParameterList([nn.Parameter(t) for t in self._stored(cores)])
         self._cached: torch.Tensor | None = None
         self._cache_key: tuple | None = None
-        self.grad_observer: Callable[[torch.Tensor], None] | None = None  # sees dL/dW (a scheduler's statistic)
+        # Called as grad_observer(W, dL/dW) when backward reaches the contracted weight (a scheduler's statistic).
+        self.grad_observer: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
     @classmethod
     def from_weight(
@@ -81,6 +83,7 @@ class MpoFactor(nn.Module):
         return cls(layout, mpo.decompose(weight.detach(), layout, std=std, generator=generator), aux_scale)
 
     @staticmethod
+    @functools.lru_cache(maxsize=4096)  # a pure function of small arguments, asked again at every re-allocation
     def plan(
         shape: tuple[int, int], capacity: float, *, num_cores: int = 2, aux_core_size: int = 16
     ) -> mpo.MpoLayout | None:
@@ -126,7 +129,7 @@ class MpoFactor(nn.Module):
         if weight.requires_grad:
             weight.register_hook(self._forget)
             if self.grad_observer is not None:
-                weight.register_hook(self.grad_observer)
+                weight.register_hook(functools.partial(self.grad_observer, weight.detach()))
         self._cached, self._cache_key = weight, self._state_key()
 
     def _state_key(self) -> tuple:

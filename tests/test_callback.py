@@ -94,7 +94,9 @@ def test_dynamic_schedule_keeps_budget_and_optimizer_consistent(tiny_llama_dir, 
     assert any(h["leaving"] or h["entering"] for h in realloc)  # the scheduler moved capacity
     picture = plt.imread(tmp_path / "run" / PICTURE_FILE)
     modules, steps, rows = allocation_matrix(history)
-    assert steps == [0, 2, 4, 6, 8] and picture.shape[0] > 200 and picture.shape[1] > 200
+    assert steps == [0, 2, 4, 6, 8] and picture.shape[0] > 200 and picture.shape[1] > 200  # optimizer steps
+    callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LoraOverCallback))
+    assert callback.tracker.updates == 10  # one sensitivity update per optimizer step, micro-batches summed
     assert {tuple(r) for r in rows} != {tuple(rows[0])}  # modules differ in when they held capacity
     assert len({tuple(px) for px in picture.reshape(-1, picture.shape[-1])[:, :3].round(2)}) > 4  # not blank
     model_order = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -147,6 +149,38 @@ def test_resume_after_reallocations_matches_an_uninterrupted_run(tiny_llama_dir,
     assert sorted(got) == list(range(1, 11))  # 1-4 come from the checkpoint's trainer state
     for step in range(5, 11):
         assert got[step] == pytest.approx(expected[step], abs=1e-5), step
+
+
+def test_plain_transformers_trainer(tiny_llama_dir, tokenizer, tmp_path):
+    from peft import get_peft_model
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    model = get_peft_model(load_base(tiny_llama_dir, "fp32"), lora_config())
+    data = gsm8k_dataset(16).map(
+        lambda row: tokenizer(row["text"], truncation=True, max_length=64), remove_columns=["text"]
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        max_steps=4,
+        save_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=5e-3,
+        report_to=[],
+        logging_steps=1,
+    )
+    config = LoraOverConfig(capacity=1.0, schedule="dynamic", budget_ratio=0.3, interval=1, warmup_steps=1)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        callbacks=[LoraOverCallback(config)],
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+    )
+    trainer.train()
+    assert (tmp_path / "checkpoint-2" / LAYOUT_FILE).is_file() and not over_parameterized_factors(model)
+    assert all(torch.isfinite(torch.tensor(list(losses(trainer).values()))))
 
 
 def test_bad_schedules_fail_before_any_step(tiny_llama_dir, tokenizer, tmp_path):

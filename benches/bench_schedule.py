@@ -1,0 +1,131 @@
+"""Cost of the dynamic capacity scheduler: step time of the dynamic schedule against a fixed allocation.
+
+    python benches/bench_schedule.py --repeats 3 --steps 16
+
+SmolLM2-135M-Instruct in 4-bit NF4, LoRA r=16 on every linear layer, TRL SFTTrainer with LoraOverCallback,
+real GSM8K text, batch 2 x 128, gradient checkpointing. Both arms spend the same budget of auxiliary
+parameters (budget_ratio) at the same capacity: ``prepass`` fixes the modules once before training,
+``dynamic`` measures sensitivity every step (gradient hooks, |W * dL/dW|) and re-allocates every
+``--interval`` steps. The difference is what the scheduler costs. Each arm runs in a fresh process; arms
+alternate; the table shows medians over repeats of the median step time (first two steps excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
+
+
+def worker(schedule: str, steps: int, interval: int, budget_ratio: float) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from lora_over_trl import LoraOverCallback, LoraOverConfig
+    from lora_over_trl.smollm2 import smollm2_folder
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.begin)
+
+    cuda = torch.cuda.is_available()
+    compute = torch.bfloat16 if cuda else torch.float32
+    folder = smollm2_folder()
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=quant, dtype=compute, device_map="cuda" if cuda else "cpu"
+    )
+    rows = [json.loads(line) for _, line in zip(range(256), DATA.open(), strict=False)]
+    data = Dataset.from_list([{"text": r["question"] + "\n" + r["answer"]} for r in rows])
+    config = LoraOverConfig(
+        capacity=1.0, schedule=schedule, budget_ratio=budget_ratio, interval=interval, warmup_steps=2, prepass_batches=2
+    )
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(
+            output_dir=out,
+            use_cpu=not cuda,
+            bf16=cuda,
+            max_steps=steps,
+            per_device_train_batch_size=2,
+            max_length=128,
+            logging_steps=100,
+            save_strategy="no",
+            report_to=[],
+            seed=0,
+            optim="adamw_torch",
+            activation_checkpointing=True,
+            disable_tqdm=True,
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=data,
+            processing_class=AutoTokenizer.from_pretrained(folder),
+            peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
+            callbacks=[LoraOverCallback(config), timer],
+        )
+        trainer.train()
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    return {"step_s": statistics.median(timer.times[2:]), "device": device}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--interval", type=int, default=4)
+    parser.add_argument("--budget-ratio", type=float, default=0.5)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.steps, args.interval, args.budget_ratio)))
+        return
+    arms = ["prepass", "dynamic"]
+    results: dict[str, list[dict]] = {a: [] for a in arms}
+    for repeat in range(args.repeats):
+        for arm in arms if repeat % 2 == 0 else reversed(arms):
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                arm,
+                "--steps",
+                str(args.steps),
+                "--interval",
+                str(args.interval),
+                "--budget-ratio",
+                str(args.budget_ratio),
+            ]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            results[arm].append(json.loads(out.strip().splitlines()[-1]))
+    base = statistics.median(r["step_s"] for r in results["prepass"])
+    print(
+        f"\nscheduler cost, SmolLM2-135M NF4, r=16 all-linear, budget_ratio {args.budget_ratio:g}, capacity 1, "
+        f"{args.steps} steps, interval {args.interval}, {args.repeats} repeats, "
+        f"device {results['prepass'][0]['device']}"
+    )
+    print(f"{'schedule':<12}{'step s':>9}{'x fixed':>9}")
+    for arm in arms:
+        step = statistics.median(r["step_s"] for r in results[arm])
+        print(f"{arm:<12}{step:>9.3f}{step / base:>9.3f}")
+
+
+if __name__ == "__main__":
+    main()
