@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from alternate import run_alternating
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 
@@ -100,23 +100,12 @@ def step_worker(method: str, steps: int, batch_size: int, seq_len: int) -> dict:
 
 def bench_steps(args: argparse.Namespace) -> None:
     methods = ["lora"] + [f"lora-over:{c:g}" for c in args.capacities_step]
-    results: dict[str, list[dict]] = {m: [] for m in methods}
-    for repeat in range(args.repeats):
-        for method in methods if repeat % 2 == 0 else reversed(methods):
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                method,
-                "--steps",
-                str(args.steps),
-                "--batch-size",
-                str(args.batch_size),
-                "--seq-len",
-                str(args.seq_len),
-            ]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            results[method].append(json.loads(out.strip().splitlines()[-1]))
+    results = run_alternating(
+        __file__,
+        methods,
+        args.repeats,
+        ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)],
+    )
 
     def median(method: str, key: str) -> float:
         return statistics.median(r[key] for r in results[method])

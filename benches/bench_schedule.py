@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from alternate import run_alternating
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 
@@ -98,23 +98,12 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.steps, args.interval, args.budget_ratio)))
         return
     arms = ["prepass", "dynamic"]
-    results: dict[str, list[dict]] = {a: [] for a in arms}
-    for repeat in range(args.repeats):
-        for arm in arms if repeat % 2 == 0 else reversed(arms):
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                arm,
-                "--steps",
-                str(args.steps),
-                "--interval",
-                str(args.interval),
-                "--budget-ratio",
-                str(args.budget_ratio),
-            ]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            results[arm].append(json.loads(out.strip().splitlines()[-1]))
+    results = run_alternating(
+        __file__,
+        arms,
+        args.repeats,
+        ["--steps", str(args.steps), "--interval", str(args.interval), "--budget-ratio", str(args.budget_ratio)],
+    )
     base = statistics.median(r["step_s"] for r in results["prepass"])
     print(
         f"\nscheduler cost, SmolLM2-135M NF4, r=16 all-linear, budget_ratio {args.budget_ratio:g}, capacity 1, "

@@ -125,3 +125,34 @@ def reference_contract(cores: list[torch.Tensor]) -> np.ndarray:
     for core in cores[1:]:
         mats = [sum(np.kron(mats[a], core[a, :, :, b]) for a in range(core.shape[0])) for b in range(core.shape[3])]
     return mats[0]
+
+
+def sft_args(out, **overrides):
+    """TRL SFTConfig for tiny CPU runs: fp32, plain AdamW, activation checkpointing, checkpoints every 4 steps."""
+    from trl import SFTConfig
+
+    values = dict(
+        output_dir=str(out),
+        use_cpu=True,
+        bf16=False,
+        max_steps=10,
+        per_device_train_batch_size=2,
+        learning_rate=5e-3,
+        logging_steps=1,
+        save_steps=4,
+        report_to=[],
+        max_length=96,
+        seed=7,
+        activation_checkpointing=True,
+        optim="adamw_torch",
+        dataloader_num_workers=0,
+    )
+    values.update(overrides)
+    return SFTConfig(**values)
+
+
+def gsm8k_dataset(n: int = 32):
+    """Real GSM8K question + answer text as a `datasets.Dataset` with a `text` column."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"text": r["question"] + "\n" + r["answer"]} for r in gsm8k_rows(n)])

@@ -14,10 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import gsm8k_rows, load_base, lora_config  # noqa: E402
-from datasets import Dataset  # noqa: E402
+from conftest import gsm8k_dataset, load_base, lora_config, sft_args  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
-from trl import SFTConfig, SFTTrainer  # noqa: E402
+from trl import SFTTrainer  # noqa: E402
 
 from lora_over_trl import LoraOverCallback, LoraOverConfig  # noqa: E402
 from lora_over_trl.patch import over_parameterized_factors  # noqa: E402
@@ -25,21 +24,8 @@ from lora_over_trl.patch import over_parameterized_factors  # noqa: E402
 
 def main(base: str, tokenizer_dir: str, out: str, schedule: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    data = Dataset.from_list([{"text": r["question"] + "\n" + r["answer"]} for r in gsm8k_rows(32)])
-    args = SFTConfig(
-        output_dir=out,
-        use_cpu=True,
-        bf16=False,
-        max_steps=3,
-        per_device_train_batch_size=2,
-        learning_rate=5e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        max_length=64,
-        seed=7,
-        optim="adamw_torch",
-    )
+    data = gsm8k_dataset(32)
+    args = sft_args(out, max_steps=3, save_strategy="no", max_length=64, activation_checkpointing=False)
     extra = {"budget_ratio": 0.3} if schedule != "static" else {}
     callback = LoraOverCallback(LoraOverConfig(capacity=1.0, schedule=schedule, collapse_on_train_end=False, **extra))
     trainer = SFTTrainer(

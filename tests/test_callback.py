@@ -10,10 +10,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pytest
 import torch
-from conftest import gsm8k_rows, load_base, lora_config
-from datasets import Dataset
+from conftest import gsm8k_dataset, load_base, lora_config, sft_args
 from safetensors.torch import load_file
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from lora_over_trl import LoraOverCallback, LoraOverConfig
 from lora_over_trl.callback import HISTORY_FILE, PICTURE_FILE, SCHEDULER_FILE
@@ -21,31 +20,6 @@ from lora_over_trl.checkpoint import LAYOUT_FILE
 from lora_over_trl.patch import over_parameterized_factors
 from lora_over_trl.schedule import module_type
 from lora_over_trl.schedule.picture import allocation_matrix
-
-
-def sft_args(out, **overrides) -> SFTConfig:
-    values = dict(
-        output_dir=str(out),
-        use_cpu=True,
-        bf16=False,
-        max_steps=10,
-        per_device_train_batch_size=2,
-        learning_rate=5e-3,
-        logging_steps=1,
-        save_steps=4,
-        report_to=[],
-        max_length=96,
-        seed=7,
-        gradient_checkpointing=True,
-        optim="adamw_torch",
-        dataloader_num_workers=0,
-    )
-    values.update(overrides)
-    return SFTConfig(**values)
-
-
-def gsm8k_dataset(n: int = 32) -> Dataset:
-    return Dataset.from_list([{"text": r["question"] + "\n" + r["answer"]} for r in gsm8k_rows(n)])
 
 
 def make_trainer(tiny_llama_dir, tokenizer, out, config, kind="fp32", **overrides):
