@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["group_index", "sync_optimizer", "carry_state"]
+__all__ = ["group_index", "sync_optimizer"]
 
 
 def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -51,24 +51,3 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, placement
             inner.param_groups[placement.get(id(p), 0)]["params"].append(p)
     for group in inner.param_groups:
         group["params"].sort(key=lambda p: order[id(p)])
-
-
-def carry_state(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter) -> None:
-    """Give ``new`` (a padded copy of ``old``) the optimizer state of ``old``, zero-padded; ``step`` kept.
-
-    A grown core continues with its moments instead of restarting Adam's bias correction, which would
-    take a full learning-rate-sized step on every coordinate of the core.
-    """
-    inner = _inner(optimizer)
-    state = inner.state.pop(old, None)
-    if not state:
-        return
-    carried = {}
-    for key, value in state.items():
-        if torch.is_tensor(value) and value.shape == old.shape:
-            padded = torch.zeros_like(new, dtype=value.dtype)
-            padded[tuple(slice(0, n) for n in old.shape)] = value
-            carried[key] = padded
-        else:
-            carried[key] = value
-    inner.state[new] = carried
