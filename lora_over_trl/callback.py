@@ -144,10 +144,19 @@ class LoraOverCallback(TrainerCallback):
                     f"LoraOverCallback: `warmup_steps`={config.warmup_steps} leaves no re-allocation before step "
                     f"{last} (max_steps {state.max_steps} - final_steps {config.final_steps})"
                 )
-        if config.schedule != "static" and args.world_size > 1:
+        if config.schedule == "prepass" and args.world_size > 1:
+            # Changing which parameters train before DDP's first iteration trips its reducer
+            # ("gradient which is undefined, but still allreduced"); after a first iteration it does not.
             raise ValueError(
-                f"LoraOverCallback: schedule={config.schedule!r} runs in one process for now (DDP does not see cores "
-                "installed after it wraps the model); use schedule='static' for multi-process runs"
+                "LoraOverCallback: schedule='prepass' runs in one process for now; with several processes use "
+                "'static' rules or 'dynamic'"
+            )
+        if config.schedule == "dynamic" and args.world_size > 1 and not args.ddp_find_unused_parameters:
+            # Modules that leave keep parameters DDP registered at wrap time but no longer train: DDP must be
+            # told some parameters may get no gradient. Cores installed later are synchronized by hooks.
+            raise ValueError(
+                f"LoraOverCallback: schedule='dynamic' with {args.world_size} processes needs "
+                "`ddp_find_unused_parameters=True` in the training arguments"
             )
         self.optimizer = optimizer
         if config.schedule == "prepass" and state.global_step == 0:  # a resumed run got its layouts from disk
@@ -256,6 +265,7 @@ class LoraOverCallback(TrainerCallback):
         if leaving or entering:
             ensure_refresh_hook(model)
             sync_optimizer(self.optimizer, model, placement)
+            _synchronize_new_parameters(layers, config.adapter_name, leaving + entering)
             if config.schedule == "dynamic":
                 self._observe_gradients(layers)
         self._record(step, event, leaving=leaving, entering=entering)
@@ -313,6 +323,32 @@ class LoraOverCallback(TrainerCallback):
                 if param.requires_grad and not getattr(param, "_lora_over_observed", False):  # hook kept for good
                     param.register_hook(functools.partial(_accumulate, self._grads, key, param))
                     param._lora_over_observed = True
+
+
+def _synchronize_new_parameters(layers: dict, adapter_name: str, names: list[str]) -> None:
+    """Average the gradients of parameters that started training after DDP wrapped the model.
+
+    DDP only reduces what was trainable when it wrapped the model; new cores and plain weights coming back
+    from a collapse are averaged here, by a hook after each accumulation into ``.grad`` (backward order is the
+    same on every rank; re-averaging an already averaged part, or a parameter DDP also reduces, changes nothing).
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() == 1:
+        return
+    for name in names:
+        for attr in FACTOR_NAMES.values():
+            linear = getattr(layers[name], attr)[adapter_name]
+            factor = _mpo_factor(linear)
+            for param in factor.cores if factor is not None else [linear.weight]:
+                if param.requires_grad and not getattr(param, "_lora_over_synchronized", False):
+                    param.register_post_accumulate_grad_hook(_average_gradient)
+                    param._lora_over_synchronized = True
+
+
+def _average_gradient(param: nn.Parameter) -> None:
+    torch.distributed.all_reduce(param.grad)
+    param.grad /= torch.distributed.get_world_size()
 
 
 def _mean_over_processes(values: dict[str, float]) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """One rank of a multi-process SFTTrainer run with LoraOverCallback (launched by test_callback.py via torchrun).
 
-Writes ``rank<R>.json`` with the world size, a hash of every core and the losses, so the test can check that
-the ranks agree.
+Writes ``rank<R>.json`` with the world size, a hash of every trainable parameter, the losses and the allocation
+history, so the test can check that the ranks agree.
 """
 
 from __future__ import annotations
@@ -19,14 +19,22 @@ from transformers import AutoTokenizer  # noqa: E402
 from trl import SFTTrainer  # noqa: E402
 
 from lora_over_trl import LoraOverCallback, LoraOverConfig  # noqa: E402
-from lora_over_trl.patch import over_parameterized_factors  # noqa: E402
 
 
 def main(base: str, tokenizer_dir: str, out: str, schedule: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     data = gsm8k_dataset(32)
-    args = sft_args(out, max_steps=3, save_strategy="no", max_length=64, activation_checkpointing=False)
-    extra = {"budget_ratio": 0.3} if schedule != "static" else {}
+    runtime = schedule != "static"  # re-allocations leave parameters DDP wrapped without gradients
+    find_unused = runtime and os.environ.get("LORA_OVER_TEST_FIND_UNUSED", "1") == "1"
+    args = sft_args(
+        out,
+        max_steps=6 if runtime else 3,
+        save_strategy="no",
+        max_length=64,
+        activation_checkpointing=False,
+        ddp_find_unused_parameters=find_unused,
+    )
+    extra = {"budget_ratio": 0.3, "interval": 2, "warmup_steps": 1, "prepass_batches": 2} if runtime else {}
     callback = LoraOverCallback(LoraOverConfig(capacity=1.0, schedule=schedule, collapse_on_train_end=False, **extra))
     trainer = SFTTrainer(
         model=load_base(base, "fp32"),
@@ -38,12 +46,19 @@ def main(base: str, tokenizer_dir: str, out: str, schedule: str) -> None:
     )
     trainer.train()
     digest = hashlib.sha256()
-    for _, factor in sorted(over_parameterized_factors(trainer.model).items()):
-        for core in factor.cores:
-            digest.update(core.detach().numpy().tobytes())
+    for _, param in trainer.model.named_parameters():  # cores and plain LoRA weights alike
+        if param.requires_grad:
+            digest.update(param.detach().numpy().tobytes())
     rank = int(os.environ.get("RANK", "0"))
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    result = {"rank": rank, "world": trainer.args.world_size, "hash": digest.hexdigest(), "losses": losses}
+    history = [sorted(h.get("modules", [])) for h in callback.history]
+    result = {
+        "rank": rank,
+        "world": trainer.args.world_size,
+        "hash": digest.hexdigest(),
+        "losses": losses,
+        "history": history,
+    }
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -182,7 +183,7 @@ def test_bad_schedules_fail_before_any_step(tiny_llama_dir, tokenizer, tmp_path)
         )
 
 
-def run_two_processes(tiny_llama_dir, tokenizer, out, schedule):
+def run_two_processes(tiny_llama_dir, tokenizer, out, schedule, **env):
     tokenizer.save_pretrained(out / "tokenizer")
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [
@@ -195,19 +196,33 @@ def run_two_processes(tiny_llama_dir, tokenizer, out, schedule):
         str(out),
         schedule,
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **env})
 
 
-def test_two_processes_train_the_same_cores(tiny_llama_dir, tokenizer, tmp_path):
-    done = run_two_processes(tiny_llama_dir, tokenizer, tmp_path, "static")
+@pytest.mark.parametrize("schedule", ["static", "dynamic"])
+def test_two_processes_keep_every_rank_identical(tiny_llama_dir, tokenizer, tmp_path, schedule):
+    done = run_two_processes(tiny_llama_dir, tokenizer, tmp_path, schedule)
     assert done.returncode == 0, done.stderr[-2000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
-    assert ranks[0]["hash"] == ranks[1]["hash"]  # different data shards, one set of cores: gradients are synced
-    assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 3
+    # different data shards, one set of trainable parameters: every gradient was averaged, cores installed
+    # after DDP wrapped the model included; and every rank took the same decisions from averaged statistics
+    assert ranks[0]["hash"] == ranks[1]["hash"]
+    assert ranks[0]["history"] == ranks[1]["history"]
+    if schedule == "dynamic":
+        assert len({tuple(h) for h in ranks[0]["history"]}) > 1  # the allocation really changed
 
 
-def test_two_processes_refuse_a_runtime_schedule_before_training(tiny_llama_dir, tokenizer, tmp_path):
-    done = run_two_processes(tiny_llama_dir, tokenizer, tmp_path, "dynamic")
-    assert done.returncode != 0 and "runs in one process for now" in done.stderr
+@pytest.mark.parametrize(
+    "schedule, env, message",
+    [
+        ("dynamic", {"LORA_OVER_TEST_FIND_UNUSED": "0"}, "needs `ddp_find_unused_parameters=True`"),
+        ("prepass", {}, "schedule='prepass' runs in one process for now"),
+    ],
+)
+def test_two_processes_refuse_what_they_cannot_do_before_training(
+    tiny_llama_dir, tokenizer, tmp_path, schedule, env, message
+):
+    done = run_two_processes(tiny_llama_dir, tokenizer, tmp_path, schedule, **env)
+    assert done.returncode != 0 and message in done.stderr
     assert not list(tmp_path.glob("rank*.json"))
