@@ -56,11 +56,22 @@ def test_static_schedule_trains_and_saves_a_standard_adapter(tiny_llama_dir, tok
     assert keys and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in keys)
 
 
-def test_dynamic_schedule_keeps_budget_and_optimizer_consistent(tiny_llama_dir, tokenizer, tmp_path):
+@pytest.mark.parametrize("kind, accumulation", [("fp32", 1), ("fp32", 2), ("nf4", 1)])
+def test_dynamic_schedule_keeps_budget_and_optimizer_consistent(
+    tiny_llama_dir, tokenizer, tmp_path, kind, accumulation
+):
     config = LoraOverConfig(
         capacity=1.0, schedule="dynamic", budget_ratio=0.3, interval=2, warmup_steps=2, collapse_on_train_end=False
     )
-    trainer = make_trainer(tiny_llama_dir, tokenizer, tmp_path / "run", config)
+    trainer = make_trainer(
+        tiny_llama_dir,
+        tokenizer,
+        tmp_path / "run",
+        config,
+        kind,
+        gradient_accumulation_steps=accumulation,
+        max_grad_norm=0.5,
+    )
     trainer.train()
     history = json.loads((tmp_path / "run" / HISTORY_FILE).read_text())
     realloc = [h for h in history if h["event"] == "reallocate"]
