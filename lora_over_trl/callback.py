@@ -34,13 +34,13 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from . import mpo
-from .checkpoint import LAYOUT_FILE, write_layout_file
+from .checkpoint import LAYOUT_FILE, read_layout_file, write_layout_file
 from .config import LoraOverConfig
 from .factor import MpoFactor
 from .optim import group_index, sync_optimizer
 from .patch import (
     FACTOR_NAMES,
+    FACTOR_OF_ATTR,
     _mpo_factor,
     apply_lora_over,
     collapse,
@@ -290,7 +290,7 @@ class LoraOverCallback(TrainerCallback):
 
     def _cost(self, layer: nn.Module, capacity: float) -> int:
         total = 0
-        for attr in FACTOR_NAMES.values() if self.config.factors == "both" else (FACTOR_NAMES[self.config.factors],):
+        for attr in (FACTOR_NAMES[which] for which in self.config.factor_keys()):
             weight = getattr(layer, attr)[self.config.adapter_name].weight
             layout = MpoFactor.plan(
                 tuple(weight.shape), capacity, num_cores=self.config.num_cores, aux_core_size=self.config.aux_core_size
@@ -381,27 +381,18 @@ def _load_adapter_with_layouts(original_load, callback: LoraOverCallback, model_
 
 def _restore_layouts(callback: LoraOverCallback, folder: Path) -> None:
     config, model = callback.config, callback.model
-    recorded = json.loads((folder / LAYOUT_FILE).read_text())["factors"]
+    _, recorded = read_layout_file(folder)
     layers = callback.layers
-    attr_to_factor = {attr: which for which, attr in FACTOR_NAMES.items()}
     for name, layer in layers.items():
         for attr in FACTOR_NAMES.values():
             linear = getattr(layer, attr)[config.adapter_name]
-            fields = recorded.get(f"{name}.{attr}")
             current = _mpo_factor(linear)
-            layout = (
-                None
-                if fields is None
-                else mpo.MpoLayout(
-                    tuple(fields["rows"]), tuple(fields["cols"]), tuple(fields["bonds"]), fields["central"]
-                )
-            )
-            scale = 1.0 if fields is None else fields.get("aux_scale", 1.0)
+            layout, scale = recorded.get(f"{name}.{attr}", (None, 1.0))
             if current is not None and current.layout == layout and current.aux_scale == scale:
                 continue
             remove_factor(linear)  # its values are about to be overwritten by the checkpoint anyway
             if layout is not None:
-                install_layout(layer, attr_to_factor[attr], config.adapter_name, layout, scale)
+                install_layout(layer, FACTOR_OF_ATTR[attr], config.adapter_name, layout, scale)
     ensure_refresh_hook(model)
     callback._observe_gradients(layers)
     scheduler_file = folder / SCHEDULER_FILE

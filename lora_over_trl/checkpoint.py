@@ -20,14 +20,14 @@ from torch import nn
 from . import mpo
 from .config import LoraOverConfig
 from .patch import (
-    FACTOR_NAMES,
+    FACTOR_OF_ATTR,
     ensure_refresh_hook,
     install_layout,
     lora_modules,
     over_parameterized_factors,
 )
 
-__all__ = ["LAYOUT_FILE", "save_lora_over", "write_layout_file", "load_lora_over"]
+__all__ = ["LAYOUT_FILE", "load_lora_over", "read_layout_file", "save_lora_over", "write_layout_file"]
 
 LAYOUT_FILE = "lora_over.json"
 _FORMAT_VERSION = 1
@@ -68,6 +68,31 @@ def write_layout_file(model: nn.Module, directory: str | os.PathLike) -> Path:
     return directory / LAYOUT_FILE
 
 
+def read_layout_file(directory: str | os.PathLike) -> tuple[LoraOverConfig, dict[str, tuple[mpo.MpoLayout, float]]]:
+    """The config and, per factor key, ``(layout, aux_scale)`` recorded in ``directory/lora_over.json``.
+
+    Raises:
+        FileNotFoundError: no ``lora_over.json``.
+        ValueError: a format version this code does not read.
+    """
+    path = Path(directory) / LAYOUT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a LoRA-Over checkpoint (plain adapters load with PEFT)")
+    state = json.loads(path.read_text())
+    if state.get("format_version") != _FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {state.get('format_version')!r}, this version reads {_FORMAT_VERSION}"
+        )
+    recorded = {
+        key: (
+            mpo.MpoLayout(tuple(f["rows"]), tuple(f["cols"]), tuple(f["bonds"]), f["central"]),
+            float(f.get("aux_scale", 1.0)),
+        )
+        for key, f in state["factors"].items()
+    }
+    return LoraOverConfig.from_dict(state["config"]), recorded
+
+
 def save_lora_over(model: nn.Module, directory: str | os.PathLike, **save_kwargs: Any) -> None:
     """Save the over-parameterized adapter (``save_pretrained``) and its ``lora_over.json``.
 
@@ -92,32 +117,22 @@ def load_lora_over(model: nn.Module, directory: str | os.PathLike) -> LoraOverCo
         ValueError: the model is already over-parameterized, lacks a recorded module, has other shapes,
             or the saved tensors do not cover the model's adapter.
     """
-    path = Path(directory) / LAYOUT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a LoRA-Over checkpoint (plain adapters load with PEFT)")
-    state = json.loads(path.read_text())
-    if state.get("format_version") != _FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format_version {state.get('format_version')!r}, this version reads {_FORMAT_VERSION}"
-        )
-    config = LoraOverConfig.from_dict(state["config"])
+    config, recorded = read_layout_file(directory)
     if over_parameterized_factors(model, config.adapter_name):
         raise ValueError("load_lora_over: the model is already over-parameterized; load onto a fresh PeftModel")
     layers = lora_modules(model, config.adapter_name)
-    attr_to_factor = {attr: which for which, attr in FACTOR_NAMES.items()}
     planned = []
-    for key, fields in state["factors"].items():  # check everything before touching the model
+    for key, (layout, aux_scale) in recorded.items():  # check everything before touching the model
         name, attr = key.rsplit(".", 1)
         if name not in layers:
             raise ValueError(f"load_lora_over: checkpoint module `{name}` has no LoRA layer in this model")
-        layout = mpo.MpoLayout(tuple(fields["rows"]), tuple(fields["cols"]), tuple(fields["bonds"]), fields["central"])
         shape = tuple(getattr(layers[name], attr)[config.adapter_name].weight.shape)
         if shape != layout.shape:
             raise ValueError(
                 f"load_lora_over: `{key}` has shape {shape} here but {layout.shape} in the checkpoint: "
                 "the adapter's rank or the base model differ from the checkpoint's"
             )
-        planned.append((layers[name], attr_to_factor[attr], layout, fields.get("aux_scale", 1.0)))
+        planned.append((layers[name], FACTOR_OF_ATTR[attr], layout, aux_scale))
     for layer, which, layout, aux_scale in planned:
         install_layout(layer, which, config.adapter_name, layout, aux_scale)
     result = set_peft_model_state_dict(model, load_peft_weights(str(directory)), adapter_name=config.adapter_name)

@@ -190,6 +190,10 @@ class LoraOverConfig:
         if problems:
             raise ValueError("invalid LoraOverConfig: " + "; ".join(problems))
 
+    def factor_keys(self) -> tuple[str, ...]:
+        """The LoRA factors to over-parameterize: ``("A", "B")``, ``("A",)`` or ``("B",)``."""
+        return ("A", "B") if self.factors == "both" else (self.factors,)
+
     def capacity_of(self, name: str) -> float:
         """Capacity of the LoRA module ``name`` under the rules and the default."""
         for rule in self.rules:

@@ -155,9 +155,6 @@ class MpoFactor(nn.Module):
         """All cores but the central one (the ones OPF gives their own learning rate)."""
         return [t for j, t in enumerate(self.cores) if j != self.layout.central]
 
-    def central_core(self) -> nn.Parameter:
-        return self.cores[self.layout.central]
-
     @torch.no_grad()
     def resize(self, bonds: tuple[int, ...], *, std: float, generator: torch.Generator | None = None) -> float:
         """Change the bond dimensions in place, keeping the contraction; returns the relative error.

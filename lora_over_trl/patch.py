@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 _PEFT_PREFIX = "base_model.model."
 FACTOR_NAMES = {"A": "lora_A", "B": "lora_B"}
+FACTOR_OF_ATTR = {attr: which for which, attr in FACTOR_NAMES.items()}
 
 
 def _user_name(name: str) -> str:
@@ -142,7 +143,7 @@ def over_parameterize_module(
     Returns the layout per factor (``None`` where the capacity holds no layout and the factor stays plain).
     """
     layouts: dict[str, mpo.MpoLayout | None] = {}
-    for which in ("A", "B") if config.factors == "both" else (config.factors,):
+    for which in config.factor_keys():
         linear = _factor_linear(layer, which, config.adapter_name)
         if _mpo_factor(linear) is not None:
             raise ValueError(f"`{name}.{FACTOR_NAMES[which]}` is already over-parameterized")
