@@ -55,12 +55,16 @@ from .patch import (
 from .schedule import SensitivityTracker, allocate
 from .schedule.picture import draw_allocation
 
-__all__ = ["LoraOverCallback"]
+__all__ = ["LoraOverCallback", "ScheduleSetupError"]
 
 logger = logging.getLogger(__name__)
 SCHEDULER_FILE = "lora_over_scheduler.json"
 HISTORY_FILE = "lora_over_history.json"
 PICTURE_FILE = "lora_over_allocation.png"
+
+
+class ScheduleSetupError(ValueError):
+    """A schedule that cannot run on this model or run (raised before any training step)."""
 
 
 class LoraOverCallback(TrainerCallback):
@@ -70,7 +74,7 @@ class LoraOverCallback(TrainerCallback):
         config: the :class:`LoraOverConfig` (capacity, rules, schedule, budget ...).
 
     Raises:
-        ValueError: at ``on_init_end`` (no LoRA layers, rules matching nothing, a budget that holds no
+        ScheduleSetupError: at ``on_init_end`` (no LoRA layers, rules matching nothing, a budget that holds no
             module or that static rules exceed) or ``on_train_begin`` (warm-up beyond the run), before
             any training step.
     """
@@ -94,7 +98,7 @@ class LoraOverCallback(TrainerCallback):
         config = self.config
         layers = lora_modules(model, config.adapter_name)
         if not layers:
-            raise ValueError(
+            raise ScheduleSetupError(
                 "LoraOverCallback: the model has no LoRA layers; pass peft_config=LoraConfig(...) to the trainer "
                 "or a PeftModel as the model"
             )
@@ -113,14 +117,14 @@ class LoraOverCallback(TrainerCallback):
             report = apply_lora_over(model, config, aux_scale=self.aux_scale)
             if self.budget is not None and report.aux_params > self.budget:
                 collapse(model)
-                raise ValueError(
+                raise ScheduleSetupError(
                     f"LoraOverCallback: the static rules need {report.aux_params:,} auxiliary parameters, over the "
                     f"budget of {self.budget:,}; lower `capacity`/the rules' capacities or raise the budget"
                 )
         else:
             cheapest = min((c for c in self.costs.values() if c > 0), default=None)
             if cheapest is None or cheapest > self.budget:
-                raise ValueError(
+                raise ScheduleSetupError(
                     f"LoraOverCallback: a budget of {self.budget:,} auxiliary parameters holds no module at capacity "
                     f"{config.capacity:g} (the cheapest needs {cheapest or 0:,}); raise `budget`/`budget_ratio`"
                 )
@@ -140,21 +144,21 @@ class LoraOverCallback(TrainerCallback):
         if config.schedule == "dynamic":
             last = state.max_steps - config.final_steps
             if config.warmup_steps >= last:
-                raise ValueError(
+                raise ScheduleSetupError(
                     f"LoraOverCallback: `warmup_steps`={config.warmup_steps} leaves no re-allocation before step "
                     f"{last} (max_steps {state.max_steps} - final_steps {config.final_steps})"
                 )
         if config.schedule == "prepass" and args.world_size > 1:
             # Changing which parameters train before DDP's first iteration trips its reducer
             # ("gradient which is undefined, but still allreduced"); after a first iteration it does not.
-            raise ValueError(
+            raise ScheduleSetupError(
                 "LoraOverCallback: schedule='prepass' runs in one process for now; with several processes use "
                 "'static' rules or 'dynamic'"
             )
         if config.schedule == "dynamic" and args.world_size > 1 and not args.ddp_find_unused_parameters:
             # Modules that leave keep parameters DDP registered at wrap time but no longer train: DDP must be
             # told some parameters may get no gradient. Cores installed later are synchronized by hooks.
-            raise ValueError(
+            raise ScheduleSetupError(
                 f"LoraOverCallback: schedule='dynamic' with {args.world_size} processes needs "
                 "`ddp_find_unused_parameters=True` in the training arguments"
             )
@@ -214,7 +218,8 @@ class LoraOverCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.config.collapse_on_train_end and over_parameterized_factors(self.model, self.config.adapter_name):
-            errors = collapse(self.model)
+            # float32: a bfloat16 run (TRL's choice on 4-bit bases) would lose ~1e-3 of B A to rounding
+            errors = collapse(self.model, dtype=torch.float32)
             self.history.append({"step": state.global_step, "event": "collapse", "max_error": max(errors.values())})
         if state.is_world_process_zero:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)

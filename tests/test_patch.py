@@ -257,3 +257,28 @@ def test_aux_scale_gives_adam_the_auxiliary_learning_rate(tiny_llama_dir, gsm8k_
         for a, b in zip(factor.effective_cores(), theirs[key].cores, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6)
     assert any(not torch.equal(f.cores[0], f.effective_cores()[0]) for f in ours.values())  # the scale is at work
+
+
+def test_collapse_to_float32_keeps_bfloat16_cores_exact(tiny_llama_dir, gsm8k_batch):
+    # TRL trains a 4-bit base's adapter in bfloat16; stored in bfloat16, B A would lose ~1e-3 to rounding
+    model = make_peft(tiny_llama_dir, "fp32", init_lora_weights=False)
+    for layer in lora_modules(model).values():
+        layer.lora_A["default"].to(torch.bfloat16)
+        layer.lora_B["default"].to(torch.bfloat16)
+    apply_lora_over(model, LoraOverConfig(capacity=1.0))
+    factors = over_parameterized_factors(model)
+    for factor in factors.values():
+        with torch.no_grad():
+            for core in factor.cores:
+                core.add_(torch.randn_like(core) * 0.05)  # fresh, non-trivial cores
+    expected = {}
+    for name in lora_modules(model):
+        a, b = (reference_contract(factors[f"{name}.{w}"].effective_cores()) for w in ("lora_A", "lora_B"))
+        expected[name] = b @ a
+    errors = collapse(model, dtype=torch.float32)
+    assert max(errors.values()) <= 1e-6
+    for name, layer in lora_modules(model).items():
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert a.dtype == b.dtype == torch.float32 and a.requires_grad
+        ba = b.double().detach().numpy() @ a.double().detach().numpy()
+        assert np.linalg.norm(ba - expected[name]) <= 1e-6 * np.linalg.norm(expected[name])
