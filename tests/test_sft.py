@@ -1,0 +1,236 @@
+"""The SFT command end to end: tiny Llama recipes (fp32, 4-bit), resume, two processes, bad input, shipped recipes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import gsm8k_rows, load_base, logits, save_tiny_llama
+from safetensors.torch import load_file
+
+from lora_over_trl.sft import main, parse_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tokenizer):
+    """A tiny Llama folder with its tokenizer, and real GSM8K rows as a local jsonl file."""
+    root = tmp_path_factory.mktemp("sft")
+    model = save_tiny_llama(root / "model")
+    tokenizer.save_pretrained(model)
+    with (root / "train.jsonl").open("w") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in gsm8k_rows(64))
+    return root
+
+
+def write_recipe(workspace: Path, out: Path, **overrides) -> Path:
+    recipe = {
+        "model_name_or_path": str(workspace / "model"),
+        "dtype": "float32",
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "lora_target_modules": "all-linear",
+        "dataset_name": str(workspace / "train.jsonl"),
+        "dataset_columns": {"prompt": "Question: {question}\nAnswer:", "completion": " {answer}"},
+        "max_length": 96,
+        "output_dir": str(out / "run"),
+        "use_cpu": True,
+        "bf16": False,
+        "max_steps": 8,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 3e-2,
+        "optim": "adamw_torch",
+        "logging_steps": 1,
+        "save_steps": 4,
+        "report_to": "none",
+        "seed": 7,
+        "lora_over": {"schedule": "dynamic", "budget_ratio": 0.5, "warmup_steps": 2, "interval": 2, "final_steps": 2},
+    }
+    recipe.update(overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_command(*args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    cmd = [*(launcher or [sys.executable]), "-m", "lora_over_trl.sft", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ})
+
+
+def stock_peft_logits(base_dir: str, adapter: Path, kind: str, batch) -> torch.Tensor:
+    from peft import PeftModel
+
+    return logits(PeftModel.from_pretrained(load_base(base_dir, kind), adapter), *batch)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "nf4"])
+def test_recipe_trains_collapses_and_writes_a_standard_adapter(workspace, tmp_path, gsm8k_batch, kind):
+    extra = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"} if kind == "nf4" else {"merge": True}
+    done = run_command(str(write_recipe(workspace, tmp_path, **extra)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["method"] == "lora_over" and summary["world_size"] == 1
+    assert len(summary["losses"]) == 8 and all(torch.isfinite(torch.tensor(s["loss"])) for s in summary["losses"])
+    first, last = (sum(s["loss"] for s in part) / 3 for part in (summary["losses"][:3], summary["losses"][-3:]))
+    assert last < first - 0.05  # it learns
+    assert summary["tokens"] > 0 and summary["peak_cpu_memory_bytes"] > 0
+    # on 4-bit, TRL trains the cores in bfloat16; the final collapse stores float32 and stays exact
+    assert summary["collapse_max_error"] <= 1e-6
+    assert summary["lora_over"]["reallocations"] >= 1
+    history = json.loads((run / "lora_over_history.json").read_text())
+    assert history[-1]["event"] == "collapse" and (run / "lora_over_allocation.png").stat().st_size > 0
+    # a standard PEFT adapter: plain keys only, loads in stock PEFT, same tokenizer beside it
+    adapter = run / "adapter"
+    keys = load_file(adapter / "adapter_model.safetensors")
+    assert keys and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in keys)
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert (adapter / "tokenizer_config.json").is_file()
+    assert any(v.abs().max() > 0 for k, v in keys.items() if "lora_B" in k)  # B really trained
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no staging leftovers
+    if kind == "fp32":
+        from transformers import AutoModelForCausalLM
+
+        expected = stock_peft_logits(str(workspace / "model"), adapter, "fp32", gsm8k_batch)
+        merged = AutoModelForCausalLM.from_pretrained(run / "merged")
+        assert (logits(merged, *gsm8k_batch) - expected).abs().max() <= 1e-4
+
+
+def test_resume_continues_to_the_same_adapter(workspace, tmp_path):
+    whole = run_command(str(write_recipe(workspace, tmp_path / "a")))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    recipe = write_recipe(workspace, tmp_path / "b")
+    first = run_command(str(recipe))
+    assert first.returncode == 0, first.stderr[-3000:]
+    # an interruption after step 4: only checkpoint-4 is left
+    run = tmp_path / "b" / "run"
+    for name in ("checkpoint-8", "adapter", "summary.json"):
+        subprocess.run(["rm", "-rf", str(run / name)], check=True)
+    # a marker in the checkpoint's log history shows the resumed run really started from it
+    state_file = run / "checkpoint-4" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["log_history"][0]["loss"] = 123.0
+    state_file.write_text(json.dumps(state))
+    again = run_command(str(recipe), "--resume_from_checkpoint", "true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["losses"][0]["loss"] == 123.0
+    assert summary["resumed_from"] == str(run / "checkpoint-4")
+    ours = load_file(run / "adapter" / "adapter_model.safetensors")
+    reference = load_file(tmp_path / "a" / "run" / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == reference.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], reference[key], rtol=1e-4, atol=1e-6)
+
+
+def test_two_processes_through_accelerate(workspace, tmp_path, gsm8k_batch):
+    # On CPU `accelerate launch --cpu` runs one process; `--multi_gpu` is the torchrun launcher, and
+    # `use_cpu: true` makes the Trainer use gloo.
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    done = run_command(str(write_recipe(workspace, tmp_path)), launcher=launcher)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 8 and summary["collapse_max_error"] <= 1e-6
+    assert summary["lora_over"]["reallocations"] >= 1
+    out = stock_peft_logits(str(workspace / "model"), tmp_path / "run" / "adapter", "fp32", gsm8k_batch)
+    assert torch.isfinite(out).all()
+
+
+def test_plain_lora_twin_trains_without_lora_over(workspace, tmp_path):
+    done = run_command(str(write_recipe(workspace, tmp_path, method="lora", lora_over=None)), "--max_steps", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["method"] == "lora" and summary["steps"] == 2 and "collapse_max_error" not in summary
+    assert not (tmp_path / "run" / "lora_over_history.json").exists()
+
+
+BAD_INPUT = [
+    ({"learning_rat": 1e-3}, [], "unknown key `learning_rat` (did you mean `learning_rate`?)"),
+    ({}, ["--per_device_batch_size", "4"], "unknown flag `--per_device_batch_size` (did you mean"),
+    ({"dataset_name": "missing/train.jsonl"}, [], "dataset_name: no such file or folder: missing/train.jsonl"),
+    ({"dataset_columns": {"prompt": "{problem}"}}, [], "dataset_columns.prompt: column(s) ['problem'] not in"),
+    ({"dataset_columns": None}, [], "but SFT needs `messages`, `prompt` + `completion`"),
+    ({"method": "lora_under"}, [], "method: 'lora_under' is not one of ['lora_over', 'lora']"),
+    ({}, ["--lora_over.capacity", "-1"], "lora_over: "),
+    ({}, ["--lora_over.schedul", "static"], "did you mean 'schedule'"),
+    ({}, ["--resume_from_checkpoint", "true"], "resume_from_checkpoint: no checkpoint-N folder"),
+    ({"eval_tasks": "gsm9k"}, [], "eval_tasks/eval_args: unknown task(s) ['gsm9k']"),
+    ({"lora_over": {"schedule": "dynamic", "budget": 1}}, [], "lora_over: LoraOverCallback: a budget of 1"),
+]
+
+
+@pytest.mark.parametrize("overrides, flags, message", BAD_INPUT)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(workspace, tmp_path, capsys, overrides, flags, message):
+    recipe = write_recipe(workspace, tmp_path, **overrides)
+    assert main([str(recipe), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]  # progress bars may come first, on stderr too
+    assert last.startswith("error: ") and message in last and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipe_that_does_not_parse(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("model_name_or_path: [unclosed\n")
+    assert main([str(tmp_path / "bad.yaml")]) == 2
+    assert "is not valid YAML" in capsys.readouterr().err
+    assert main([str(tmp_path / "absent.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_another_runs_output_dir_is_refused_and_kept(workspace, tmp_path, capsys):
+    previous = tmp_path / "run" / "checkpoint-4"
+    previous.mkdir(parents=True)
+    (previous / "trainer_state.json").write_text("{}")
+    assert main([str(write_recipe(workspace, tmp_path))]) == 2
+    assert "holds another run (checkpoint-4" in capsys.readouterr().err
+    assert (previous / "trainer_state.json").read_text() == "{}"
+
+
+def test_load_in_4bit_without_a_working_bitsandbytes(workspace, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import bitsandbytes` meets where it is absent
+    assert main([str(write_recipe(workspace, tmp_path, load_in_4bit=True))]) == 2
+    assert "load_in_4bit: bitsandbytes cannot run here" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_shipped_recipes_parse(recipe):
+    # the GPU recipes ask for bf16, which SFTConfig refuses on this CPU machine: the flags override it
+    parsed = parse_recipe([str(recipe), "--bf16", "false", "--use_cpu", "true"])
+    script_args, training_args, model_args, dataset_args, run_args, lora_over_config = parsed
+    assert (lora_over_config is None) == (run_args.method != "lora_over")
+    assert training_args.use_cpu and not training_args.bf16
+    if training_args.chat_template_path:
+        assert (ROOT / training_args.chat_template_path).is_file()
+
+
+def test_llama2_chat_template_marks_only_assistant_turns(tokenizer):
+    template = (ROOT / "recipes" / "templates" / "llama2_chat.jinja").read_text()
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "And 4 + 4?"},
+        {"role": "assistant", "content": "8"},
+    ]
+    text = tokenizer.apply_chat_template(chat, chat_template=template, tokenize=False)
+    eos = tokenizer.eos_token
+    assert text == (
+        "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhat is 2 + 3? [/INST] 5 " + eos + "[INST] And 4 + 4? [/INST] 8 " + eos
+    )
+    out = tokenizer.apply_chat_template(
+        chat, chat_template=template, return_dict=True, return_assistant_tokens_mask=True
+    )
+    trained = tokenizer.decode([t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m])
+    assert trained == " 5 " + eos + " 8 " + eos
