@@ -482,13 +482,22 @@ def train(parsed: tuple[Any, ...]) -> Path:
         summary["resumed_from"] = resume
         _write_json(output_dir / SUMMARY_FILE, summary)
         print(f"adapter written to {output_dir / 'adapter'}; summary in {output_dir / SUMMARY_FILE}")
-        if run_args.eval_tasks:
-            del trainer, model
-            gc.collect()
-            summary["eval"] = evaluate(output_dir, run_args, model_args, training_args)
-            _write_json(output_dir / SUMMARY_FILE, summary)
+    # the other processes stop here: scoring can outlast a collective's timeout
     state.wait_for_everyone()
+    if state.is_main_process and run_args.eval_tasks:
+        del trainer, model, callback  # the callback holds the model too
+        _release_memory()
+        summary["eval"] = evaluate(output_dir, run_args, model_args, training_args)
+        _write_json(output_dir / SUMMARY_FILE, summary)
     return output_dir
+
+
+def _release_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _remove_if_empty(folder: Path, existed: bool) -> None:

@@ -147,12 +147,29 @@ def test_two_processes_through_accelerate(workspace, tmp_path, gsm8k_batch):
     assert torch.isfinite(out).all()
 
 
-def test_plain_lora_twin_trains_without_lora_over(workspace, tmp_path):
-    done = run_command(str(write_recipe(workspace, tmp_path, method="lora", lora_over=None)), "--max_steps", "2")
+def test_plain_lora_twin_trains_then_scores_adapter_and_base(workspace, tmp_path):
+    gsm8k = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+    scoring = {
+        "eval_tasks": "gsm8k",
+        "eval_base": True,
+        "eval_args": f"--gsm8k_dir {gsm8k} --limit 2 --num_fewshot 0 --gen_kwargs max_gen_toks=8",
+    }
+    recipe = write_recipe(workspace, tmp_path, method="lora", lora_over=None, **scoring)
+    done = run_command(str(recipe), "--max_steps", "2")
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == "lora" and summary["steps"] == 2 and "collapse_max_error" not in summary
-    assert not (tmp_path / "run" / "lora_over_history.json").exists()
+    assert not (run / "lora_over_history.json").exists()
+    for label, folder in (("adapter", "eval"), ("base", "eval-base")):
+        scores = summary["eval"][label]["gsm8k_local"]
+        assert scores["sample_len"] == 2 and 0.0 <= scores["exact_match,strict-match"] <= 1.0
+        written = json.loads((run / folder / "results.json").read_text())["results"]["gsm8k_local"]
+        assert written["exact_match,strict-match"] == scores["exact_match,strict-match"]
+        rows = [json.loads(line) for line in (run / folder / "samples_gsm8k_local.jsonl").open()]
+        assert {r["doc_id"] for r in rows} == {0, 1}  # a row per document and filter
+    recorded = json.loads((run / "eval-base" / "summary.json").read_text())
+    assert recorded["adapter"] is None and recorded["base"] == str(workspace / "model")
 
 
 BAD_INPUT = [
