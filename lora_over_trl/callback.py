@@ -51,8 +51,9 @@ from .patch import (
     over_parameterize_module,
     over_parameterized_factors,
     remove_factor,
+    resize_module,
 )
-from .schedule import SensitivityTracker, allocate
+from .schedule import SensitivityTracker, allocate, allocate_levels
 from .schedule.picture import draw_allocation
 
 __all__ = ["LoraOverCallback", "ScheduleSetupError"]
@@ -89,7 +90,9 @@ class LoraOverCallback(TrainerCallback):
         self.layers: dict[str, nn.Module] = {}
         self.budget: int | None = None
         self.aux_scale = 1.0
-        self.costs: dict[str, int] = {}
+        self.costs: dict[str, int] = {}  # auxiliary parameters of each module at `capacity`
+        self.level_costs: dict[str, list[int]] = {}  # ... at each of the `levels` capacities
+        self.current: dict[str, float] = {}  # capacity of each over-parameterized module now
         self._grads: dict[str, list[torch.Tensor]] = {}  # factor -> [W, sum of dL/dW over micro-batches]
 
     # ---- events -------------------------------------------------------------------------------------
@@ -109,7 +112,10 @@ class LoraOverCallback(TrainerCallback):
         )
         if config.budget is not None or config.budget_ratio is not None:
             self.budget = config.budget if config.budget is not None else int(config.budget_ratio * lora_params)
-        self.costs = {name: self._cost(layer, config.capacity) for name, layer in layers.items()}
+        self.level_costs = {
+            name: [self._cost(layer, capacity) for capacity in self.capacities] for name, layer in layers.items()
+        }
+        self.costs = {name: costs[-1] for name, costs in self.level_costs.items()}
         # The auxiliary cores' own learning rate, as a scale inside the factor (no extra optimizer group,
         # so checkpoints load into a fresh Trainer's optimizer): see MpoFactor.
         self.aux_scale = config.aux_lr / args.learning_rate if config.aux_lr else 1.0
@@ -122,17 +128,18 @@ class LoraOverCallback(TrainerCallback):
                     f"budget of {self.budget:,}; lower `capacity`/the rules' capacities or raise the budget"
                 )
         else:
-            cheapest = min((c for c in self.costs.values() if c > 0), default=None)
+            cheapest = min((c for costs in self.level_costs.values() for c in costs if c > 0), default=None)
             if cheapest is None or cheapest > self.budget:
                 raise ScheduleSetupError(
                     f"LoraOverCallback: a budget of {self.budget:,} auxiliary parameters holds no module at capacity "
-                    f"{config.capacity:g} (the cheapest needs {cheapest or 0:,}); raise `budget`/`budget_ratio`"
+                    f"{self.capacities[0]:g} (the cheapest needs {cheapest or 0:,}); raise `budget`/`budget_ratio`"
                 )
             if config.schedule == "dynamic":
                 # No statistics yet: start from a seeded random choice (the same on every process).
                 rng = random.Random(config.seed)
-                first = allocate({n: rng.random() for n in sorted(self.costs)}, self.costs, self.budget, config.scope)
-                apply_lora_over(model, config, capacities={n: config.capacity for n in first}, aux_scale=self.aux_scale)
+                first = self._choose({n: rng.random() for n in sorted(self.costs)})
+                apply_lora_over(model, config, capacities=first, aux_scale=self.aux_scale)
+                self.current = dict(first)
                 self._observe_gradients(layers)
                 self._record(0, "initial")
             else:
@@ -148,43 +155,44 @@ class LoraOverCallback(TrainerCallback):
                     f"LoraOverCallback: `warmup_steps`={config.warmup_steps} leaves no re-allocation before step "
                     f"{last} (max_steps {state.max_steps} - final_steps {config.final_steps})"
                 )
-        if config.schedule == "prepass" and args.world_size > 1:
-            # Changing which parameters train before DDP's first iteration trips its reducer
-            # ("gradient which is undefined, but still allreduced"); after a first iteration it does not.
+        if config.schedule != "static" and args.world_size > 1 and not args.ddp_find_unused_parameters:
+            # Modules that leave (or, after the pre-pass, the plain weights of chosen modules) keep parameters
+            # DDP registered at wrap time but no longer train: DDP must be told some parameters may get no
+            # gradient. Cores installed later are synchronized by hooks.
             raise ScheduleSetupError(
-                "LoraOverCallback: schedule='prepass' runs in one process for now; with several processes use "
-                "'static' rules or 'dynamic'"
-            )
-        if config.schedule == "dynamic" and args.world_size > 1 and not args.ddp_find_unused_parameters:
-            # Modules that leave keep parameters DDP registered at wrap time but no longer train: DDP must be
-            # told some parameters may get no gradient. Cores installed later are synchronized by hooks.
-            raise ScheduleSetupError(
-                f"LoraOverCallback: schedule='dynamic' with {args.world_size} processes needs "
+                f"LoraOverCallback: schedule={config.schedule!r} with {args.world_size} processes needs "
                 "`ddp_find_unused_parameters=True` in the training arguments"
             )
         self.optimizer = optimizer
         if config.schedule == "prepass" and state.global_step == 0:  # a resumed run got its layouts from disk
             scores = self._fisher(model, kwargs["train_dataloader"])
-            self._move_capacity(allocate(scores, self.costs, self.budget, config.scope), step=0, event="prepass")
+            self._move_capacity(self._choose(scores), step=0, event="prepass")
 
     def _fisher(self, model: nn.Module, dataloader) -> dict[str, float]:
-        """Mean over ``prepass_batches`` batches of the squared gradient of each module's LoRA weights."""
+        """Mean over ``prepass_batches`` batches of the squared gradient of each module's LoRA weights.
+
+        Gradients come from ``torch.autograd.grad``, not ``backward()``: nothing accumulates into ``.grad``,
+        so DDP's gradient hooks (on the parameters themselves, wrapped or not) stay out of it.
+        """
         layers = self.layers
+        weights = {
+            (name, attr): getattr(layer, attr)[self.config.adapter_name].weight
+            for name, layer in layers.items()
+            for attr in FACTOR_NAMES.values()
+        }
+        keys = [k for k, w in weights.items() if w.requires_grad]
         fisher = dict.fromkeys(layers, 0.0)
         model.train()
         batches = 0
         for batch in dataloader:
-            model.zero_grad(set_to_none=True)
             inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "position_ids")}
-            model(**inputs).loss.backward()
-            for name, layer in layers.items():
-                for attr in FACTOR_NAMES.values():
-                    grad = getattr(layer, attr)[self.config.adapter_name].weight.grad
-                    fisher[name] += 0.0 if grad is None else float((grad.float() ** 2).sum())
+            loss = model(**inputs).loss
+            grads = torch.autograd.grad(loss, [weights[k] for k in keys], allow_unused=True)
+            for (name, _), grad in zip(keys, grads, strict=True):
+                fisher[name] += 0.0 if grad is None else float((grad.float() ** 2).sum())
             batches += 1
             if batches == self.config.prepass_batches:
                 break
-        model.zero_grad(set_to_none=True)
         return _mean_over_processes({n: v / max(batches, 1) for n, v in fisher.items()})
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
@@ -234,52 +242,115 @@ class LoraOverCallback(TrainerCallback):
             logs["lora_over/aux_params"] = last.get("aux_params", 0)
             logs["lora_over/modules"] = len(last.get("modules", []))
             logs["lora_over/moved"] = len(last.get("leaving", [])) + len(last.get("entering", []))
+            if last.get("resized"):
+                logs["lora_over/resized"] = len(last["resized"])
+                logs["lora_over/shrink_error"] = max(last["resized"].values())
 
     # ---- the dynamic schedule -----------------------------------------------------------------------
 
     def _reallocate(self, step: int) -> None:
         began = time.perf_counter()
-        chosen = allocate(self.tracker.scores(), self.costs, self.budget, self.config.scope)
-        self._move_capacity(chosen, step, "reallocate")
+        self._move_capacity(self._choose(self.tracker.scores()), step, "reallocate")
         self.history[-1]["seconds"] = round(time.perf_counter() - began, 4)
 
-    def _move_capacity(self, chosen: set[str], step: int, event: str) -> None:
-        """Over-parameterize exactly ``chosen``: others collapse (exact), new ones install (exact)."""
+    @property
+    def capacities(self) -> list[float]:
+        """The capacities a scheduled module may hold, lowest first (``levels`` of them)."""
+        levels = self.config.levels
+        return [self.config.capacity * k / levels for k in range(1, levels + 1)]
+
+    def _choose(self, scores: dict[str, float]) -> dict[str, float]:
+        """Capacity per module to over-parameterize, within the budget."""
+        config = self.config
+        if config.levels == 1:
+            return {name: config.capacity for name in allocate(scores, self.costs, self.budget, config.scope)}
+        chosen = allocate_levels(scores, self.level_costs, self.budget, config.scope)
+        return {name: self.capacities[level - 1] for name, level in chosen.items()}
+
+    def _move_capacity(self, targets: dict[str, float], step: int, event: str) -> None:
+        """Give each module its target capacity: others collapse (exact), new ones install (exact), and
+        modules changing level grow (exact) or shrink (SVD truncation, error recorded)."""
         config, model, layers = self.config, self.model, self.layers
-        current = {key.rsplit(".", 1)[0] for key in over_parameterized_factors(model, config.adapter_name)}
-        leaving, entering = sorted(current - chosen), sorted(chosen - current)
+        current = self.current
+        leaving = sorted(set(current) - set(targets))
+        entering = sorted(set(targets) - set(current))
+        changing = sorted(n for n in targets if n in current and targets[n] != current[n])
         placement: dict[int, int] = {}
         for name in leaving:
-            groups = {w: self._group_of_factor(layers[name], w) for w in FACTOR_NAMES.values()}
-            collapse_module(layers[name], config.adapter_name)  # exact: the function is unchanged
-            for attr, index in groups.items():
-                weight = getattr(layers[name], attr)[config.adapter_name].weight
-                self._forget_state(weight)  # its Adam moments predate the over-parameterization
-                if index is not None:
-                    placement[id(weight)] = index
+            self._collapse(name, placement)
+        resized = {name: self._resize(name, targets[name], placement) for name in changing}
         for name in entering:
-            groups = {
-                w: group_index(self.optimizer, getattr(layers[name], w)[config.adapter_name].weight)
-                for w in FACTOR_NAMES.values()
-            }
-            over_parameterize_module(layers[name], name, config.capacity, config, aux_scale=self.aux_scale)
-            for attr, index in groups.items():
-                factor = _mpo_factor(getattr(layers[name], attr)[config.adapter_name])
-                if factor is not None and index is not None:
-                    placement.update({id(core): index for core in factor.cores})
-        if leaving or entering:
+            self._install(name, targets[name], placement)
+        self.current = dict(targets)
+        if leaving or entering or changing:
             ensure_refresh_hook(model)
             sync_optimizer(self.optimizer, model, placement)
-            _synchronize_new_parameters(layers, config.adapter_name, leaving + entering)
+            _synchronize_new_parameters(layers, config.adapter_name, leaving + entering + changing)
             if config.schedule == "dynamic":
                 self._observe_gradients(layers)
-        self._record(step, event, leaving=leaving, entering=entering)
+        extra = {"resized": resized} if config.levels > 1 else {}
+        self._record(step, event, leaving=leaving, entering=entering, **extra)
+
+    def _collapse(self, name: str, placement: dict[int, int]) -> None:
+        layer = self.layers[name]
+        groups = {w: self._group_of_factor(layer, w) for w in FACTOR_NAMES.values()}
+        collapse_module(layer, self.config.adapter_name)  # exact: the function is unchanged
+        for attr, index in groups.items():
+            weight = getattr(layer, attr)[self.config.adapter_name].weight
+            self._forget_state(weight)  # its Adam moments predate the over-parameterization
+            if index is not None:
+                placement[id(weight)] = index
+
+    def _install(self, name: str, capacity: float, placement: dict[int, int]) -> None:
+        config, layer = self.config, self.layers[name]
+        groups = {
+            w: group_index(self.optimizer, getattr(layer, w)[config.adapter_name].weight) for w in FACTOR_NAMES.values()
+        }
+        over_parameterize_module(layer, name, capacity, config, aux_scale=self.aux_scale)
+        for attr, index in groups.items():
+            factor = _mpo_factor(getattr(layer, attr)[config.adapter_name])
+            if factor is not None and index is not None:
+                placement.update({id(core): index for core in factor.cores})
+
+    def _resize(self, name: str, capacity: float, placement: dict[int, int]) -> float:
+        """Move an over-parameterized module to another capacity; returns the relative error (0 when growing)."""
+        config, layer = self.config, self.layers[name]
+        plans, factors = {}, {}
+        for which in ("A", "B"):
+            linear = getattr(layer, FACTOR_NAMES[which])[config.adapter_name]
+            factors[which] = _mpo_factor(linear)
+            shape = factors[which].layout.shape if factors[which] is not None else tuple(linear.weight.shape)
+            wanted = which in config.factor_keys()
+            plan = MpoFactor.plan(shape, capacity, num_cores=config.num_cores, aux_core_size=config.aux_core_size)
+            plans[which] = plan if wanted else None
+        same_cores = all(
+            (plans[w] is None) == (factors[w] is None)
+            and (plans[w] is None or (plans[w].rows, plans[w].cols) == (factors[w].layout.rows, factors[w].layout.cols))
+            for w in ("A", "B")
+        )
+        if not same_cores:  # another set of factors at this capacity: collapse and install anew, both exact
+            self._collapse(name, placement)
+            self._install(name, capacity, placement)
+            return 0.0
+        error = 0.0
+        for which, factor in factors.items():
+            if factor is None or plans[which].bonds == factor.layout.bonds:
+                continue
+            index = group_index(self.optimizer, factor.cores[0])
+            for core in factor.cores:
+                self._forget_state(core)
+            error = max(error, resize_module(layer, name, which, plans[which].bonds, config))
+            if index is not None:
+                placement.update({id(core): index for core in factor.cores})
+        return error
 
     def _record(self, step: int, event: str, **extra: Any) -> None:
         factors = over_parameterized_factors(self.model, self.config.adapter_name)
         modules = sorted({key.rsplit(".", 1)[0] for key in factors})
         aux = sum(f.aux_params for f in factors.values())
         entry = {"step": step, "event": event, "modules": modules, "aux_params": aux, "budget": self.budget, **extra}
+        if self.config.levels > 1:
+            entry["capacities"] = {name: self.current[name] for name in modules}
         self.history.append(entry)
         logger.info(
             "LoRA-Over %s at step %d: %d modules, %d auxiliary params (budget %s)%s",
@@ -405,3 +476,6 @@ def _restore_layouts(callback: LoraOverCallback, folder: Path) -> None:
         state = json.loads(scheduler_file.read_text())
         callback.tracker.load_state_dict(state["tracker"])
         callback.history = state["history"]
+        last = next((h for h in reversed(callback.history) if "modules" in h), None)
+        if last is not None:  # the scheduled capacities, to move from at the next decision
+            callback.current = last.get("capacities") or {name: callback.config.capacity for name in last["modules"]}

@@ -96,6 +96,10 @@ class LoraOverConfig:
             gradient of its LoRA weights, as OPF did; the top modules within the budget get ``capacity``,
             fixed) or ``"dynamic"`` (modules re-chosen during training by gradient sensitivity).
         prepass_batches: batches of the importance pre-pass.
+        levels: prepass/dynamic: the capacities a scheduled module may hold, ``capacity * k / levels`` for
+            ``k = 1 .. levels``. With 1 a module is in (at ``capacity``) or out; with more, the budget is
+            shared in proportion to importance and modules move between levels (growing pads bonds, exact;
+            shrinking truncates by SVD, its error logged).
         budget: most auxiliary parameters in total (never exceeded); or
         budget_ratio: the same as a fraction of the LoRA parameters. Neither: no limit (static only).
         scope: ``"global"`` ranks all modules together; ``"per_type"`` splits the budget by module type
@@ -127,6 +131,7 @@ class LoraOverConfig:
     adapter_name: str = "default"
     schedule: str = "static"
     prepass_batches: int = 8
+    levels: int = 1
     budget: int | None = None
     budget_ratio: float | None = None
     scope: str = "global"
@@ -177,6 +182,10 @@ class LoraOverConfig:
             problems.append(f"`schedule={self.schedule!r}` needs `budget` or `budget_ratio` (what modules compete for)")
         if not isinstance(self.prepass_batches, int) or self.prepass_batches < 1:
             problems.append(f"`prepass_batches` must be an integer >= 1, got {self.prepass_batches!r}")
+        if not isinstance(self.levels, int) or self.levels < 1:
+            problems.append(f"`levels` must be an integer >= 1, got {self.levels!r}")
+        elif self.levels > 1 and self.schedule == "static":
+            problems.append("`levels` > 1 needs schedule 'prepass' or 'dynamic' (static capacities come from rules)")
         if not isinstance(self.interval, int) or self.interval < 1:
             problems.append(f"`interval` must be an integer >= 1, got {self.interval!r}")
         for name in ("warmup_steps", "final_steps"):

@@ -446,11 +446,11 @@ def train(parsed: tuple[Any, ...]) -> Path:
     train_data, eval_data = load_train_eval_data(script_args, training_args, dataset_args, run_args)
     if (
         lora_over_config is not None
-        and lora_over_config.schedule == "dynamic"
+        and lora_over_config.schedule != "static"
         and training_args.world_size > 1
         and training_args.ddp_find_unused_parameters is None
     ):
-        training_args.ddp_find_unused_parameters = True  # modules that leave the schedule get no gradient
+        training_args.ddp_find_unused_parameters = True  # weights a schedule takes over get no gradient
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
 
     from accelerate import PartialState

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import torch
-from conftest import gsm8k_dataset, load_base, lora_config, sft_args
+from conftest import gsm8k_dataset, load_base, lora_config, reference_contract, sft_args
 from safetensors.torch import load_file
 from trl import SFTTrainer
 
@@ -56,12 +57,20 @@ def test_static_schedule_trains_and_saves_a_standard_adapter(tiny_llama_dir, tok
     assert keys and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in keys)
 
 
-@pytest.mark.parametrize("kind, accumulation", [("fp32", 1), ("fp32", 2), ("nf4", 1)])
+@pytest.mark.parametrize(
+    "kind, accumulation, levels", [("fp32", 1, 1), ("fp32", 2, 1), ("nf4", 1, 1), ("fp32", 1, 3), ("nf4", 2, 3)]
+)
 def test_dynamic_schedule_keeps_budget_and_optimizer_consistent(
-    tiny_llama_dir, tokenizer, tmp_path, kind, accumulation
+    tiny_llama_dir, tokenizer, tmp_path, kind, accumulation, levels
 ):
     config = LoraOverConfig(
-        capacity=1.0, schedule="dynamic", budget_ratio=0.3, interval=2, warmup_steps=2, collapse_on_train_end=False
+        capacity=1.0,
+        schedule="dynamic",
+        budget_ratio=0.3,
+        interval=2,
+        warmup_steps=2,
+        collapse_on_train_end=False,
+        levels=levels,
     )
     trainer = make_trainer(
         tiny_llama_dir,
@@ -78,6 +87,11 @@ def test_dynamic_schedule_keeps_budget_and_optimizer_consistent(
     assert [h["step"] for h in realloc] == [2, 4, 6, 8]
     assert all(0 < h["aux_params"] <= h["budget"] for h in history)
     assert any(h["leaving"] or h["entering"] for h in realloc)  # the scheduler moved capacity
+    if levels > 1:  # modules held different capacities, and some moved between levels (SVD error logged)
+        assert any(len(set(h["capacities"].values())) > 1 for h in history)
+        assert {c for h in history for c in h["capacities"].values()} <= {1 / 3, 2 / 3, 1.0}
+        errors = [e for h in realloc for e in h["resized"].values()]
+        assert errors and all(0.0 <= e < 1.0 for e in errors)
     picture = plt.imread(tmp_path / "run" / PICTURE_FILE)
     modules, steps, rows = allocation_matrix(history)
     assert steps == [0, 2, 4, 6, 8] and picture.shape[0] > 200 and picture.shape[1] > 200  # optimizer steps
@@ -93,10 +107,18 @@ def test_dynamic_schedule_keeps_budget_and_optimizer_consistent(
         assert index == sorted(index)  # in model order: a resumed run's optimizer loads positionally
 
 
-@pytest.mark.parametrize("scope", ["global", "per_type"])
-def test_prepass_gives_capacity_to_the_modules_with_most_fisher_information(tiny_llama_dir, tokenizer, tmp_path, scope):
+@pytest.mark.parametrize("scope, levels", [("global", 1), ("per_type", 1), ("global", 2)])
+def test_prepass_gives_capacity_to_the_modules_with_most_fisher_information(
+    tiny_llama_dir, tokenizer, tmp_path, scope, levels
+):
     config = LoraOverConfig(
-        capacity=1.0, schedule="prepass", prepass_batches=3, budget_ratio=0.3, scope=scope, collapse_on_train_end=False
+        capacity=1.0,
+        schedule="prepass",
+        prepass_batches=3,
+        budget_ratio=0.3,
+        scope=scope,
+        collapse_on_train_end=False,
+        levels=levels,
     )
     trainer = make_trainer(tiny_llama_dir, tokenizer, tmp_path / "run", config, max_steps=3)
     callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LoraOverCallback))
@@ -106,9 +128,12 @@ def test_prepass_gives_capacity_to_the_modules_with_most_fisher_information(tiny
     callback._fisher = lambda *a: scores.update(original(*a)) or scores
     trainer.train()
     chosen = {k.rsplit(".", 1)[0] for k in over_parameterized_factors(trainer.model)}
-    spent = sum(callback.costs[n] for n in chosen)
+    spent = sum(f.aux_params for f in over_parameterized_factors(trainer.model).values())
     assert chosen and spent <= callback.budget
-    if scope == "global":  # greedy by score: everything scored above a chosen module is chosen or did not fit
+    if levels > 1:  # the best-scored module holds the top level
+        assert callback.current[max(scores, key=scores.get)] == 1.0
+        assert set(callback.current.values()) <= {0.5, 1.0}
+    elif scope == "global":  # greedy by score: everything scored above a chosen module is chosen or did not fit
         for name in chosen:
             assert all(
                 other in chosen or callback.costs[other] > callback.budget - spent + callback.costs[name]
@@ -122,8 +147,11 @@ def test_prepass_gives_capacity_to_the_modules_with_most_fisher_information(tiny
     assert all(torch.isfinite(torch.tensor(list(losses(trainer).values()))))
 
 
-def test_resume_after_reallocations_matches_an_uninterrupted_run(tiny_llama_dir, tokenizer, tmp_path):
-    config = LoraOverConfig(capacity=1.0, schedule="dynamic", budget_ratio=0.3, interval=2, warmup_steps=2)
+@pytest.mark.parametrize("levels", [1, 3])
+def test_resume_after_reallocations_matches_an_uninterrupted_run(tiny_llama_dir, tokenizer, tmp_path, levels):
+    config = LoraOverConfig(
+        capacity=1.0, schedule="dynamic", budget_ratio=0.3, interval=2, warmup_steps=2, levels=levels
+    )
     full = make_trainer(tiny_llama_dir, tokenizer, tmp_path / "full", config)
     full.train()
     checkpoint = tmp_path / "full" / "checkpoint-4"
@@ -210,7 +238,7 @@ def run_two_processes(tiny_llama_dir, tokenizer, out, schedule, **env):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **env})
 
 
-@pytest.mark.parametrize("schedule", ["static", "dynamic"])
+@pytest.mark.parametrize("schedule", ["static", "prepass", "dynamic"])
 def test_two_processes_keep_every_rank_identical(tiny_llama_dir, tokenizer, tmp_path, schedule):
     done = run_two_processes(tiny_llama_dir, tokenizer, tmp_path, schedule)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -228,7 +256,7 @@ def test_two_processes_keep_every_rank_identical(tiny_llama_dir, tokenizer, tmp_
     "schedule, env, message",
     [
         ("dynamic", {"LORA_OVER_TEST_FIND_UNUSED": "0"}, "needs `ddp_find_unused_parameters=True`"),
-        ("prepass", {}, "schedule='prepass' runs in one process for now"),
+        ("prepass", {"LORA_OVER_TEST_FIND_UNUSED": "0"}, "schedule='prepass' with 2 processes needs"),
     ],
 )
 def test_two_processes_refuse_what_they_cannot_do_before_training(
@@ -237,3 +265,38 @@ def test_two_processes_refuse_what_they_cannot_do_before_training(
     done = run_two_processes(tiny_llama_dir, tokenizer, tmp_path, schedule, **env)
     assert done.returncode != 0 and message in done.stderr
     assert not list(tmp_path.glob("rank*.json"))
+
+
+def test_moving_between_levels_grows_exactly_and_shrinks_by_the_reported_error(tiny_llama_dir, tokenizer, tmp_path):
+    config = LoraOverConfig(capacity=1.0, schedule="dynamic", budget_ratio=2.0, levels=2, warmup_steps=1)
+    trainer = make_trainer(tiny_llama_dir, tokenizer, tmp_path / "run", config)
+    callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LoraOverCallback))
+    callback.optimizer = trainer.create_optimizer()
+    name = sorted(callback.current)[0]
+    factors = {k: f for k, f in over_parameterized_factors(trainer.model).items() if k.startswith(name + ".")}
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # fresh, non-trivial cores (B starts at zero)
+        for factor in factors.values():
+            for core in factor.cores:
+                core.copy_(torch.randn(core.shape, generator=generator) * 0.3)
+
+    def contracted() -> dict[str, np.ndarray]:
+        current = over_parameterized_factors(trainer.model)
+        return {k: reference_contract(current[k].effective_cores()) for k in factors}
+
+    def bonds() -> dict[str, tuple]:
+        return {k: over_parameterized_factors(trainer.model)[k].layout.bonds for k in factors}
+
+    before, wide = contracted(), bonds()
+    callback.current[name] = 1.0
+    error = callback._resize(name, 0.5, {})  # shrink: TT-rounding, error measured
+    after, narrow = contracted(), bonds()
+    assert all(n < w for k in factors for n, w in zip(narrow[k], wide[k], strict=True) if w > 1)
+    measured = max(np.linalg.norm(after[k] - before[k]) / np.linalg.norm(before[k]) for k in factors)
+    # every level keeps at least the exact bonds (a factor whose level cannot hold them stays plain), so the
+    # SVD truncation between levels drops only directions the factor does not use: float rounding is left
+    assert error <= 1e-5 and measured <= 1e-5 and error == pytest.approx(measured, abs=1e-6)
+    assert callback._resize(name, 1.0, {}) == 0.0  # grow back: padded bonds, exact
+    assert bonds() == wide
+    regrown = contracted()
+    assert all(np.abs(regrown[k] - after[k]).max() <= 1e-6 * np.abs(after[k]).max() for k in factors)

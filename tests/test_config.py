@@ -30,6 +30,14 @@ def test_all_problems_are_reported_at_once():
         assert field in message
 
 
+def test_levels_are_checked():
+    with pytest.raises(ValueError, match="`levels` must be an integer >= 1, got 0"):
+        LoraOverConfig(schedule="dynamic", budget=10, levels=0)
+    with pytest.raises(ValueError, match="`levels` > 1 needs schedule 'prepass' or 'dynamic'"):
+        LoraOverConfig(levels=3)
+    assert LoraOverConfig(schedule="prepass", budget=10, levels=3).levels == 3
+
+
 def test_rule_with_unknown_field_names_the_fields():
     with pytest.raises(ValueError, match=r"rules\[0\].*fields: target_modules, capacity, layers"):
         LoraOverConfig(rules=[{"modules": ["q_proj"], "capacity": 1.0}])

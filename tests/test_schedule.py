@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from lora_over_trl.schedule import SensitivityTracker, allocate, module_type
+from lora_over_trl.schedule import SensitivityTracker, allocate, allocate_levels, module_type
 
 
 def brute_force_best(scores, costs, budget):
@@ -49,6 +49,41 @@ def test_per_type_spreads_capacity_over_types():
     assert {module_type(n) for n in allocate(scores, costs, 40, "global")} == {"q_proj"}
     assert [module_type(n) for n in sorted(allocate(scores, costs, 40, "per_type"))].count("v_proj") == 2
     assert allocate(scores, costs, 5, "global") == set()  # a budget below every module holds none
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_levels_stay_within_budget_and_follow_the_scores(seed):
+    rng = random.Random(seed)
+    names = [f"model.layers.{i}.{t}" for i in range(5) for t in ("q_proj", "v_proj", "down_proj")]
+    sizes = {n: rng.choice([8, 16, 40]) for n in names}
+    costs = {n: [sizes[n] * k for k in (1, 2, 3)] for n in names}  # cost grows with the level
+    scores = {n: rng.expovariate(1.0) for n in names}
+    budget = rng.randint(60, 600)
+    for scope in ("global", "per_type"):
+        chosen = allocate_levels(scores, costs, budget, scope)
+        spent = sum(costs[n][level - 1] for n, level in chosen.items())
+        assert spent <= budget and all(1 <= level <= 3 for level in chosen.values())
+        left = budget - spent
+        # nothing could still be raised one level
+        assert all(costs[n][0] > left for n in names if n not in chosen)
+        assert all(costs[n][level] - costs[n][level - 1] > left for n, level in chosen.items() if level < 3)
+    chosen = allocate_levels(scores, costs, budget, "global")
+    assert chosen == allocate_levels(scores, costs, budget, "global")  # deterministic
+    # among modules of one size, a higher score never holds a lower level
+    for size in set(sizes.values()):
+        same = sorted((n for n in names if sizes[n] == size), key=lambda n: -scores[n])
+        levels = [chosen.get(n, 0) for n in same]
+        assert levels == sorted(levels, reverse=True), (size, levels)
+
+
+def test_levels_spread_the_budget_by_importance():
+    names = [f"model.layers.{i}.q_proj" for i in range(4)]
+    costs = {n: [10, 20, 30] for n in names}
+    scores = dict(zip(names, [6.0, 3.0, 2.0, 1.0], strict=True))
+    # shares 30, 15, 10, 5 -> levels 3, 1, 1, none; the 10 left raise the second best one level
+    assert allocate_levels(scores, costs, 60) == {names[0]: 3, names[1]: 2, names[2]: 1}
+    assert allocate_levels(dict.fromkeys(names, 0.0), costs, 60) == {names[0]: 3, names[1]: 3}  # no scores: in order
+    assert allocate_levels(scores, costs, 5) == {}
 
 
 def test_tracker_follows_adalora_and_round_trips_through_json():

@@ -1,6 +1,6 @@
 """Capacity scheduling: which LoRA modules are over-parameterized, decided from statistics (pure functions)."""
 
-from .allocate import allocate, module_type
+from .allocate import allocate, allocate_levels, module_type
 from .importance import SensitivityTracker
 
-__all__ = ["SensitivityTracker", "allocate", "module_type"]
+__all__ = ["SensitivityTracker", "allocate", "allocate_levels", "module_type"]

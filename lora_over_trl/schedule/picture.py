@@ -8,12 +8,20 @@ from typing import Any
 __all__ = ["allocation_matrix", "draw_allocation"]
 
 
-def allocation_matrix(history: list[dict[str, Any]]) -> tuple[list[str], list[int], list[list[int]]]:
-    """``(modules, steps, rows)``: ``rows[i][j]`` is 1 when module ``i`` was over-parameterized after decision ``j``."""
+def allocation_matrix(history: list[dict[str, Any]]) -> tuple[list[str], list[int], list[list[float]]]:
+    """``(modules, steps, rows)``: ``rows[i][j]`` is the share of the top capacity module ``i`` held after
+    decision ``j`` (1 or 0 with one level; ``k / levels`` with several)."""
     decisions = [h for h in history if "modules" in h]
     modules = sorted({m for h in decisions for m in h["modules"]})  # a module that left was in before
     steps = [h["step"] for h in decisions]
-    rows = [[int(m in h["modules"]) for h in decisions] for m in modules]
+    top = max((c for h in decisions for c in h.get("capacities", {}).values()), default=0.0)
+
+    def held(decision: dict[str, Any], module: str) -> float:
+        if "capacities" in decision and top > 0:
+            return decision["capacities"].get(module, 0.0) / top
+        return float(module in decision["modules"])
+
+    rows = [[held(h, m) for h in decisions] for m in modules]
     return modules, steps, rows
 
 
@@ -33,7 +41,7 @@ def draw_allocation(history: list[dict[str, Any]], path: str | Path) -> Path | N
     ax.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize=7)
     ax.set_yticks(range(len(modules)), [m.removeprefix("model.") for m in modules], fontsize=6)
     ax.set_xlabel("optimizer step of the decision")
-    ax.set_title("LoRA-Over allocation (green: over-parameterized)", fontsize=9)
+    ax.set_title("LoRA-Over allocation (green: over-parameterized, darker: more capacity)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
