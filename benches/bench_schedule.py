@@ -6,7 +6,8 @@ SmolLM2-135M-Instruct in 4-bit NF4, LoRA r=16 on every linear layer, TRL SFTTrai
 real GSM8K text, batch 2 x 128, gradient checkpointing. Both arms spend the same budget of auxiliary
 parameters (budget_ratio) at the same capacity: ``prepass`` fixes the modules once before training,
 ``dynamic`` measures sensitivity every step (gradient hooks, |W * dL/dW|) and re-allocates every
-``--interval`` steps. The difference is what the scheduler costs. Each arm runs in a fresh process; arms
+``--interval`` steps; ``dynamic-levels3`` does the same with three capacity levels (modules also grow and
+shrink between levels). The difference is what the scheduler costs. Each arm runs in a fresh process; arms
 alternate; the table shows medians over repeats of the median step time (first two steps excluded).
 """
 
@@ -53,8 +54,15 @@ def worker(schedule: str, steps: int, interval: int, budget_ratio: float) -> dic
     )
     rows = [json.loads(line) for _, line in zip(range(256), DATA.open(), strict=False)]
     data = Dataset.from_list([{"text": r["question"] + "\n" + r["answer"]} for r in rows])
+    schedule, _, levels = schedule.partition("-levels")
     config = LoraOverConfig(
-        capacity=1.0, schedule=schedule, budget_ratio=budget_ratio, interval=interval, warmup_steps=2, prepass_batches=2
+        capacity=1.0,
+        schedule=schedule,
+        budget_ratio=budget_ratio,
+        interval=interval,
+        warmup_steps=2,
+        prepass_batches=2,
+        levels=int(levels or 1),
     )
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
@@ -97,7 +105,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.interval, args.budget_ratio)))
         return
-    arms = ["prepass", "dynamic"]
+    arms = ["prepass", "dynamic", "dynamic-levels3"]
     results = run_alternating(
         __file__,
         arms,
@@ -110,10 +118,10 @@ def main() -> None:
         f"{args.steps} steps, interval {args.interval}, {args.repeats} repeats, "
         f"device {results['prepass'][0]['device']}"
     )
-    print(f"{'schedule':<12}{'step s':>9}{'x fixed':>9}")
+    print(f"{'schedule':<16}{'step s':>9}{'x fixed':>9}")
     for arm in arms:
         step = statistics.median(r["step_s"] for r in results[arm])
-        print(f"{arm:<12}{step:>9.3f}{step / base:>9.3f}")
+        print(f"{arm:<16}{step:>9.3f}{step / base:>9.3f}")
 
 
 if __name__ == "__main__":
