@@ -9,8 +9,9 @@ Example:
 
 from .callback import LoraOverCallback
 from .checkpoint import load_lora_over, save_lora_over
-from .config import CapacityRule, LoraOverConfig
+from .config import CapacityRule, ClaConfig, LoraOverConfig
 from .export import export_merged
+from .methods import ClaCallback
 from .patch import (
     apply_lora_over,
     collapse,
@@ -20,6 +21,8 @@ from .patch import (
 
 __all__ = [
     "CapacityRule",
+    "ClaCallback",
+    "ClaConfig",
     "LoraOverCallback",
     "LoraOverConfig",
     "apply_lora_over",

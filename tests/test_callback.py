@@ -12,7 +12,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
-from conftest import gsm8k_dataset, load_base, lora_config, reference_contract, sft_args
+from conftest import (
+    gsm8k_dataset,
+    load_base,
+    logged_losses,
+    lora_config,
+    make_sft_trainer,
+    reference_contract,
+    sft_args,
+)
 from safetensors.torch import load_file
 from trl import SFTTrainer
 
@@ -25,18 +33,10 @@ from lora_over_trl.schedule.picture import allocation_matrix
 
 
 def make_trainer(tiny_llama_dir, tokenizer, out, config, kind="fp32", **overrides):
-    return SFTTrainer(
-        model=load_base(tiny_llama_dir, kind),
-        args=sft_args(out, **overrides),
-        train_dataset=gsm8k_dataset(),
-        processing_class=tokenizer,
-        peft_config=lora_config(),
-        callbacks=[LoraOverCallback(config)],
-    )
+    return make_sft_trainer(tiny_llama_dir, tokenizer, out, LoraOverCallback(config), kind, **overrides)
 
 
-def losses(trainer) -> dict[int, float]:
-    return {row["step"]: row["loss"] for row in trainer.state.log_history if "loss" in row}
+losses = logged_losses
 
 
 @pytest.mark.parametrize("kind", ["fp32", "nf4"])

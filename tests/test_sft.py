@@ -172,13 +172,30 @@ def test_plain_lora_twin_trains_then_scores_adapter_and_base(workspace, tmp_path
     assert recorded["adapter"] is None and recorded["base"] == str(workspace / "model")
 
 
+def test_chained_cla_through_the_command_on_a_4bit_base(workspace, tmp_path, gsm8k_batch):
+    recipe = write_recipe(workspace, tmp_path, method="c3la", lora_over=None, load_in_4bit=True)
+    done = run_command(str(recipe), "--cla.chain_interval", "3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == "c3la" and summary["cla"] == {"rank": 24, "windows": 3}  # steps 3 and 6 of 8
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 24 and config["lora_alpha"] / config["r"] == 16 / 8  # rank 3 r, same scaling
+    keys = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert all(v.shape[0 if "lora_A" in k else 1] == 24 for k, v in keys.items())
+    assert (run / "checkpoint-4" / "cla_chain.json").is_file()
+
+
 BAD_INPUT = [
     ({"learning_rat": 1e-3}, [], "unknown key `learning_rat` (did you mean `learning_rate`?)"),
     ({}, ["--per_device_batch_size", "4"], "unknown flag `--per_device_batch_size` (did you mean"),
     ({"dataset_name": "missing/train.jsonl"}, [], "dataset_name: no such file or folder: missing/train.jsonl"),
     ({"dataset_columns": {"prompt": "{problem}"}}, [], "dataset_columns.prompt: column(s) ['problem'] not in"),
     ({"dataset_columns": None}, [], "but SFT needs `messages`, `prompt` + `completion`"),
-    ({"method": "lora_under"}, [], "method: 'lora_under' is not one of ['lora_over', 'lora']"),
+    ({"method": "lora_under"}, [], "method: 'lora_under' is not one of ['lora_over', 'lora', 'cla', 'rcla'"),
+    ({"method": "c3la"}, [], "lora_over: settings given but method is 'c3la'"),
+    ({"method": "c3la", "lora_over": None, "cla": {"chain_intervall": 2}}, [], "did you mean 'chain_interval'"),
+    ({"method": "cla", "lora_over": None}, ["--cla.method", "c3la"], "set the variant with the top-level `method`"),
     ({}, ["--lora_over.capacity", "-1"], "lora_over: "),
     ({}, ["--lora_over.schedul", "static"], "did you mean 'schedule'"),
     ({}, ["--resume_from_checkpoint", "true"], "resume_from_checkpoint: no checkpoint-N folder"),

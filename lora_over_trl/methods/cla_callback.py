@@ -1,0 +1,113 @@
+"""cLA / random cLA / c3LA / random c3LA in any ``Trainer`` or TRL ``SFTTrainer`` run: one callback.
+
+    trainer = SFTTrainer(..., peft_config=LoraConfig(r=16, ...), callbacks=[ClaCallback(ClaConfig(method="c3la"))])
+
+- ``on_init_end``: ``A`` becomes a fixed window (a gather), ``B`` restarts at zero, before the optimizer
+  exists (so ``A`` never enters it).
+- ``on_step_end`` / ``on_epoch_end`` (c3la, rc3la): every ``chain_interval`` steps or epochs, the current
+  ``B A`` is frozen, the window moves on and ``B`` restarts at zero with fresh optimizer state.
+- ``on_save``: ``checkpoint-N/cla_chain.json`` + ``cla_chain.safetensors`` (chain position, frozen ``B``s);
+  a resumed run rebuilds the chain before the Trainer loads the adapter (the same ``load_adapter`` hook as
+  LoRA-Over).
+- ``on_train_end``: collapse to a standard PEFT LoRA adapter of rank ``windows x r``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
+
+from ..callback import ScheduleSetupError
+from ..config import ClaConfig
+from ..patch import lora_modules
+from .cla import collapse_cla, install_cla, next_window, restore_chain
+
+__all__ = ["ClaCallback", "CHAIN_FILE", "CHAIN_TENSORS"]
+
+CHAIN_FILE = "cla_chain.json"
+CHAIN_TENSORS = "cla_chain.safetensors"
+
+
+class ClaCallback(TrainerCallback):
+    """Install cLA (or a chained variant), move the chain, and collapse it inside a Trainer run.
+
+    Args:
+        config: the :class:`ClaConfig`.
+
+    Raises:
+        ScheduleSetupError: at ``on_init_end`` when the model has no LoRA layers.
+    """
+
+    def __init__(self, config: ClaConfig) -> None:
+        self.config = config
+        self.offsets: dict[str, list[int]] = {}  # window offsets each module visits, in order
+        self.position = 0  # chain steps taken
+        self.rank: int | None = None  # adapter rank after the collapse
+        self.model = None
+        self.optimizer = None
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if not lora_modules(model, self.config.adapter_name):
+            raise ScheduleSetupError(
+                "ClaCallback: the model has no LoRA layers; pass peft_config=LoraConfig(...) to the trainer"
+            )
+        self.model = model
+        self.offsets = install_cla(model, self.config)
+        model.load_adapter = functools.partial(_load_adapter_with_chain, model.load_adapter, self)
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.optimizer = optimizer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        config = self.config
+        if config.chained and config.chain_unit == "steps" and state.global_step < state.max_steps:
+            if state.global_step % config.chain_interval == 0:
+                self._advance()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        config = self.config
+        if config.chained and config.chain_unit == "epochs" and state.global_step < state.max_steps:
+            if round(state.epoch) % config.chain_interval == 0:
+                self._advance()
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or not self.config.chained:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        layers = lora_modules(self.model, self.config.adapter_name)
+        tensors = {name: layer.lora_B[self.config.adapter_name].frozen.contiguous() for name, layer in layers.items()}
+        save_file(tensors, folder / CHAIN_TENSORS)
+        (folder / CHAIN_FILE).write_text(json.dumps({"method": self.config.method, "position": self.position}))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.config.collapse_on_train_end:
+            self.rank = collapse_cla(self.model, self.config.adapter_name)
+
+    def _advance(self) -> None:
+        """One chain step in every module; ``B``'s Adam moments belong to the window it leaves."""
+        self.position += 1
+        adapter = self.config.adapter_name
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        for name, layer in lora_modules(self.model, adapter).items():
+            offsets = self.offsets[name]
+            next_window(layer, adapter, offsets[self.position % len(offsets)])
+            if inner is not None:
+                inner.state.pop(layer.lora_B[adapter].weight, None)
+
+
+def _load_adapter_with_chain(original_load, callback: ClaCallback, model_id, adapter_name, *args, **kwargs):
+    """``PeftModel.load_adapter`` that first rebuilds the chain recorded in the checkpoint."""
+    folder = Path(model_id)
+    if (folder / CHAIN_FILE).is_file():
+        recorded = json.loads((folder / CHAIN_FILE).read_text())
+        if recorded["method"] != callback.config.method:
+            raise ValueError(f"{folder} holds a {recorded['method']} chain, not {callback.config.method}")
+        frozen = load_file(folder / CHAIN_TENSORS)
+        callback.position = recorded["position"]
+        for name, layer in lora_modules(callback.model, callback.config.adapter_name).items():
+            restore_chain(layer, callback.config.adapter_name, callback.offsets[name], callback.position, frozen[name])
+    return original_load(model_id, adapter_name, *args, **kwargs)
