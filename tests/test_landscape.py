@@ -103,7 +103,9 @@ def test_center_is_the_adapters_loss_computed_directly(run, tmp_path, tokenizer)
 
 def test_bad_input_is_one_line_and_exit_2(run, tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text('{"id": 1}\n[1, 2]\nnot json\n')
+    wide = save_tiny_llama(tmp_path / "wide", hidden_size=64)
     cases = [
+        (["--data", str(run / "test.jsonl"), "--base", wide], "cannot load"),
         (["--data", str(run / "test.jsonl"), "--grid", "1"], "--grid must be at least 2"),
         (["--data", str(tmp_path / "empty.jsonl")], "no usable rows"),
         (["--data", str(tmp_path / "absent.jsonl")], "is not a file"),
