@@ -28,6 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .errors import first_line, one_line
+
 __all__ = ["AnalysisError", "main", "spectrum_report"]
 
 
@@ -142,8 +144,9 @@ class BaseWeights:
 
             return Path(snapshot_download(name, allow_patterns=["*.safetensors", "*.json"]))
         except Exception as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise AnalysisError(f"base {name}: not a local folder and not available from the hub ({first})") from err
+            raise AnalysisError(
+                f"base {name}: not a local folder and not available from the hub ({first_line(err)})"
+            ) from err
 
     def weight(self, module: str, shape: tuple[int, int]):
         """``W0`` of ``module`` in float32 (after an NF4 round trip with ``load_in_4bit``)."""
@@ -329,7 +332,7 @@ def run_landscape(args: argparse.Namespace) -> Path:
     try:
         model, tokenizer = load_model(base, folder, loading)
     except (OSError, RuntimeError) as err:  # shapes that do not match, unreadable files
-        raise AnalysisError(f"cannot load {folder} on {base}: {' '.join(str(err).split())[:300]}") from err
+        raise AnalysisError(f"cannot load {folder} on {base}: {one_line(err)[:300]}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"  # prompts are masked from the left of each row

@@ -27,6 +27,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ from .patch import (
 from .schedule import SensitivityTracker, allocate, allocate_levels
 from .schedule.picture import draw_allocation
 
-__all__ = ["LoraOverCallback", "ScheduleSetupError"]
+__all__ = ["LoraOverCallback", "ScheduleSetupError", "restore_before_load"]
 
 logger = logging.getLogger(__name__)
 SCHEDULER_FILE = "lora_over_scheduler.json"
@@ -144,7 +145,7 @@ class LoraOverCallback(TrainerCallback):
                 self._record(0, "initial")
             else:
                 model.lora_over_config = config  # the pre-pass installs at on_train_begin
-        model.load_adapter = functools.partial(_load_adapter_with_layouts, model.load_adapter, self)
+        restore_before_load(model, self._restore)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         config = self.config
@@ -245,6 +246,10 @@ class LoraOverCallback(TrainerCallback):
             if last.get("resized"):
                 logs["lora_over/resized"] = len(last["resized"])
                 logs["lora_over/shrink_error"] = max(last["resized"].values())
+
+    def _restore(self, folder: Path) -> None:
+        if (folder / LAYOUT_FILE).is_file():
+            _restore_layouts(self, folder)
 
     # ---- the dynamic schedule -----------------------------------------------------------------------
 
@@ -447,12 +452,19 @@ def _accumulate(store: dict[str, list[torch.Tensor]], key: str, weight: torch.Te
         store[key] = [weight.detach(), grad.detach().clone()]
 
 
-def _load_adapter_with_layouts(original_load, callback: LoraOverCallback, model_id, adapter_name, *args, **kwargs):
-    """``PeftModel.load_adapter`` that first gives the model the layouts recorded in the checkpoint."""
-    folder = Path(model_id)
-    if (folder / LAYOUT_FILE).is_file():
-        _restore_layouts(callback, folder)
-    return original_load(model_id, adapter_name, *args, **kwargs)
+def restore_before_load(model: nn.Module, restore: Callable[[Path], None]) -> None:
+    """Make ``model.load_adapter`` run ``restore(checkpoint folder)`` first.
+
+    On resume the Trainer loads the checkpoint's adapter weights before any callback event: a callback that
+    changed the adapter's structure (cores, windows) rebuilds the recorded one here, so the weights fit it.
+    """
+    original = model.load_adapter
+
+    def load_adapter(model_id, adapter_name, *args, **kwargs):
+        restore(Path(model_id))
+        return original(model_id, adapter_name, *args, **kwargs)
+
+    model.load_adapter = load_adapter
 
 
 def _restore_layouts(callback: LoraOverCallback, folder: Path) -> None:

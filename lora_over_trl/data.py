@@ -12,10 +12,11 @@ template over columns::
 
 from __future__ import annotations
 
-import re
 import string
 from pathlib import Path
 from typing import Any
+
+from .errors import first_line
 
 __all__ = ["DataError", "LOCAL_BUILDERS", "load_local_or_hub", "map_columns", "check_format", "TARGETS"]
 
@@ -45,7 +46,7 @@ def load_local_or_hub(name: str, config: str | None = None, split: str = "train"
     except DataError:
         raise
     except Exception as err:  # hub/offline/format errors from `datasets`: report them in one line
-        raise DataError(f"dataset_name: cannot load {name!r} (split {split!r}): {_first_line(err)}") from err
+        raise DataError(f"dataset_name: cannot load {name!r} (split {split!r}): {first_line(err)}") from err
 
 
 def map_columns(dataset: Any, mapping: dict[str, str]) -> Any:
@@ -109,8 +110,3 @@ def _as_messages(turns: Any) -> list[dict[str, str]]:
             speaker = str(turn["from"]).lower()
             messages.append({"role": _SHAREGPT_ROLES.get(speaker, speaker), "content": turn["value"]})
     return messages
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return re.split(r"\n", text, maxsplit=1)[0]

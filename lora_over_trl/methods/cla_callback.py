@@ -14,14 +14,13 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-from ..callback import ScheduleSetupError
+from ..callback import ScheduleSetupError, restore_before_load
 from ..config import ClaConfig
 from ..patch import lora_modules
 from .cla import collapse_cla, install_cla, next_window, restore_chain
@@ -57,7 +56,7 @@ class ClaCallback(TrainerCallback):
             )
         self.model = model
         self.offsets = install_cla(model, self.config)
-        model.load_adapter = functools.partial(_load_adapter_with_chain, model.load_adapter, self)
+        restore_before_load(model, self._restore_chain)
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self.optimizer = optimizer
@@ -87,6 +86,18 @@ class ClaCallback(TrainerCallback):
         if self.config.collapse_on_train_end:
             self.rank = collapse_cla(self.model, self.config.adapter_name)
 
+    def _restore_chain(self, folder: Path) -> None:
+        """Rebuild the chain recorded in a checkpoint (nothing for a checkpoint without one)."""
+        if not (folder / CHAIN_FILE).is_file():
+            return
+        recorded = json.loads((folder / CHAIN_FILE).read_text())
+        if recorded["method"] != self.config.method:
+            raise ValueError(f"{folder} holds a {recorded['method']} chain, not {self.config.method}")
+        frozen = load_file(folder / CHAIN_TENSORS)
+        self.position = recorded["position"]
+        for name, layer in lora_modules(self.model, self.config.adapter_name).items():
+            restore_chain(layer, self.config.adapter_name, self.offsets[name], self.position, frozen[name])
+
     def _advance(self) -> None:
         """One chain step in every module; ``B``'s Adam moments belong to the window it leaves."""
         self.position += 1
@@ -97,17 +108,3 @@ class ClaCallback(TrainerCallback):
             next_window(layer, adapter, offsets[self.position % len(offsets)])
             if inner is not None:
                 inner.state.pop(layer.lora_B[adapter].weight, None)
-
-
-def _load_adapter_with_chain(original_load, callback: ClaCallback, model_id, adapter_name, *args, **kwargs):
-    """``PeftModel.load_adapter`` that first rebuilds the chain recorded in the checkpoint."""
-    folder = Path(model_id)
-    if (folder / CHAIN_FILE).is_file():
-        recorded = json.loads((folder / CHAIN_FILE).read_text())
-        if recorded["method"] != callback.config.method:
-            raise ValueError(f"{folder} holds a {recorded['method']} chain, not {callback.config.method}")
-        frozen = load_file(folder / CHAIN_TENSORS)
-        callback.position = recorded["position"]
-        for name, layer in lora_modules(callback.model, callback.config.adapter_name).items():
-            restore_chain(layer, callback.config.adapter_name, callback.offsets[name], callback.position, frozen[name])
-    return original_load(model_id, adapter_name, *args, **kwargs)
