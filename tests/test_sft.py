@@ -200,6 +200,7 @@ BAD_INPUT = [
     ({}, ["--lora_over.schedul", "static"], "did you mean 'schedule'"),
     ({}, ["--resume_from_checkpoint", "true"], "resume_from_checkpoint: no checkpoint-N folder"),
     ({"eval_tasks": "gsm9k"}, [], "eval_tasks/eval_args: unknown task(s) ['gsm9k']"),
+    ({"eval_tasks": "gsm8k", "eval_args": "--bogus 1"}, [], "eval_tasks/eval_args: unknown flag --bogus"),
     ({"lora_over": {"schedule": "dynamic", "budget": 1}}, [], "lora_over: LoraOverCallback: a budget of 1"),
 ]
 
