@@ -133,7 +133,7 @@ def install_cla(model: nn.Module, config: ClaConfig) -> dict[str, list[int]]:
             linear_b.weight.zero_()  # cLA starts from B = 0 (a no-op adapter)
         if config.chained:
             frozen = linear_b.weight.new_zeros(linear_b.out_features, 0)
-            layer.lora_B[config.adapter_name] = ChainedB(linear_b.weight, frozen.detach())
+            layer.lora_B[config.adapter_name] = ChainedB(linear_b.weight, frozen)
     return offsets
 
 

@@ -103,4 +103,4 @@ def allocate_levels(
     for group in types.values():
         chosen |= _levels(group, scores, costs, budget * sum(costs[n][-1] for n in group) / total)
     # what no type could use raises the best modules of any type
-    return _levels(names, {n: 0.0 for n in names} | scores, costs, budget, chosen)
+    return _levels(names, scores, costs, budget, chosen)
