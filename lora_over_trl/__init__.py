@@ -9,9 +9,9 @@ Example:
 
 from .callback import LoraOverCallback
 from .checkpoint import load_lora_over, save_lora_over
-from .config import CapacityRule, ClaConfig, LoraOverConfig
+from .config import CapacityRule, ClaConfig, GloraConfig, LoraOverConfig
 from .export import export_merged
-from .methods import ClaCallback
+from .methods import ClaCallback, GloraCallback, export_glora, search_glora
 from .patch import (
     apply_lora_over,
     collapse,
@@ -23,15 +23,19 @@ __all__ = [
     "CapacityRule",
     "ClaCallback",
     "ClaConfig",
+    "GloraCallback",
+    "GloraConfig",
     "LoraOverCallback",
     "LoraOverConfig",
     "apply_lora_over",
     "collapse",
+    "export_glora",
     "export_merged",
     "load_lora_over",
     "lora_over_parameter_groups",
     "over_parameterized_factors",
     "save_lora_over",
+    "search_glora",
 ]
 
 __version__ = "0.1.0"

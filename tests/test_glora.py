@@ -1,0 +1,344 @@
+"""GLoRA: the layer against its closed form (fp32, NF4), the merge and the LoRA adapter against the adapted
+model, the evolutionary search on a fitness with a known optimum, and training through a real SFTTrainer."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import gsm8k_dataset, load_base, logged_losses, logits, lora_config, sft_args
+from transformers import TrainerCallback
+
+from lora_over_trl.config import GloraConfig
+from lora_over_trl.methods import GloraCallback, export_glora, export_glora_lora, search_glora
+from lora_over_trl.methods.glora import (
+    TENSORS,
+    Choice,
+    choice_params,
+    fix_choices,
+    glora_modules,
+    install_glora,
+    sample_choices,
+)
+from lora_over_trl.methods.glora_export import _add_biases, lora_expressible
+from lora_over_trl.methods.glora_search import evolutionary_search
+
+
+@pytest.fixture(scope="module")
+def biased_llama_dir(tmp_path_factory) -> str:
+    """A one-layer Llama whose attention projections have biases (the MLP's do not): both kinds of layer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(11)
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=True,
+    )
+    path = tmp_path_factory.mktemp("biased_llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+def glora_model(path: str, kind: str = "fp32", ranks=(2, 4), seed: int = 0, **config):
+    """A PEFT model whose LoRA layers (r=4) are GLoRA layers, every stored weight drawn at random."""
+    from peft import get_peft_model
+
+    model = get_peft_model(load_base(path, kind), lora_config(r=4))
+    spaces = install_glora(model, GloraConfig(ranks=list(ranks), **config))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    return model, spaces
+
+
+def dense(option: str, down: torch.Tensor, up: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """A support tensor written out element by element's definition: a sum of outer products, a repeated
+    column, a constant matrix."""
+    down, up = down.detach().double(), up.detach().double()
+    if option == "none":
+        return torch.zeros(shape, dtype=torch.float64)
+    if option.startswith("lora"):
+        return sum(torch.outer(down[:, j], up[j]) for j in range(int(option[5:])))
+    if option == "vector":
+        return down[:, 0:1].expand(shape)
+    return torch.full(shape, float(down[0, 0]), dtype=torch.float64)
+
+
+def bias_vector(option: str, values: torch.Tensor, n: int) -> torch.Tensor:
+    if option == "none":
+        return torch.zeros(n, dtype=torch.float64)
+    values = values.detach().double()
+    return values if option == "vector" else torch.full((n,), float(values[0]), dtype=torch.float64)
+
+
+def expected_output(supernet, x: torch.Tensor) -> torch.Tensor:
+    """``x (W0 + W0 (.) A + B)^T + b0 + b0 (.) D + E + W0 C`` in float64, from dense tensors."""
+    c = supernet.choice
+    w0 = supernet.base_weight().double()
+    n_out, n_in = w0.shape
+    a = dense(c.A, supernet.a_down, supernet.a_up, (n_out, n_in))
+    b = dense(c.B, supernet.b_down, supernet.b_up, (n_out, n_in))
+    column = dense(c.C, supernet.c_down, supernet.c_up, (n_in, 1))[:, 0]
+    bias = bias_vector(c.E, supernet.e_values, n_out) + w0 @ column
+    if supernet.has_bias:
+        b0 = supernet.base.bias.double()
+        bias = bias + b0 + b0 * bias_vector(c.D, supernet.d_values, n_out)
+    return x.double() @ (w0 + w0 * a + b).T + bias
+
+
+def layer_inputs_outputs(model, input_ids) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    caught = {}
+    hooks = [
+        layer.register_forward_hook(lambda m, args, out, name=name: caught.__setitem__(name, (args[0], out)))
+        for name, layer in glora_modules(model).items()
+    ]
+    logits(model, input_ids)
+    for hook in hooks:
+        hook.remove()
+    return caught
+
+
+@pytest.mark.parametrize("kind", ["fp32", "nf4"])
+def test_every_choice_computes_the_closed_form(biased_llama_dir, kind):
+    model, spaces = glora_model(biased_llama_dir, kind)
+    input_ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(3))
+    rng, seen = random.Random(4), {t: set() for t in TENSORS}
+    for _ in range(12):
+        choices = sample_choices(spaces, rng)
+        fix_choices(model, choices)
+        for name, (x, y) in layer_inputs_outputs(model, input_ids).items():
+            supernet = glora_modules(model)[name].lora_A["default"]
+            expected = expected_output(supernet, x)
+            error = (y.double() - expected).abs().max() / expected.abs().max()
+            assert error < 1e-5, (name, supernet.choice, float(error))
+            for t in TENSORS:
+                seen[t].add(getattr(supernet.choice, t))
+    assert seen["A"] == {"lora_2", "lora_4", "vector", "scalar", "none"}
+    assert seen["D"] == {"vector", "scalar", "none"}  # on the biased attention layers
+
+
+def test_a_4bit_base_is_called_per_rank_instead_of_materializing_w0_times_a(biased_llama_dir):
+    model, _ = glora_model(biased_llama_dir, "nf4")
+    name, layer = next(iter(glora_modules(model).items()))
+    fix_choices(model, {n: Choice("lora_4", "none", "none", "none", "none") for n in glora_modules(model)})
+    shapes = []
+    hook = layer.get_base_layer().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    logits(model, torch.randint(0, 1000, (2, 5)))
+    hook.remove()
+    # the layer's own call, then one call on the 4 rank-scaled copies of the input: (batch, tokens, 4, in)
+    assert shapes[0] == (2, 5, 64) and shapes[1] == (2, 5, 4, 64)
+
+
+def test_fresh_glora_layers_are_a_no_op(biased_llama_dir):
+    from peft import get_peft_model
+
+    base_logits = logits(load_base(biased_llama_dir, "fp32"), torch.arange(1, 12)[None])
+    model = get_peft_model(load_base(biased_llama_dir, "fp32"), lora_config(r=4))
+    spaces = install_glora(model, GloraConfig())
+    for seed in range(3):  # every choice: zero down factors, D and E
+        fix_choices(model, sample_choices(spaces, random.Random(seed)))
+        assert torch.equal(logits(model, torch.arange(1, 12)[None]), base_logits)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "nf4"])
+def test_merged_folder_loads_in_stock_transformers_and_reproduces_the_adapted_model(
+    tiny_llama_dir, biased_llama_dir, tokenizer, kind, tmp_path
+):
+    from transformers import AutoModelForCausalLM
+
+    input_ids = torch.randint(0, 1000, (2, 11), generator=torch.Generator().manual_seed(8))
+    for path in (tiny_llama_dir, biased_llama_dir):
+        model, spaces = glora_model(path, kind, seed=5)
+        choices = sample_choices(spaces, random.Random(9))
+        # at least one bias-free MLP layer gains a bias from E, so the merge must switch `mlp_bias` on
+        mlp = next(n for n in choices if "mlp" in n)
+        choices[mlp] = choices[mlp]._replace(E="vector")
+        fix_choices(model, choices)
+        adapted = logits(model, input_ids)
+        out = export_glora(model, tmp_path / f"merged-{kind}-{len(path)}", tokenizer=tokenizer)
+        merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        assert merged.config.mlp_bias
+        attention_gains = any(c.C != "none" or c.E != "none" for n, c in choices.items() if "self_attn" in n)
+        assert merged.config.attention_bias == (attention_gains or path == biased_llama_dir)
+        torch.testing.assert_close(logits(merged, input_ids), adapted, rtol=0, atol=1e-5)
+
+
+def test_a_bias_no_config_switch_can_hold_is_refused(tiny_llama_dir):
+    base = load_base(tiny_llama_dir, "fp32")
+    with pytest.raises(ValueError, match="no config switch that gives lm_head a bias.*new_biases: false"):
+        _add_biases(base, {"lm_head": torch.ones(1000)})
+
+
+def test_b_only_choices_give_a_standard_peft_lora_adapter(tiny_llama_dir, tmp_path):
+    from peft import PeftModel
+
+    model, spaces = glora_model(tiny_llama_dir, seed=2)
+    options = ["lora_2", "lora_4", "vector", "scalar", "none"]
+    choices = {n: Choice("none", options[i % 5], "none", "none", "none") for i, n in enumerate(spaces)}
+    fix_choices(model, choices)
+    assert lora_expressible(model) is None
+    out = export_glora_lora(model, tmp_path / "adapter")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and set(config["rank_pattern"].values()) <= {1, 2}
+    loaded = PeftModel.from_pretrained(load_base(tiny_llama_dir, "fp32"), out)
+    input_ids = torch.randint(0, 1000, (2, 11), generator=torch.Generator().manual_seed(1))
+    # in float64 the two ways of computing the same function agree far below float32 rounding
+    torch.testing.assert_close(logits(loaded.double(), input_ids), logits(model.double(), input_ids), rtol=0, atol=1e-9)
+
+    choices[next(iter(choices))] = Choice("vector", "lora_2", "none", "none", "none")
+    fix_choices(model, choices)
+    assert "uses A" in lora_expressible(model)
+    assert export_glora_lora(model, tmp_path / "not-lora") is None
+    assert not (tmp_path / "not-lora").exists()
+
+
+def test_parameter_count_of_a_choice():
+    assert choice_params(Choice("lora_4", "vector", "lora_2", "scalar", "none"), 10, 6) == 4 * 16 + 10 + 2 * 7 + 1
+    assert choice_params(Choice("none", "scalar", "vector", "vector", "vector"), 10, 6) == 1 + 6 + 10 + 10
+
+
+def toy_spaces(n_layers: int = 6) -> dict[str, dict[str, list[str]]]:
+    space = {
+        "A": ["lora_4", "vector", "scalar", "none"],
+        "B": ["lora_4", "vector", "scalar", "none"],
+        "C": ["lora_4", "vector", "none"],
+        "D": ["vector", "scalar", "none"],
+        "E": ["vector", "scalar", "none"],
+    }
+    return {f"layer{i}": space for i in range(n_layers)}
+
+
+def test_search_finds_a_known_optimum_within_the_parameter_limit():
+    spaces = toy_spaces(4)
+    target = sample_choices(spaces, random.Random(0))
+
+    def params(choices):
+        return sum(choice_params(c, 10, 6) for c in choices.values())
+
+    limit = params(target) + 20
+    scored = []
+
+    def fitness(choices):  # how many support tensors agree with the target: the optimum is unique
+        scored.append(params(choices))
+        return sum(getattr(c, t) == getattr(target[n], t) for n, c in choices.items() for t in TENSORS)
+
+    config = GloraConfig(seed=1, param_limit=limit)  # the paper's population, generations, top-k, rates
+    result = evolutionary_search(spaces, fitness, params, config)
+    assert result.choices == target and result.fitness == 20
+    assert max(scored) <= limit and len(scored) == result.evaluations
+    best = [h["best_fitness"] for h in result.history]
+    assert len(best) == 20 and best == sorted(best)  # the best so far never gets worse
+    draws = [sample_choices(spaces, random.Random(10**6 + s)) for s in range(result.evaluations)]
+    assert max(map(fitness, draws)) < 20  # as many random draws do not find it
+    again = evolutionary_search(spaces, fitness, params, config)
+    assert again.choices == result.choices and again.history == result.history  # seeded
+
+
+def test_search_reports_a_limit_no_candidate_meets():
+    with pytest.raises(ValueError, match="param_limit"):
+        evolutionary_search(toy_spaces(), lambda c: 0.0, lambda c: 100, GloraConfig(param_limit=5))
+
+
+class RecordChoices(TrainerCallback):
+    def __init__(self, layers):
+        self.layers, self.drawn = layers, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.drawn.append(tuple(layer.lora_A["default"].choice for layer in self.layers.values()))
+
+
+def glora_trainer(base_dir, tokenizer, out, config, kind="fp32", **overrides):
+    from trl import SFTTrainer
+
+    from lora_over_trl.sft import _keep_cpu_4bit_layout
+
+    data = gsm8k_dataset(40)
+    model = load_base(base_dir, kind)
+    if kind == "nf4":  # the search scores in eval mode, where bitsandbytes would repack the weights on CPU
+        _keep_cpu_4bit_layout(model)
+    return SFTTrainer(
+        model=model,
+        args=sft_args(out, **overrides),
+        train_dataset=data.select(range(32)),
+        eval_dataset=data.select(range(32, 40)),
+        processing_class=tokenizer,
+        peft_config=lora_config(r=4),
+        callbacks=[GloraCallback(config)],
+    )
+
+
+@pytest.mark.parametrize("kind", ["fp32", "nf4"])
+def test_supernet_trains_then_search_and_merge(tiny_llama_dir, tokenizer, kind, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    search = dict(population=8, generations=4, top_k=3, mutation_count=3, crossover_count=3, search_batches=2)
+    trainer = glora_trainer(tiny_llama_dir, tokenizer, tmp_path / "run", GloraConfig(ranks=[2, 4], **search), kind)
+    layers = glora_modules(trainer.model)
+    recorder = RecordChoices(layers)
+    trainer.add_callback(recorder)  # after GloraCallback: sees each step's draw
+    trainer.train()
+    assert len(recorder.drawn) == 10 and len(set(recorder.drawn)) == 10  # a new draw every step
+    assert all(torch.isfinite(torch.tensor(v)) for v in logged_losses(trainer).values())
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    stored = [p for layer in layers.values() for p in layer.lora_A["default"].parameters()]
+    assert all(id(p) in optimized for p in stored)
+    assert all(layer.lora_A["default"].b_down.dtype == torch.float32 for layer in layers.values())
+    assert sum(float(layer.lora_A["default"].b_down.detach().abs().sum()) for layer in layers.values()) > 0
+
+    generations = []
+    result = search_glora(trainer, output_dir=tmp_path / "run", progress=generations.append)
+    assert len(generations) == 4 and result.evaluations >= 8
+    record = json.loads((tmp_path / "run" / "glora_search.json").read_text())
+    assert record["choices"] == {n: c._asdict() for n, c in result.choices.items()}
+    assert [h["best_fitness"] for h in record["history"]] == [g["best_fitness"] for g in generations]
+    # the chosen configuration's held-out loss is the fitness the search reported
+    assert all(layer.lora_A["default"].choice == result.choices[n] for n, layer in layers.items())
+    input_ids = torch.randint(0, 1000, (2, 11), generator=torch.Generator().manual_seed(2))
+    adapted = logits(trainer.model, input_ids)
+    merged = AutoModelForCausalLM.from_pretrained(export_glora(trainer.model, tmp_path / "merged"))
+    torch.testing.assert_close(logits(merged, input_ids), adapted, rtol=0, atol=1e-5)
+
+
+def test_resume_draws_and_trains_as_the_uninterrupted_run(tiny_llama_dir, tokenizer, tmp_path):
+    config = GloraConfig(seed=3)
+    full = glora_trainer(tiny_llama_dir, tokenizer, tmp_path / "full", config)
+    full.train()
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "full" / "checkpoint-4" / "adapter_model.safetensors", "pt") as saved:
+        keys = set(saved.keys())
+    for part in ("a_down", "a_up", "b_down", "b_up", "c_down", "c_up", "d_values", "e_values"):
+        assert f"base_model.model.model.layers.0.mlp.up_proj.lora_A.{part}" in keys  # PEFT saves every weight
+    resumed = glora_trainer(tiny_llama_dir, tokenizer, tmp_path / "resumed", GloraConfig(seed=3))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"))
+    expected, got = logged_losses(full), logged_losses(resumed)
+    for step in range(5, 11):
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), step
+    for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_ranks_above_the_stored_rank_are_refused(tiny_llama_dir, tokenizer, tmp_path):
+    from lora_over_trl.callback import ScheduleSetupError
+
+    with pytest.raises(ScheduleSetupError, match="glora.ranks: 8 exceeds the LoRA r \\(4\\)"):
+        glora_trainer(tiny_llama_dir, tokenizer, tmp_path / "x", GloraConfig(ranks=[2, 8]))
+
+
+def test_config_errors_name_every_bad_field():
+    with pytest.raises(ValueError) as err:
+        GloraConfig(ranks=[0], top_k=60, mutation_prob=1.5, param_limit=-1)
+    message = str(err.value)
+    for field in ("ranks", "top_k", "mutation_prob", "param_limit"):
+        assert f"`{field}`" in message
+    with pytest.raises(ValueError, match="did you mean 'population'"):
+        GloraConfig.from_dict({"populaton": 10})
