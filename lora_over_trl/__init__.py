@@ -11,7 +11,7 @@ from .callback import LoraOverCallback
 from .checkpoint import load_lora_over, save_lora_over
 from .config import CapacityRule, ClaConfig, GloraConfig, LoraOverConfig
 from .export import export_merged
-from .methods import ClaCallback, GloraCallback, export_glora, search_glora
+from .methods import ClaCallback, GloraCallback, export_glora, export_glora_lora, search_glora
 from .patch import (
     apply_lora_over,
     collapse,
@@ -30,6 +30,7 @@ __all__ = [
     "apply_lora_over",
     "collapse",
     "export_glora",
+    "export_glora_lora",
     "export_merged",
     "load_lora_over",
     "lora_over_parameter_groups",

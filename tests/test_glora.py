@@ -76,7 +76,7 @@ def dense(option: str, down: torch.Tensor, up: torch.Tensor, shape: tuple[int, i
 def bias_vector(option: str, values: torch.Tensor, n: int) -> torch.Tensor:
     if option == "none":
         return torch.zeros(n, dtype=torch.float64)
-    values = values.detach().double()
+    values = values.detach().double()[:, 0]
     return values if option == "vector" else torch.full((n,), float(values[0]), dtype=torch.float64)
 
 

@@ -186,6 +186,45 @@ def test_chained_cla_through_the_command_on_a_4bit_base(workspace, tmp_path, gsm
     assert (run / "checkpoint-4" / "cla_chain.json").is_file()
 
 
+def test_glora_through_the_command_on_a_4bit_base(workspace, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    search = {
+        "ranks": [4, 8],
+        "population": 6,
+        "generations": 3,
+        "top_k": 2,
+        "search_batches": 2,
+        "search_fraction": 0.25,
+    }
+    gsm8k = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+    scoring = {"eval_tasks": "gsm8k", "eval_args": f"--gsm8k_dir {gsm8k} --limit 2 --gen_kwargs max_gen_toks=8"}
+    recipe = write_recipe(
+        workspace, tmp_path, method="glora", lora_over=None, load_in_4bit=True, glora=search, **scoring
+    )
+    done = run_command(str(recipe), "--glora.mutation_count", "3", "--glora.crossover_count", "3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    record = json.loads((run / "glora_search.json").read_text())
+    assert summary["method"] == "glora" and summary["steps"] == 8
+    assert len(record["history"]) == 3 and record["config"]["population"] == 6 and record["config"]["ranks"] == [4, 8]
+    assert summary["glora"]["held_out_loss"] == pytest.approx(-record["fitness"])
+    assert summary["glora"]["params"] == record["params"] > 0
+    scored = json.loads((run / "eval" / "summary.json").read_text())
+    assert scored["base"] == str(run / "merged") and scored["adapter"] is None  # the merged model, as saved
+    assert summary["eval"]["adapter"]["gsm8k_local"]["sample_len"] == 2
+    # the merged folder is what stock transformers loads; adapter/ exists only for a LoRA-shaped choice
+    assert (run / "adapter").exists() == (summary["glora"]["not_lora"] is None)
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged")
+    gains_bias = [n for n, c in record["choices"].items() if c["C"] != "none" or c["E"] != "none"]
+    assert merged.config.mlp_bias == any("mlp" in n for n in gains_bias)
+    assert merged.config.attention_bias == any("self_attn" in n for n in gains_bias)
+    base = load_base(str(workspace / "model"), "nf4").dequantize()
+    changed = [n for n, c in record["choices"].items() if c["A"] != "none" or c["B"] != "none"]
+    assert any(not torch.equal(merged.get_submodule(n).weight, base.get_submodule(n).weight.float()) for n in changed)
+
+
 BAD_INPUT = [
     ({"learning_rat": 1e-3}, [], "unknown key `learning_rat` (did you mean `learning_rate`?)"),
     ({}, ["--per_device_batch_size", "4"], "unknown flag `--per_device_batch_size` (did you mean"),
@@ -197,6 +236,9 @@ BAD_INPUT = [
     ({"method": "c3la", "lora_over": None, "cla": {"chain_intervall": 2}}, [], "did you mean 'chain_interval'"),
     ({"method": "cla", "lora_over": None}, ["--cla.method", "c3la"], "set the variant with the top-level `method`"),
     ({}, ["--lora_over.capacity", "-1"], "lora_over: "),
+    ({"method": "glora", "lora_over": None, "glora": {"populaton": 4}}, [], "glora: unknown GloraConfig keys"),
+    ({"method": "glora", "lora_over": None}, ["--glora.ranks", "[16]"], "glora: glora.ranks: 16 exceeds the LoRA"),
+    ({"method": "glora", "lora_over": None, "max_length": 8}, [], "glora: no held-out row left for the search"),
     ({}, ["--lora_over.schedul", "static"], "did you mean 'schedule'"),
     ({}, ["--resume_from_checkpoint", "true"], "resume_from_checkpoint: no checkpoint-N folder"),
     ({"eval_tasks": "gsm9k"}, [], "eval_tasks/eval_args: unknown task(s) ['gsm9k']"),

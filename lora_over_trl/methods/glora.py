@@ -81,7 +81,8 @@ class GloraSupernet(nn.Module):
         self.a_down, self.a_up = zeros(n_out, rank), xavier(rank, n_in)
         self.b_down, self.b_up = zeros(n_out, rank), xavier(rank, n_in)
         self.c_down, self.c_up = zeros(n_in, rank), xavier(rank, 1)
-        self.d_values, self.e_values = zeros(n_out), zeros(n_out)
+        # columns, not 1-D: PEFT warns of unsharded ZeRO-3 weights at every save for a 1-D lora_ tensor
+        self.d_values, self.e_values = zeros(n_out, 1), zeros(n_out, 1)
         self.choice: Choice | None = None
 
     @property
@@ -189,8 +190,8 @@ def support(option: str, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def bias_support(option: str, values: torch.Tensor) -> torch.Tensor:
-    """D or E: ``vector`` (per output) or ``scalar`` (the first entry)."""
-    return values if option == "vector" else values[0]
+    """D or E (stored as a column): ``vector`` (per output) or ``scalar`` (the first entry)."""
+    return values[:, 0] if option == "vector" else values[0, 0]
 
 
 def search_space(layer: GloraSupernet, ranks: list[int], new_biases: bool = True) -> dict[str, list[str]]:

@@ -51,6 +51,7 @@ class GloraCallback(TrainerCallback):
         self.config = config
         self.spaces: dict[str, dict[str, list[str]]] = {}
         self.fixed = False  # set by search_glora: the chosen configuration stays
+        self.search: SearchResult | None = None  # search_glora's result
         self.model = None
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -96,7 +97,9 @@ def held_out_fitness(trainer: Any, dataset: Any = None, batches: int = 8) -> Cal
         batch = trainer._prepare_inputs(batch)
         kept.append({key: batch[key] for key in _MODEL_INPUTS if key in batch})
     if not kept:
-        raise ValueError("GLoRA search: the held-out data gives no batch")
+        raise ValueError(
+            "GLoRA search: the held-out data gives no batch (is it empty after the trainer's preparation?)"
+        )
     model = trainer.model
     adapter = _callback(trainer).config.adapter_name
 
@@ -142,7 +145,7 @@ def search_glora(
         fitness = held_out_fitness(trainer, dataset, config.search_batches)
     result = evolutionary_search(callback.spaces, fitness, callback.params, config, progress)
     fix_choices(trainer.model, result.choices, config.adapter_name)
-    callback.fixed = True
+    callback.fixed, callback.search = True, result
     if output_dir is not None:
         path = Path(output_dir) / SEARCH_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
