@@ -27,3 +27,5 @@ test: setup lint
 
 bench: setup
 	$(BIN)/python benches/bench_core.py
+	$(BIN)/python benches/bench_schedule.py
+	$(BIN)/python benches/bench_inference.py --threads 1

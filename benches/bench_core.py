@@ -136,7 +136,9 @@ def bench_steps(args: argparse.Namespace) -> None:
         )
 
 
-def bench_collapse(args: argparse.Namespace) -> None:
+def collapse_llama7b(rank: int, capacity: float, layers: int = 32, seed: int = 0) -> dict:
+    """Apply and collapse LoRA-Over on an adapter set shaped like Llama-2-7B (a meta-device base, factors of
+    random values, cores moved off their initialization as a stand-in for training); times and error."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -147,11 +149,41 @@ def bench_collapse(args: argparse.Namespace) -> None:
     config = LlamaConfig(
         hidden_size=4096,
         intermediate_size=11008,
-        num_hidden_layers=32,
+        num_hidden_layers=layers,
         num_attention_heads=32,
         num_key_value_heads=32,
         vocab_size=32000,
     )
+    with torch.device("meta"):
+        base = LlamaForCausalLM(config)
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(seed)
+    for layer in lora_modules(model).values():
+        for factor in (layer.lora_A["default"], layer.lora_B["default"]):
+            factor.to_empty(device="cpu")
+            factor.weight.data.copy_(torch.randn(factor.weight.shape, generator=gen) * 0.02)
+    begin = time.perf_counter()
+    report = apply_lora_over(model, LoraOverConfig(capacity=capacity))
+    apply_s = time.perf_counter() - begin
+    with torch.no_grad():
+        for factor in over_parameterized_factors(model).values():
+            for core in factor.cores:
+                core.add_(torch.randn(core.shape, generator=gen) * 0.01)
+    begin = time.perf_counter()
+    error = max(collapse(model).values())
+    return {
+        "modules": len(report.layouts),
+        "lora_params": report.lora_params,
+        "aux_params": report.aux_params,
+        "apply_s": apply_s,
+        "collapse_s": time.perf_counter() - begin,
+        "error": error,
+    }
+
+
+def bench_collapse(args: argparse.Namespace) -> None:
+    import torch
+
     print(
         f"\ncollapse, Llama-2-7B shapes, r=16 on q/k/v/o/gate/up/down, {args.repeats} repeats, "
         f"{torch.get_num_threads()} threads"
@@ -161,29 +193,12 @@ def bench_collapse(args: argparse.Namespace) -> None:
         f"{'max rel err':>13}"
     )
     for capacity in args.capacities:
-        applies, collapses, errors = [], [], []
-        for repeat in range(args.repeats):
-            with torch.device("meta"):
-                base = LlamaForCausalLM(config)
-            model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-            gen = torch.Generator().manual_seed(repeat)
-            for layer in lora_modules(model).values():
-                for factor in (layer.lora_A["default"], layer.lora_B["default"]):
-                    factor.to_empty(device="cpu")
-                    factor.weight.data.copy_(torch.randn(factor.weight.shape, generator=gen) * 0.02)
-            begin = time.perf_counter()
-            report = apply_lora_over(model, LoraOverConfig(capacity=capacity))
-            applies.append(time.perf_counter() - begin)
-            with torch.no_grad():  # stand-in for training: move every core off its initialization
-                for factor in over_parameterized_factors(model).values():
-                    for core in factor.cores:
-                        core.add_(torch.randn(core.shape, generator=gen) * 0.01)
-            begin = time.perf_counter()
-            errors.append(max(collapse(model).values()))
-            collapses.append(time.perf_counter() - begin)
+        runs = [collapse_llama7b(16, capacity, seed=repeat) for repeat in range(args.repeats)]
+        first = runs[0]
         print(
-            f"{capacity:>9g}{len(report.layouts):>9}{report.lora_params:>14,}{report.aux_params:>14,}"
-            f"{statistics.median(applies):>9.2f}{statistics.median(collapses):>11.2f}{max(errors):>13.2e}"
+            f"{capacity:>9g}{first['modules']:>9}{first['lora_params']:>14,}{first['aux_params']:>14,}"
+            f"{statistics.median(r['apply_s'] for r in runs):>9.2f}"
+            f"{statistics.median(r['collapse_s'] for r in runs):>11.2f}{max(r['error'] for r in runs):>13.2e}"
         )
 
 
