@@ -107,7 +107,7 @@ def layer_inputs_outputs(model, input_ids) -> dict[str, tuple[torch.Tensor, torc
     return caught
 
 
-@pytest.mark.parametrize("kind", ["fp32", "nf4"])
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "nf4"])
 def test_every_choice_computes_the_closed_form(biased_llama_dir, kind):
     model, spaces = glora_model(biased_llama_dir, kind)
     input_ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(3))
@@ -119,7 +119,8 @@ def test_every_choice_computes_the_closed_form(biased_llama_dir, kind):
             supernet = glora_modules(model)[name].lora_A["default"]
             expected = expected_output(supernet, x)
             error = (y.double() - expected).abs().max() / expected.abs().max()
-            assert error < 1e-5, (name, supernet.choice, float(error))
+            # bf16: the layer's output is rounded to bfloat16 (relative 2^-8)
+            assert error < (1e-2 if kind == "bf16" else 1e-5), (name, supernet.choice, float(error))
             for t in TENSORS:
                 seen[t].add(getattr(supernet.choice, t))
     assert seen["A"] == {"lora_2", "lora_4", "vector", "scalar", "none"}
