@@ -27,3 +27,29 @@ def test_bench_methods_quick():
     assert done.returncode == 0, done.stderr[-4000:]
     table = done.stdout.split("method ")[-1].splitlines()
     assert [row.split()[0] for row in table[1:4]] == ["lora", "c3la", "glora"], done.stdout
+
+
+def _quick(script: str, tmp_path) -> str:
+    cmd = [sys.executable, str(ROOT / "benches" / script), "--quick", "--out", str(tmp_path / "out")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "FAILED" not in done.stderr, done.stderr[-4000:]
+    for picture in ("sweep.png", "loss_curves_4.png", "final_4.png"):
+        assert (tmp_path / "out" / picture).stat().st_size > 0
+    return done.stdout
+
+
+def test_bench_quality_quick(tmp_path):
+    """benches/bench_quality.py --quick: a tiny Llama through sweep and final (no quality checked)."""
+    out = _quick("bench_quality.py", tmp_path)
+    assert "| method | lr 0.001 | lr 0.01 | best lr |" in out, out
+    assert "| method | lr | test answer NLL mean ± std | Δ vs lora | verdict |" in out, out
+    assert "| lora_over_static |" in out.split("## Final")[-1], out
+
+
+def test_bench_quality_cls_quick(tmp_path):
+    """benches/bench_quality_cls.py --quick: a tiny BERT classifier through sweep and final."""
+    out = _quick("bench_quality_cls.py", tmp_path)
+    assert "| method | lr 0.001 | lr 0.01 | best lr |" in out, out
+    assert "| method | lr | accuracy mean ± std | Δ vs lora | verdict |" in out, out
+    assert "| lora_over_static |" in out.split("## Final")[-1], out

