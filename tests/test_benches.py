@@ -43,7 +43,7 @@ def test_bench_quality_quick(tmp_path):
     """benches/bench_quality.py --quick: a tiny Llama through sweep and final (no quality checked)."""
     out = _quick("bench_quality.py", tmp_path)
     assert "| method | lr 0.001 | lr 0.01 | best lr |" in out, out
-    assert "| method | lr | test answer NLL mean ± std | Δ vs lora | verdict |" in out, out
+    assert "| method | lr | answer NLL mean ± std | Δ vs lora | verdict |" in out, out
     assert "| lora_over_static |" in out.split("## Final")[-1], out
 
 
