@@ -301,8 +301,22 @@ def test_supernet_trains_then_search_and_merge(tiny_llama_dir, tokenizer, kind, 
     record = json.loads((tmp_path / "run" / "glora_search.json").read_text())
     assert record["choices"] == {n: c._asdict() for n, c in result.choices.items()}
     assert [h["best_fitness"] for h in record["history"]] == [g["best_fitness"] for g in generations]
-    # the chosen configuration's held-out loss is the fitness the search reported
     assert all(layer.lora_A["default"].choice == result.choices[n] for n, layer in layers.items())
+    # the chosen configuration's held-out loss, summed over target tokens by hand, is the reported fitness
+    total, count = 0.0, 0
+    trainer.model.eval()
+    with torch.no_grad():
+        for index, batch in enumerate(trainer.get_eval_dataloader()):
+            if index == 2:  # search_batches
+                break
+            out = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            targets = batch["labels"][:, 1:]
+            losses = torch.nn.functional.cross_entropy(
+                out.logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=-100, reduction="sum"
+            )
+            total, count = total + float(losses), count + int((targets != -100).sum())
+    trainer.model.train()
+    assert -result.fitness == pytest.approx(total / count, rel=1e-5)
     input_ids = torch.randint(0, 1000, (2, 11), generator=torch.Generator().manual_seed(2))
     adapted = logits(trainer.model, input_ids)
     merged = AutoModelForCausalLM.from_pretrained(export_glora(trainer.model, tmp_path / "merged"))
@@ -343,3 +357,44 @@ def test_config_errors_name_every_bad_field():
         assert f"`{field}`" in message
     with pytest.raises(ValueError, match="did you mean 'population'"):
         GloraConfig.from_dict({"populaton": 10})
+
+
+def test_search_fitness_on_a_classifier_keeps_token_type_ids_and_weights_examples(tmp_path):
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+    from lora_over_trl.methods.glora_callback import held_out_fitness
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    lora = LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")
+    model = get_peft_model(BertForSequenceClassification(config), lora)
+    rows = [
+        {"input_ids": [1, 5 + i, 7, 9 + i, 2], "token_type_ids": [0, 0, 0, 1, 1], "labels": i % 2} for i in range(6)
+    ]
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, per_device_eval_batch_size=1, report_to=[])
+    trainer = Trainer(
+        model=model, args=args, eval_dataset=Dataset.from_list(rows), callbacks=[GloraCallback(GloraConfig())]
+    )
+    spaces = next(c for c in trainer.callback_handler.callbacks if isinstance(c, GloraCallback)).spaces
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                param.normal_(0, 0.1)
+    choices = sample_choices(spaces, random.Random(0))
+    fitness = held_out_fitness(trainer, batches=6)(choices)
+    model.eval()
+    with torch.no_grad():
+        losses = [
+            float(
+                model(
+                    **{k: torch.tensor([v]) for k, v in row.items() if k != "labels"},
+                    labels=torch.tensor([row["labels"]]),
+                ).loss
+            )
+            for row in rows
+        ]
+    assert -fitness == pytest.approx(sum(losses) / len(losses), rel=1e-6)  # batch 1: each example weighs one

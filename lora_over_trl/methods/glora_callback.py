@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
@@ -33,7 +34,6 @@ from .glora_search import SearchResult, evolutionary_search
 __all__ = ["SEARCH_FILE", "GloraCallback", "held_out_fitness", "search_glora"]
 
 SEARCH_FILE = "glora_search.json"
-_MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
 
 
 class GloraCallback(TrainerCallback):
@@ -87,20 +87,23 @@ class GloraCallback(TrainerCallback):
 
 
 def held_out_fitness(trainer: Any, dataset: Any = None, batches: int = 8) -> Callable[[dict[str, Choice]], float]:
-    """Minus the token-weighted mean loss of the first ``batches`` batches of ``dataset`` (the trainer's eval
-    dataloader, collator included), under a given configuration. The batches are read once and kept."""
+    """Minus the mean loss of the first ``batches`` batches of ``dataset`` (the trainer's eval dataloader,
+    collator included), under a given configuration, weighted by target tokens (causal LM) or examples
+    (classification). The batches are read once and kept."""
     loader = trainer.get_eval_dataloader(dataset)
+    model = trainer.model
+    # what the model's forward takes by name (token_type_ids for BERT; not TRL's completion_mask)
+    accepted = set(inspect.signature(model.get_base_model().forward).parameters)
     kept = []
     for index, batch in enumerate(loader):
         if index == batches:
             break
         batch = trainer._prepare_inputs(batch)
-        kept.append({key: batch[key] for key in _MODEL_INPUTS if key in batch})
+        kept.append({key: value for key, value in batch.items() if key in accepted})
     if not kept:
         raise ValueError(
             "GLoRA search: the held-out data gives no batch (is it empty after the trainer's preparation?)"
         )
-    model = trainer.model
     adapter = _callback(trainer).config.adapter_name
 
     @torch.no_grad()
@@ -110,7 +113,11 @@ def held_out_fitness(trainer: Any, dataset: Any = None, batches: int = 8) -> Cal
         model.eval()
         total, tokens = 0.0, 0
         for batch in kept:
-            count = int((batch["labels"][..., 1:] != -100).sum())  # the causal-LM loss averages these
+            labels = batch["labels"]
+            if labels.shape == batch["input_ids"].shape:  # causal LM: the loss averages the shifted targets
+                count = int((labels[..., 1:] != -100).sum())
+            else:  # one label per example (classification)
+                count = labels.shape[0]
             total += float(model(**batch).loss) * count
             tokens += count
         model.train(was_training)
