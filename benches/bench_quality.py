@@ -45,8 +45,10 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,6 +169,15 @@ def run_arm(bench: Bench, spec: dict, out: Path, log: Callable[[str], None]) -> 
     return result
 
 
+def run_arms(bench: Bench, specs: list[dict], out: Path, log: Callable[[str], None], jobs: int) -> list[dict]:
+    """``run_arm`` for every spec, ``jobs`` worker processes at a time; results in the order of ``specs``."""
+    if jobs <= 1:
+        return [run_arm(bench, spec, out, log) for spec in specs]
+    # Threads only wait on worker subprocesses, so the GIL costs nothing here.
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(lambda spec: run_arm(bench, spec, out, log), specs))
+
+
 def worker_error(log_path: Path, returncode: int) -> str:
     """One line saying why a worker failed: the exception it raised, or the signal that ended it."""
     if returncode < 0:
@@ -200,13 +211,15 @@ def best_lr(results: dict[float, dict], metric: Metric, tiebreak: Metric | None 
 
 def sweep(bench: Bench, args: argparse.Namespace, out: Path, log: Callable[[str], None]) -> dict:
     """Every method x lr on the validation split at the sweep seed; writes ``sweep.json``."""
-    table: dict[str, dict[float, dict]] = {}
+    specs = {}
     for method in args.methods:
-        table[method] = {}
         for lr in args.lrs:
             spec = bench.spec(args, method, lr, args.sweep_seed, args.steps, "validation")
-            spec["save_adapter"] = bench.can_reuse(method)
-            table[method][lr] = run_arm(bench, spec, out, log)
+            specs[method, lr] = {**spec, "save_adapter": bench.can_reuse(method)}
+    done = run_arms(bench, list(specs.values()), out, log, args.jobs)
+    table: dict[str, dict[float, dict]] = {method: {} for method in args.methods}
+    for (method, lr), result in zip(specs, done, strict=True):
+        table[method][lr] = result
     summary = {"steps": args.steps, "seed": args.sweep_seed, "lrs": args.lrs, "metric": bench.selection.key}
     summary["methods"] = {}
     for method, results in table.items():
@@ -231,14 +244,13 @@ def final(
     if not path.is_file():
         raise SystemExit(f"{path} missing: run --phase sweep first (same --out)")
     chosen = json.loads(path.read_text())
-    results: dict[str, list[dict]] = {}
+    specs: list[tuple[str, dict]] = []
     for method in args.methods:
         entry = chosen["methods"].get(method)
         if entry is None or entry["best_lr"] is None:
             log(f"{method}: no best lr in {path} (not swept, or every sweep run failed); skipped")
             continue
         lr = entry["best_lr"]
-        results[method] = []
         for seed in args.seeds:
             spec = bench.spec(args, method, lr, seed, steps, "test")
             sweep_spec = bench.spec(args, method, lr, seed, chosen["steps"], "validation")
@@ -251,7 +263,10 @@ def final(
                 and (adapter / "adapter_config.json").is_file()
             ):
                 spec["reuse"] = str(sweep_run)
-            results[method].append(run_arm(bench, spec, out, log))
+            specs.append((method, spec))
+    results: dict[str, list[dict]] = {}
+    for (method, _), result in zip(specs, run_arms(bench, [s for _, s in specs], out, log, args.jobs), strict=True):
+        results.setdefault(method, []).append(result)
     return results
 
 
@@ -387,8 +402,11 @@ def orchestrate(bench: Bench, args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    lock = threading.Lock()  # --jobs: whole lines from concurrent runs
+
     def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        with lock:
+            print(message, file=sys.stderr, flush=True)
 
     began = time.time()
     sweep_result = sweep(bench, args, out, log) if args.phase in ("sweep", "all") else None
@@ -1002,6 +1020,7 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, help="training rows per step")
     parser.add_argument("--rank", type=int, help="LoRA r (the collapsed adapter's rank for every method)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each a process of --threads threads)")
     parser.add_argument("--out", help="results folder (resumable)")
     parser.add_argument(
         "--glora-search", type=int, nargs=2, metavar=("POPULATION", "GENERATIONS"), help="GLoRA's search, small for CPU"
