@@ -146,6 +146,7 @@ def worker(arm: str, steps: int, quick: bool) -> dict:
         "step_s": statistics.median(timer.times[2:]),
         "train_bytes": total - start_mem,
         "total_bytes": total,
+        "loaded_bytes": start_mem,
         "trainable": timer.trainable,
         "device": device,
     }
@@ -178,11 +179,12 @@ def main() -> None:
     )
     print(
         "train MiB: peak above the loaded model; total MiB: whole-process peak (CPU: resident set; CUDA: max "
-        "allocated); trainable: parameters that train in the last step (before any collapse)"
+        "allocated); loaded MiB: the model before training (the same code in every arm);\n"
+        "trainable: parameters that train in the last step (before any collapse)"
     )
     print(
         f"{'method':<19}{'trainable':>12}{'step s':>9}{'x LoRA':>8}{'train MiB':>11}{'x LoRA':>8}"
-        f"{'total MiB':>11}{'x LoRA':>8}"
+        f"{'total MiB':>11}{'x LoRA':>8}{'loaded MiB':>12}"
     )
     for arm in arms:
         print(
@@ -192,6 +194,7 @@ def main() -> None:
             f"{median(arm, 'train_bytes') / median('lora', 'train_bytes'):>8.3f}"
             f"{median(arm, 'total_bytes') / 2**20:>11.1f}"
             f"{median(arm, 'total_bytes') / median('lora', 'total_bytes'):>8.3f}"
+            f"{median(arm, 'loaded_bytes') / 2**20:>12.1f}"
         )
 
 

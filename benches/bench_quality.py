@@ -162,10 +162,13 @@ def run_arm(bench: Bench, spec: dict, out: Path, log: Callable[[str], None]) -> 
     if done.returncode != 0 or not path.is_file():
         result = {"spec": spec, "error": worker_error(log_path, done.returncode), "log": str(log_path)}
         path.write_text(json.dumps(result, indent=1))
-        log(f"  FAILED after {time.time() - began:.0f} s: {result['error']} (see {log_path})")
+        log(f"  {run_key(spec)} FAILED after {time.time() - began:.0f} s: {result['error']} (see {log_path})")
         return result
     result = json.loads(path.read_text())
-    log(f"  {time.time() - began:.0f} s: " + ", ".join(f"{k}={fmt(v)}" for k, v in result["scores"].items()))
+    log(
+        f"  {run_key(spec)} {time.time() - began:.0f} s: "
+        + ", ".join(f"{k}={fmt(v)}" for k, v in result["scores"].items())
+    )
     return result
 
 
