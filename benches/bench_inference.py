@@ -47,6 +47,7 @@ from pathlib import Path
 
 from alternate import run_alternating
 from bench_core import collapse_llama7b
+from tiny_model import save_tiny_llama
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 INFERENCE_ARMS = ["infer:base", "infer:lora", "infer:collapsed", "infer:merged"]
@@ -57,28 +58,6 @@ INFERENCE_REF = {"base": "base", "lora": "base", "collapsed": "lora", "merged": 
 def gsm8k(split: str, n: int) -> list[dict]:
     with (DATA / f"{split}.jsonl").open() as handle:
         return [json.loads(line) for _, line in zip(range(n), handle, strict=False)]
-
-
-def save_tiny_llama(path: str | Path) -> str:
-    """The --quick model: a randomly initialized two-layer Llama (vocab 512) saved as a model folder."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1234)
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=1,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    return str(path)
 
 
 def model_folder(args: argparse.Namespace) -> str:
@@ -443,7 +422,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         if args.quick and not args.model_dir:
-            args.model_dir = save_tiny_llama(Path(scratch) / "tiny-llama")
+            args.model_dir = save_tiny_llama(Path(scratch) / "tiny-llama", hidden_size=64)
         if args.section in ("all", "inference"):
             bench_inference(args)
         if args.section in ("all", "scaling"):

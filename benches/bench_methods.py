@@ -60,13 +60,10 @@ def load_model(quick: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     if quick:
-        import sys
-
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from conftest import save_tiny_llama, train_tokenizer
+        from tiny_model import save_tiny_llama
 
         folder = save_tiny_llama(tempfile.mkdtemp(prefix="bench-methods-"))
-        return AutoModelForCausalLM.from_pretrained(folder), train_tokenizer(), "cpu"
+        return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), "cpu"
     from lora_over_trl.smollm2 import smollm2_folder
 
     cuda = torch.cuda.is_available()

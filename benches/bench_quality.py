@@ -52,6 +52,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tiny_model import save_tiny_llama
+
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 METHODS = ["lora", "lora_over_static", "lora_over_dynamic", "cla", "c3la", "glora"]
@@ -920,43 +922,6 @@ def write_json(path: Path, payload: dict) -> None:
 # ---- the tiny model of --quick ----------------------------------------------------------------------------------
 
 
-def tiny_llama(folder: Path) -> Path:
-    """A two-layer Llama (vocab 1000, random weights) and a byte-level BPE tokenizer trained here on GSM8K text,
-    as tests/conftest.py builds them; saved once into ``folder``."""
-    if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
-        return folder
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    rows = gsm8k_rows("train")[:2000]
-    bpe.train_from_iterator([r["question"] + "\n" + r["answer"] for r in rows], trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
-    )
-    torch.manual_seed(1234)
-    config = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 # ---- command line -------------------------------------------------------------------------------------------
 
 
@@ -1065,7 +1030,7 @@ def main() -> None:
         if getattr(args, key, None) is None or (key == "seeds" and args.quick and "--seeds" not in sys.argv):
             setattr(args, key, value)
     if args.quick and args.model_dir is None:
-        args.model_dir = str(tiny_llama(Path(args.out) / "tiny-llama"))
+        args.model_dir = save_tiny_llama(Path(args.out) / "tiny-llama")
     elif args.model_dir is None:
         from lora_over_trl.smollm2 import smollm2_folder
 
