@@ -29,7 +29,17 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "trai
 
 
 def peak_rss_reset() -> int:
-    """Reset the kernel's resident-set high-water mark; returns the current RSS in bytes."""
+    """Reset the kernel's resident-set high-water mark; returns the current RSS in bytes.
+
+    glibc's heap is trimmed first: loading a model leaves freed transients (the 4-bit quantization's) that the
+    allocator may or may not have returned to the OS, which moved the loaded resident set by ~200 MiB between
+    identical processes and with it every whole-process peak.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
     return _status_kb("VmRSS") * 1024
 
