@@ -127,16 +127,66 @@ def test_every_choice_computes_the_closed_form(biased_llama_dir, kind):
     assert seen["D"] == {"vector", "scalar", "none"}  # on the biased attention layers
 
 
-def test_a_4bit_base_is_called_per_rank_instead_of_materializing_w0_times_a(biased_llama_dir):
-    model, _ = glora_model(biased_llama_dir, "nf4")
-    name, layer = next(iter(glora_modules(model).items()))
+def _lora_a_only(model) -> tuple[str, torch.nn.Module]:
     fix_choices(model, {n: Choice("lora_4", "none", "none", "none", "none") for n in glora_modules(model)})
-    shapes = []
-    hook = layer.get_base_layer().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
-    logits(model, torch.randint(0, 1000, (2, 5)))
-    hook.remove()
-    # the layer's own call, then one call on the 4 rank-scaled copies of the input: (batch, tokens, 4, in)
-    assert shapes[0] == (2, 5, 64) and shapes[1] == (2, 5, 4, 64)
+    name, layer = next(iter(glora_modules(model).items()))
+    return name, layer.lora_A["default"]
+
+
+def test_4bit_w0_times_a_gradients_match_a_float64_dense_computation(biased_llama_dir):
+    """The fused 4-bit path (W0 dequantized inside forward and backward) against autograd on dense float64."""
+    model, _ = glora_model(biased_llama_dir, "nf4")
+    _, supernet = _lora_a_only(model)
+    generator = torch.Generator().manual_seed(21)
+    x = torch.randn(2, 5, supernet.in_features, generator=generator, requires_grad=True)
+    weights = torch.randn(2, 5, supernet.out_features, generator=generator)
+    (supernet(x) * weights).sum().backward()
+
+    w0 = supernet.base_weight().double()
+    x64 = x.detach().double().requires_grad_()
+    down = supernet.a_down.detach().double().requires_grad_()
+    up = supernet.a_up.detach().double().requires_grad_()
+    product = x64 @ (w0 * (down[:, :4] @ up[:4])).T
+    (product * weights.double()).sum().backward()
+    for ours, reference in ((x.grad, x64.grad), (supernet.a_down.grad, down.grad), (supernet.a_up.grad, up.grad)):
+        assert reference.abs().max() > 0
+        error = (ours.double() - reference).abs().max() / reference.abs().max()
+        assert error < 1e-5, float(error)
+
+
+def test_4bit_path_keeps_nothing_of_weight_size_for_backward(biased_llama_dir):
+    """Only x and the rank-k factors are saved: no dense W0, no W0 (.) A between forward and backward."""
+    model, _ = glora_model(biased_llama_dir, "nf4")
+    _, supernet = _lora_a_only(model)
+    saved = []
+    x = torch.randn(2, 5, supernet.in_features, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        out = supernet(x)
+    out.sum().backward()
+    weight_size = supernet.out_features * supernet.in_features
+    assert saved and all(torch.Size(shape).numel() < weight_size for shape in saved), saved
+    assert supernet.a_up.grad.abs().sum() > 0
+
+
+def test_4bit_weights_repacked_for_cpu_inference_still_give_the_closed_form(biased_llama_dir):
+    """After bitsandbytes repacked W0 (an eval forward on an AVX512-BF16 CPU) the layer calls the base layer."""
+    import bitsandbytes.functional as bnb_functional
+    from bitsandbytes.nn.modules import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("bitsandbytes repacks 4-bit weights only on CPUs with AVX512-BF16")
+
+    model, _ = glora_model(biased_llama_dir, "nf4")
+    _, supernet = _lora_a_only(model)
+    x = torch.randn(3, supernet.in_features, generator=torch.Generator().manual_seed(5))
+    a = supernet.a_down.detach().double()[:, :4] @ supernet.a_up.detach().double()[:4]
+    expected = x.double() @ (supernet.base_weight().double() * a).T
+    weight = supernet.base.weight
+    weight.data, weight.quant_state = bnb_functional._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    with torch.no_grad():
+        got = supernet(x)
+    error = (got.double() - expected).abs().max() / expected.abs().max()
+    assert error < 5e-3, float(error)  # the packed kernel computes in bfloat16
 
 
 def test_fresh_glora_layers_are_a_no_op(biased_llama_dir):

@@ -11,7 +11,9 @@ One set of stored weights per layer serves every choice (the supernet); a zero `
 the adapter a no-op at the start. The layer stays PEFT's: :class:`GloraSupernet` takes the ``lora_A`` slot and
 returns the whole update, ``lora_B`` becomes the identity and the scaling 1, so PEFT's forward (dropout, dtype
 handling, 4-bit layers) and its checkpoints (every key holds ``lora_``) keep working. On a 4-bit base
-``(W0 (.) A) x`` is never materialized: ``sum_k A_d[:, k] * W0 (A_u[k] * x)``, ``R`` more calls of the base layer.
+``(W0 (.) A) x`` is computed as bitsandbytes computes ``W0 x``: ``W0`` dequantized for the matmul and dropped
+right after, in forward and again in backward, so nothing of weight size is kept between them (see
+:class:`_MaskedQuantizedLinear`).
 """
 
 from __future__ import annotations
@@ -102,9 +104,7 @@ class GloraSupernet(nn.Module):
         """``W0`` as a dense tensor (dequantized on a 4-bit base)."""
         weight = self.base.weight
         if self.quantized:
-            import bitsandbytes.functional as bnb_functional
-
-            return bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+            return _dequantize(weight, weight.quant_state.dtype)
         return weight.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,8 +114,15 @@ class GloraSupernet(nn.Module):
         update = x.new_zeros(())
         if choice.A.startswith("lora") and self.quantized:
             k = _rank(choice.A)
-            scaled = x.unsqueeze(-2) * self.a_up[:k]  # (..., k, in): A_u[k] * x, one base call for all k
-            update = update + torch.einsum("...ko,ok->...o", self._w0_times(scaled), self.a_down[:, :k])
+            if getattr(self.base.weight.quant_state, "packing_format_for_cpu", False):
+                # An eval forward on an AVX512-BF16 CPU repacked W0 into a layout only bitsandbytes' own matmul
+                # reads: one base call on the k rank-scaled copies of x, (..., k, in).
+                scaled = x.unsqueeze(-2) * self.a_up[:k]
+                update = update + torch.einsum("...ko,ok->...o", self._w0_times(scaled), self.a_down[:, :k])
+            else:
+                dtype = getattr(self.base, "compute_dtype", None) or x.dtype  # the base layer's matmul dtype
+                a_down, a_up = self.a_down[:, :k], self.a_up[:k]
+                update = update + _MaskedQuantizedLinear.apply(x.to(dtype), a_down, a_up, self.base.weight).to(x.dtype)
         elif choice.A.startswith("lora"):
             weight = self.base.weight
             factor = support(choice.A, self.a_down, self.a_up).to(weight.dtype)
@@ -175,6 +182,49 @@ class GloraSupernet(nn.Module):
         if choice.E != "none":
             terms.append(torch.broadcast_to(bias_support(choice.E, p["e_values"]), (w0.shape[0],)))
         return weight, (sum(terms) if terms else None)
+
+
+class _MaskedQuantizedLinear(torch.autograd.Function):
+    """``x (W0 (.) (A_d A_u))^T`` for a bitsandbytes 4-bit ``W0``, keeping only ``x`` and the factors for backward.
+
+    The design first said: never build ``W0 (.) A`` on a 4-bit base, call the base layer on the ``R`` rank-scaled
+    copies of ``x`` instead (``sum_k A_d[:, k] * W0 (A_u[k] * x)``). That is ``R`` times the layer's matmul in forward
+    and in backward: GLoRA ran 4.6x LoRA's step at R <= 16 (BENCHMARKS.md). bitsandbytes' own 4-bit matmul
+    dequantizes ``W0`` for each call and frees it; doing the same here costs one matmul per product (forward:
+    ``x``; backward: ``dL/dx`` and ``dL/dA = (g^T x) (.) W0``), and the dense weight lives only inside each call.
+    The product is computed in the dtype of ``x`` (the caller passes the base layer's compute dtype).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a_down: torch.Tensor, a_up: torch.Tensor, w0: nn.Parameter) -> torch.Tensor:
+        ctx.save_for_backward(x, a_down, a_up)
+        ctx.w0 = w0  # the 4-bit parameter itself (frozen, already alive): dequantized again in backward
+        dtype = x.dtype
+        weight = _dequantize(w0, dtype) * (a_down @ a_up).to(dtype)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, a_down, a_up = ctx.saved_tensors
+        dtype = x.dtype
+        w0 = _dequantize(ctx.w0, dtype)
+        grad = grad.to(dtype)
+        grad_x = grad_down = grad_up = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ (w0 * (a_down @ a_up).to(dtype))
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            flat_grad, flat_x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+            grad_a = (flat_grad.T @ flat_x).to(a_down.dtype) * w0.to(a_down.dtype)  # dL/dA, (out, in)
+            grad_down = grad_a @ a_up.T if ctx.needs_input_grad[1] else None
+            grad_up = a_down.T @ grad_a if ctx.needs_input_grad[2] else None
+        return grad_x, grad_down, grad_up, None
+
+
+def _dequantize(weight: nn.Parameter, dtype: torch.dtype) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight as a dense ``(out, in)`` tensor of ``dtype``."""
+    import bitsandbytes.functional as bnb_functional
+
+    return bnb_functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
 
 
 def support(option: str, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
