@@ -214,27 +214,48 @@ def best_lr(results: dict[float, dict], metric: Metric, tiebreak: Metric | None 
     return max(scored, key=key) if scored else None
 
 
+def next_lr(lr: float, up: bool) -> float:
+    """The next learning rate of the 1-3 series (..., 1e-4, 3e-4, 1e-3, ...) above or below ``lr``."""
+    series = [float(f"{m}e{e}") for e in range(-9, 2) for m in (1, 3)]
+    return min(v for v in series if v > lr * 1.01) if up else max(v for v in series if v < lr / 1.01)
+
+
 def sweep(bench: Bench, args: argparse.Namespace, out: Path, log: Callable[[str], None]) -> dict:
-    """Every method x lr on the validation split at the sweep seed; writes ``sweep.json``."""
-    specs = {}
-    for method in args.methods:
-        for lr in args.lrs:
-            spec = bench.spec(args, method, lr, args.sweep_seed, args.steps, "validation")
-            specs[method, lr] = {**spec, "save_adapter": bench.can_reuse(method)}
-    done = run_arms(bench, list(specs.values()), out, log, args.jobs)
+    """Every method x lr on the validation split at the sweep seed; writes ``sweep.json``.
+
+    A method whose best lr is at an edge of its grid gets the next lr beyond that edge (1-3 series), up to
+    ``--extend-edges`` times, so its best is inside the range it was tried on.
+    """
+    grids = {method: sorted(args.lrs) for method in args.methods}
     table: dict[str, dict[float, dict]] = {method: {} for method in args.methods}
-    for (method, lr), result in zip(specs, done, strict=True):
-        table[method][lr] = result
-    summary = {"steps": args.steps, "seed": args.sweep_seed, "lrs": args.lrs, "metric": bench.selection.key}
+    for _ in range(1 + args.extend_edges):
+        specs = {}
+        for method in args.methods:
+            for lr in grids[method]:
+                if lr not in table[method]:
+                    spec = bench.spec(args, method, lr, args.sweep_seed, args.steps, "validation")
+                    specs[method, lr] = {**spec, "save_adapter": bench.can_reuse(method)}
+        if not specs:
+            break
+        for (method, lr), result in zip(specs, run_arms(bench, list(specs.values()), out, log, args.jobs), strict=True):
+            table[method][lr] = result
+        for method, grid in grids.items():
+            best = best_lr(table[method], bench.selection, bench.tiebreak)
+            if best is not None and len(grid) > 1 and best in (grid[0], grid[-1]):
+                log(f"{method}: best lr {best:g} at an edge of {[f'{lr:g}' for lr in grid]}: extending")
+                grid.insert(len(grid) if best == grid[-1] else 0, next_lr(best, up=best == grid[-1]))
+    union = sorted({lr for grid in grids.values() for lr in grid if any(lr in t for t in table.values())})
+    summary = {"steps": args.steps, "seed": args.sweep_seed, "lrs": union, "metric": bench.selection.key}
     summary["methods"] = {}
     for method, results in table.items():
         best = best_lr(results, bench.selection, bench.tiebreak)
+        tried = sorted(results)
         summary["methods"][method] = {
             "best_lr": best,
-            "edge": best is not None and len(args.lrs) > 1 and best in (min(args.lrs), max(args.lrs)),
+            "edge": best is not None and len(tried) > 1 and best in (tried[0], tried[-1]),
             "scores": {
                 f"{lr:g}": (r["error"] if "error" in r else r["scores"][bench.selection.key])
-                for lr, r in results.items()
+                for lr, r in sorted(results.items())
             },
         }
     (out / "sweep.json").write_text(json.dumps(summary, indent=1))
@@ -283,7 +304,9 @@ def sweep_table(bench: Bench, summary: dict, lrs: list[float]) -> str:
         cells = [method]
         for lr in lrs:
             value = entry["scores"].get(f"{lr:g}")
-            if isinstance(value, str):
+            if value is None:
+                cells.append("-")  # not tried: another method's edge extension
+            elif isinstance(value, str):
                 cells.append("failed")
             else:
                 mark = "*" if entry["best_lr"] == lr else ""
@@ -441,7 +464,7 @@ def orchestrate(bench: Bench, args: argparse.Namespace) -> None:
             if entry["edge"]:
                 print(
                     f"\nWARNING: {method}'s best lr {entry['best_lr']:g} is at an edge of the grid "
-                    f"{[f'{lr:g}' for lr in summary['lrs']]}: extend --lrs beyond it"
+                    f"{list(entry['scores'])} it was tried on: extend --lrs (or --extend-edges) beyond it"
                 )
     for steps, results in finals.items():
         print(f"\n## Final: test split, each method at its best lr, {steps} steps, seeds {args.seeds}\n")
@@ -988,6 +1011,9 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, help="training rows per step")
     parser.add_argument("--rank", type=int, help="LoRA r (the collapsed adapter's rank for every method)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument(
+        "--extend-edges", type=int, help="times a method's grid may grow past an edge holding its best (default 2)"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each a process of --threads threads)")
     parser.add_argument("--out", help="results folder (resumable)")
     parser.add_argument(
@@ -1018,13 +1044,13 @@ def main() -> None:
         defaults = dict(
             methods=["lora", "lora_over_static"], lrs=[1e-3, 1e-2], seeds=[0], steps=4, batch=2, rank=4,
             n_val=8, n_test=8, n_em=4, max_new_tokens=8, out="runs/bench_quality_quick", max_length=128,
-            glora_search=[4, 1], glora_batches=1,
+            glora_search=[4, 1], glora_batches=1, extend_edges=0,
         )  # fmt: skip
     else:
         defaults = dict(
             methods=DEFAULT_METHODS, lrs=[3e-4, 1e-3, 3e-3, 1e-2], steps=12, batch=4, rank=16,
             n_val=48, n_test=48, n_em=24, max_new_tokens=160, out="runs/bench_quality", max_length=384,
-            glora_search=[6, 2], glora_batches=1,
+            glora_search=[6, 2], glora_batches=1, extend_edges=2,
         )  # fmt: skip
     for key, value in defaults.items():
         if getattr(args, key, None) is None or (key == "seeds" and args.quick and "--seeds" not in sys.argv):

@@ -464,13 +464,13 @@ def main() -> None:
         defaults = dict(
             methods=["lora", "lora_over_static"], lrs=[1e-3, 1e-2], seeds=[0], steps=4, batch=4, rank=4,
             n_val=16, n_test=16, max_length=64, out="runs/bench_quality_cls_quick",
-            glora_search=[4, 1], glora_batches=1,
+            glora_search=[4, 1], glora_batches=1, extend_edges=0,
         )  # fmt: skip
     else:
         defaults = dict(
             methods=DEFAULT_METHODS, lrs=[1e-4, 3e-4, 1e-3, 3e-3], steps=150, batch=16, rank=8,
             n_val=500, n_test=1000, max_length=128 if args.task == "privacy_qa" else 256,
-            out=f"runs/bench_quality_{args.task}", glora_search=[8, 3], glora_batches=2,
+            out=f"runs/bench_quality_{args.task}", glora_search=[8, 3], glora_batches=2, extend_edges=2,
         )  # fmt: skip
     for key, value in defaults.items():
         if getattr(args, key, None) is None or (key == "seeds" and args.quick and "--seeds" not in sys.argv):
