@@ -94,7 +94,9 @@ class LoraOverCallback(TrainerCallback):
         self.costs: dict[str, int] = {}  # auxiliary parameters of each module at `capacity`
         self.level_costs: dict[str, list[int]] = {}  # ... at each of the `levels` capacities
         self.current: dict[str, float] = {}  # capacity of each over-parameterized module now
-        self._grads: dict[str, list[torch.Tensor]] = {}  # factor -> [W, sum of dL/dW over micro-batches]
+        # factor -> [W, sum of dL/dW so far] during a step's micro-batches; sum |W * dL/dW| after its last one
+        self._grads: dict[str, list[torch.Tensor] | torch.Tensor] = {}
+        self._micro_batch, self._micro_batches = 0, 1
 
     # ---- events -------------------------------------------------------------------------------------
 
@@ -201,13 +203,22 @@ class LoraOverCallback(TrainerCallback):
             return
         with torch.no_grad():
             keys = sorted(self._grads)
-            sums = torch.stack([(w * g).abs().sum().float().cpu() for w, g in (self._grads[k] for k in keys)])
+            sums = torch.stack([_sensitivity(self._grads[k]).cpu() for k in keys])
         measured: dict[str, float] = {}
         for key, value in zip(keys, sums.tolist(), strict=True):
             name = key.rsplit(".", 1)[0]
             measured[name] = measured.get(name, 0.0) + value
         self._grads.clear()
         self.tracker.update(_mean_over_processes(measured))
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._micro_batch, self._micro_batches = 0, args.gradient_accumulation_steps
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._micro_batch += 1  # the Trainer calls this after every micro-batch of a step but its last
+
+    def _last_micro_batch(self) -> bool:
+        return self._micro_batch >= self._micro_batches - 1
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         config = self.config
@@ -299,6 +310,11 @@ class LoraOverCallback(TrainerCallback):
     def _collapse(self, name: str, placement: dict[int, int]) -> None:
         layer = self.layers[name]
         groups = {w: self._group_of_factor(layer, w) for w in FACTOR_NAMES.values()}
+        for attr in FACTOR_NAMES.values():  # free the leaving cores' Adam moments and gradients before any install
+            factor = _mpo_factor(getattr(layer, attr)[self.config.adapter_name])
+            for core in factor.cores if factor is not None else ():
+                self._forget_state(core)
+                core.grad = None
         collapse_module(layer, self.config.adapter_name)  # exact: the function is unchanged
         for attr, index in groups.items():
             weight = getattr(layer, attr)[self.config.adapter_name].weight
@@ -397,12 +413,12 @@ class LoraOverCallback(TrainerCallback):
                 linear = getattr(layer, attr)[self.config.adapter_name]
                 factor = _mpo_factor(linear)
                 if factor is not None:
-                    factor.grad_observer = functools.partial(_accumulate, self._grads, key)
+                    factor.grad_observer = functools.partial(_accumulate, self._grads, self._last_micro_batch, key)
                     param = linear.parametrizations.weight.original
                 else:
                     param = linear.weight
                 if param.requires_grad and not getattr(param, "_lora_over_observed", False):  # hook kept for good
-                    param.register_hook(functools.partial(_accumulate, self._grads, key, param))
+                    param.register_hook(functools.partial(_accumulate, self._grads, self._last_micro_batch, key, param))
                     param._lora_over_observed = True
 
 
@@ -445,11 +461,33 @@ def _mean_over_processes(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(names, tensor.cpu().tolist(), strict=True))
 
 
-def _accumulate(store: dict[str, list[torch.Tensor]], key: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
-    if key in store:
-        store[key][1] = store[key][1] + grad.detach()
+def _accumulate(
+    store: dict[str, list[torch.Tensor] | torch.Tensor],
+    last_micro_batch: Callable[[], bool],
+    key: str,
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+) -> None:
+    """Fold one micro-batch's dL/dW into ``store[key]``. W is the same in every micro-batch of a step, so only the
+    gradients are summed; at the step's last micro-batch the statistic is reduced to a scalar at once, so no
+    weight-sized tensor outlives the backward pass (none is kept at all without gradient accumulation)."""
+    held = store.get(key)
+    if isinstance(held, list):
+        held[1] = held[1] + grad.detach()
+        if last_micro_batch():
+            store[key] = _sensitivity(held)
+    elif last_micro_batch():
+        store[key] = (held if held is not None else 0) + _sensitivity([weight, grad])
     else:
         store[key] = [weight.detach(), grad.detach().clone()]
+
+
+def _sensitivity(held: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """``sum |W * dL/dW|`` as a float32 scalar (already reduced: returned as it is)."""
+    if isinstance(held, torch.Tensor):
+        return held
+    weight, grad = held
+    return (weight.detach() * grad.detach()).abs().sum().float()
 
 
 def restore_before_load(model: nn.Module, restore: Callable[[Path], None]) -> None:

@@ -107,6 +107,46 @@ def test_dynamic_schedule_keeps_budget_and_optimizer_consistent(
         assert index == sorted(index)  # in model order: a resumed run's optimizer loads positionally
 
 
+def test_dynamic_sensitivity_is_w_times_the_steps_summed_gradient_and_keeps_no_tensors(
+    tiny_llama_dir, tokenizer, tmp_path
+):
+    """Each optimizer step's statistic, for modules trained as plain LoRA, against |W * W.grad| summed by hand:
+    W.grad holds the gradient summed over the step's two micro-batches. After the last micro-batch the
+    callback holds one scalar per factor, nothing weight-sized."""
+    from transformers import TrainerCallback
+
+    config = LoraOverConfig(capacity=1.0, schedule="dynamic", budget_ratio=0.3, interval=2, warmup_steps=2)
+    callback = LoraOverCallback(config)
+    checked = []
+
+    class Check(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):  # runs before the scheduler's own
+            assert callback._grads and all(torch.is_tensor(v) and v.dim() == 0 for v in callback._grads.values())
+            expected = {}
+            for name, layer in callback.layers.items():
+                if name in callback.current:
+                    continue  # over-parameterized: its W is contracted inside the forward, W.grad does not exist
+                weights = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+                expected[name] = sum(float((w.detach().double() * w.grad.double()).abs().sum()) for w in weights)
+            update = callback.tracker.update
+
+            def compare(measured):
+                for name, value in expected.items():  # 0 while B is still 0 (B's init; then dL/dA = 0 too)
+                    assert abs(measured[name] - value) <= 1e-5 * value + 1e-30, (name, measured[name], value)
+                checked.append(sum(value > 0 for value in expected.values()))
+                callback.tracker.update = update
+                update(measured)
+
+            callback.tracker.update = compare
+
+    trainer = make_sft_trainer(
+        tiny_llama_dir, tokenizer, tmp_path / "run", callback, gradient_accumulation_steps=2, max_steps=4
+    )
+    trainer.callback_handler.callbacks.insert(0, Check())
+    trainer.train()
+    assert len(checked) == 4 and checked[-1] > 0
+
+
 @pytest.mark.parametrize("scope, levels", [("global", 1), ("per_type", 1), ("global", 2)])
 def test_prepass_gives_capacity_to_the_modules_with_most_fisher_information(
     tiny_llama_dir, tokenizer, tmp_path, scope, levels
