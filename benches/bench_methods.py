@@ -74,9 +74,9 @@ def load_model(quick: bool):
         folder, quantization_config=quant, dtype=compute, device_map="cuda" if cuda else "cpu"
     )
     if not cuda:
-        from lora_over_trl.sft import _keep_cpu_4bit_layout
+        from lora_over_trl import keep_cpu_4bit_layout
 
-        _keep_cpu_4bit_layout(model)
+        keep_cpu_4bit_layout(model)
     return model, AutoTokenizer.from_pretrained(folder), torch.cuda.get_device_name() if cuda else "cpu"
 
 

@@ -721,7 +721,7 @@ def load_causal_base(spec: dict):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from lora_over_trl.sft import _keep_cpu_4bit_layout
+    from lora_over_trl import keep_cpu_4bit_layout
 
     folder = spec["model_dir"]
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -731,7 +731,7 @@ def load_causal_base(spec: dict):
     model = AutoModelForCausalLM.from_pretrained(
         folder, quantization_config=quant, dtype=torch.float32, device_map="cpu"
     )
-    _keep_cpu_4bit_layout(model)  # an eval-mode forward would otherwise repack the 4-bit weights (README)
+    keep_cpu_4bit_layout(model)  # an eval-mode forward would otherwise repack the 4-bit weights (README)
     return model, tokenizer
 
 

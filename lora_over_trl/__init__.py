@@ -7,6 +7,7 @@ Example:
     >>> peft_model.save_pretrained("out")                            # a standard PEFT LoRA adapter
 """
 
+from .bnb_cpu import keep_cpu_4bit_layout
 from .callback import LoraOverCallback
 from .checkpoint import load_lora_over, save_lora_over
 from .config import CapacityRule, ClaConfig, GloraConfig, LoraOverConfig
@@ -32,6 +33,7 @@ __all__ = [
     "export_glora",
     "export_glora_lora",
     "export_merged",
+    "keep_cpu_4bit_layout",
     "load_lora_over",
     "lora_over_parameter_groups",
     "over_parameterized_factors",

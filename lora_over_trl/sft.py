@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .bnb_cpu import keep_cpu_4bit_layout
 from .errors import first_line, one_line
 
 __all__ = ["RunArguments", "RecipeError", "main", "make_parser", "parse_recipe"]
@@ -349,18 +350,8 @@ def load_model_and_tokenizer(model_args: Any, training_args: Any):
     except OSError as err:
         raise RecipeError(f"model_name_or_path: cannot load {path!r}: {first_line(err)}") from err
     if quantization is not None and training_args.use_cpu:
-        _keep_cpu_4bit_layout(model)
+        keep_cpu_4bit_layout(model)
     return model, tokenizer
-
-
-def _keep_cpu_4bit_layout(model: Any) -> None:
-    """bitsandbytes on AVX512-BF16 CPUs repacks 4-bit weights at an eval forward and converts them back
-    inexactly at the next ``state_dict()`` (every checkpoint): the model would change mid-run. Opt out."""
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
 
 
 def build_trainer(model, tokenizer, train, test, training_args, model_args, method_config):

@@ -310,12 +310,12 @@ class RecordChoices(TrainerCallback):
 def glora_trainer(base_dir, tokenizer, out, config, kind="fp32", **overrides):
     from trl import SFTTrainer
 
-    from lora_over_trl.sft import _keep_cpu_4bit_layout
+    from lora_over_trl import keep_cpu_4bit_layout
 
     data = gsm8k_dataset(40)
     model = load_base(base_dir, kind)
     if kind == "nf4":  # the search scores in eval mode, where bitsandbytes would repack the weights on CPU
-        _keep_cpu_4bit_layout(model)
+        keep_cpu_4bit_layout(model)
     return SFTTrainer(
         model=model,
         args=sft_args(out, **overrides),
