@@ -73,11 +73,14 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def versus(values: list[float], reference: list[float]) -> tuple[float, str]:
+def versus(values: list[float], reference: list[float], items: int | None = None) -> tuple[float, str]:
     """Difference of means against ``reference`` and a plain verdict.
 
-    "within noise" when ``|diff| < 2 * pooled std / sqrt(n)`` (pooled std: root mean of the two variances, n:
-    the smaller number of seeds); "n<2" when either side has fewer than two seeds (no spread to judge by).
+    "within noise" when ``|diff| < 2 * noise``. The noise is the seeds' (pooled std / sqrt(n); pooled std: root
+    mean of the two variances, n: the smaller number of seeds) and, for a proportion over ``items`` test items, at
+    least the standard error of a difference of two proportions over that many items, ``sqrt(2 p (1 - p) /
+    items)`` at the pooled proportion ``p``: seeds that agree on 1 of 24 questions do not resolve 1/24. "n<2" when
+    either side has fewer than two seeds (no spread to judge by).
     """
     if not values or not reference:
         return math.nan, "-"
@@ -87,8 +90,11 @@ def versus(values: list[float], reference: list[float]) -> tuple[float, str]:
         return diff, "no difference"
     if n < 2:
         return diff, "n<2"
-    pooled = math.sqrt((statistics.variance(values) + statistics.variance(reference)) / 2)
-    return diff, "within noise" if abs(diff) < 2 * pooled / math.sqrt(n) else "beyond noise"
+    noise = math.sqrt((statistics.variance(values) + statistics.variance(reference)) / 2) / math.sqrt(n)
+    if items:
+        p = statistics.fmean([*values, *reference])
+        noise = max(noise, math.sqrt(2 * p * (1 - p) / items))
+    return diff, "within noise" if abs(diff) < 2 * noise else "beyond noise"
 
 
 def fmt(value: float, digits: int = 4) -> str:
@@ -111,6 +117,7 @@ class Metric:
     label: str
     higher_better: bool
     digits: int = 4
+    items: str | None = None  # a proportion (accuracy, exact match): the spec key of how many items it is over
 
 
 @dataclass
@@ -336,7 +343,8 @@ def final_table(bench: Bench, results: dict[str, list[dict]], reference: str = "
             if method == reference or not ref_runs:
                 cells += ["-", "-"]
             else:
-                diff, verdict = versus(values, [r["scores"][metric.key] for r in ref_runs])
+                items = ok[0]["spec"][metric.items] if metric.items and ok else None
+                diff, verdict = versus(values, [r["scores"][metric.key] for r in ref_runs], items)
                 cells += [f"{diff:+.{metric.digits}f}" if values else "-", verdict]
         cells += [make(ok) for _, make in bench.extra_final_columns]
         failed = len(runs) - len(ok)
@@ -1068,8 +1076,8 @@ def main() -> None:
         selection=Metric("val_nll", "answer NLL", higher_better=False),
         finals=[
             Metric("test_nll", "answer NLL", higher_better=False),
-            Metric("em_strict", "EM strict", higher_better=True, digits=3),
-            Metric("em_flexible", "EM flexible", higher_better=True, digits=3),
+            Metric("em_strict", "EM strict", higher_better=True, digits=3, items="n_em"),
+            Metric("em_flexible", "EM flexible", higher_better=True, digits=3, items="n_em"),
         ],
         spec=causal_spec,
         extra_final_columns=[
@@ -1081,8 +1089,8 @@ def main() -> None:
             f"model {args.model_dir}; LoRA r={args.rank} (alpha 2r) on every linear layer, batch {args.batch}, "
             f"max_length {args.max_length}, cosine schedule, AdamW, {args.threads} thread(s); validation "
             f"{args.n_val} rows of GSM8K train, test NLL on {args.n_test} and exact match on {args.n_em} GSM8K "
-            f"test questions (greedy, {args.max_new_tokens} new tokens). Verdict: |Δ| < 2 * pooled std / sqrt(n) "
-            "is 'within noise'.",
+            f"test questions (greedy, {args.max_new_tokens} new tokens). Verdict: |Δ| < 2 * noise is 'within noise' "
+            "(noise: pooled std / sqrt(seeds); for exact match at least sqrt(2 p (1 - p) / questions)).",
         ],
     )
     orchestrate(bench, args)

@@ -484,7 +484,7 @@ def main() -> None:
         selection=Metric("val_acc", "accuracy", higher_better=True, digits=3),
         tiebreak=Metric("val_loss", "cross-entropy", higher_better=False),
         finals=[
-            Metric("test_acc", "accuracy", higher_better=True, digits=3),
+            Metric("test_acc", "accuracy", higher_better=True, digits=3, items="n_test"),
             Metric("test_loss", "cross-entropy", higher_better=False),
         ],
         spec=cls_spec,
@@ -498,8 +498,8 @@ def main() -> None:
             f"model {args.model_dir}; LoRA r={args.rank} (alpha 2r) on {'/'.join(TARGETS)}, classifier trained "
             f"fully; batch {args.batch}, max_length {args.max_length}, cosine schedule, AdamW, {args.threads} "
             f"thread(s); validation {args.n_val} rows carved from the training pool, test {args.n_test} rows. "
-            "'majority': accuracy of always answering the test subset's majority class. Verdict: |Δ| < 2 * pooled "
-            "std / sqrt(n) is 'within noise'.",
+            "'majority': accuracy of always answering the test subset's majority class. Verdict: |Δ| < 2 * noise is "
+            "'within noise' (noise: pooled std / sqrt(seeds), at least sqrt(2 p (1 - p) / test rows)).",
         ],
     )
     orchestrate(bench, args)
