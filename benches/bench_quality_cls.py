@@ -422,7 +422,7 @@ def tiny_bert(folder: Path) -> Path:
 def cls_spec(args: argparse.Namespace, method: str, lr: float, seed: int, steps: int, split: str) -> dict:
     """The worker's settings for one arm."""
     return {
-        "bench": "boolq",
+        "bench": "classification",  # the task is "task"
         "task": "quick" if args.quick else args.task,
         "model_dir": args.model_dir,
         "method": method,
