@@ -794,13 +794,7 @@ def worker(spec: dict) -> None:
         em = exact_match(model, tokenizer, test[: spec["n_em"]], spec["max_new_tokens"], spec["gen_batch"])
         scores["em_strict"], scores["em_flexible"] = em["em_strict"], em["em_flexible"]
         result["em_samples"] = em["samples"]
-    result["scores"] = scores
-    result["score_seconds"] = round(time.time() - scoring, 1)
-    if spec.get("save_adapter") and spec["split"] == "validation":
-        model.save_pretrained(str(Path(spec["out"]).with_suffix("")))
-    result["wall_seconds"] = round(time.time() - began, 1)
-    result["versions"] = library_versions()
-    write_json(Path(spec["out"]), result)
+    finish_run(spec, result, scores, model, began, scoring)
 
 
 def train_causal(spec: dict, model, tokenizer, pool: list[dict], val: list[dict]) -> dict:
@@ -943,6 +937,18 @@ def machine_line() -> str:
     return f"machine: {cpu}, {os.cpu_count()} cores{memory}; {time.strftime('%Y-%m-%d')}; {versions}"
 
 
+def finish_run(spec: dict, result: dict, scores: dict, model, began: float, scoring: float) -> None:
+    """A worker's last part: record the scores and timings, keep a sweep run's adapter (for the final phase to
+    score again), write ``spec['out']``."""
+    result["scores"] = scores
+    result["score_seconds"] = round(time.time() - scoring, 1)
+    if spec.get("save_adapter") and spec["split"] == "validation":
+        model.save_pretrained(str(Path(spec["out"]).with_suffix("")))
+    result["wall_seconds"] = round(time.time() - began, 1)
+    result["versions"] = library_versions()
+    write_json(Path(spec["out"]), result)
+
+
 def write_json(path: Path, payload: dict) -> None:
     """Write ``payload`` atomically."""
     staging = path.with_name(f".{path.name}.tmp")
@@ -956,10 +962,9 @@ def write_json(path: Path, payload: dict) -> None:
 # ---- command line -------------------------------------------------------------------------------------------
 
 
-def causal_spec(args: argparse.Namespace, method: str, lr: float, seed: int, steps: int, split: str) -> dict:
-    """The worker's settings for one arm."""
+def arm_spec(args: argparse.Namespace, method: str, lr: float, seed: int, steps: int, split: str) -> dict:
+    """The worker settings every quality benchmark shares, for one arm."""
     return {
-        "bench": "gsm8k",
         "model_dir": args.model_dir,
         "method": method,
         "lr": lr,
@@ -971,12 +976,20 @@ def causal_spec(args: argparse.Namespace, method: str, lr: float, seed: int, ste
         "max_length": args.max_length,
         "n_val": args.n_val,
         "n_test": args.n_test,
-        "n_em": args.n_em,
-        "max_new_tokens": args.max_new_tokens,
         "eval_batch": args.eval_batch,
-        "gen_batch": args.gen_batch,
         "glora": glora_settings(args) if method == "glora" else {},
         "threads": args.threads,
+    }
+
+
+def causal_spec(args: argparse.Namespace, method: str, lr: float, seed: int, steps: int, split: str) -> dict:
+    """The worker's settings for one GSM8K arm."""
+    return {
+        "bench": "gsm8k",
+        **arm_spec(args, method, lr, seed, steps, split),
+        "n_em": args.n_em,
+        "max_new_tokens": args.max_new_tokens,
+        "gen_batch": args.gen_batch,
     }
 
 

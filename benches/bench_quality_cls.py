@@ -60,11 +60,11 @@ from bench_quality import (
     Bench,
     Metric,
     adapter_to_float32,
+    arm_spec,
     batch_order,
     common_parser,
-    glora_settings,
+    finish_run,
     inference_rank,
-    library_versions,
     lora_rank,
     mean_of,
     method_callback,
@@ -73,7 +73,6 @@ from bench_quality import (
     quiet_worker,
     step_clock,
     train_rows,
-    write_json,
 )
 
 TARGETS = ["query", "key", "value", "dense"]
@@ -280,13 +279,7 @@ def worker(spec: dict) -> None:
         result["test_majority"] = max(
             statistics.fmean(r["label"] for r in rows), 1 - statistics.fmean(r["label"] for r in rows)
         )
-    result["scores"] = scores
-    result["score_seconds"] = round(time.time() - scoring, 1)
-    if spec.get("save_adapter") and spec["split"] == "validation":
-        model.save_pretrained(str(Path(spec["out"]).with_suffix("")))
-    result["wall_seconds"] = round(time.time() - began, 1)
-    result["versions"] = library_versions()
-    write_json(Path(spec["out"]), result)
+    finish_run(spec, result, scores, model, began, scoring)
 
 
 def train_cls(spec: dict, base, tokenizer, pool: list[dict], val_enc: list[dict]) -> dict:
@@ -420,24 +413,11 @@ def tiny_bert(folder: Path) -> Path:
 
 
 def cls_spec(args: argparse.Namespace, method: str, lr: float, seed: int, steps: int, split: str) -> dict:
-    """The worker's settings for one arm."""
+    """The worker's settings for one classification arm."""
     return {
-        "bench": "classification",  # the task is "task"
+        "bench": "classification",
         "task": "quick" if args.quick else args.task,
-        "model_dir": args.model_dir,
-        "method": method,
-        "lr": lr,
-        "seed": seed,
-        "steps": steps,
-        "split": split,
-        "batch": args.batch,
-        "rank": args.rank,
-        "max_length": args.max_length,
-        "n_val": args.n_val,
-        "n_test": args.n_test,
-        "eval_batch": args.eval_batch,
-        "glora": glora_settings(args) if method == "glora" else {},
-        "threads": args.threads,
+        **arm_spec(args, method, lr, seed, steps, split),
     }
 
 
