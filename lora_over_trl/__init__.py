@@ -16,7 +16,6 @@ from .methods import ClaCallback, GloraCallback, export_glora, export_glora_lora
 from .patch import (
     apply_lora_over,
     collapse,
-    lora_over_parameter_groups,
     over_parameterized_factors,
 )
 
@@ -35,7 +34,6 @@ __all__ = [
     "export_merged",
     "keep_cpu_4bit_layout",
     "load_lora_over",
-    "lora_over_parameter_groups",
     "over_parameterized_factors",
     "save_lora_over",
     "search_glora",

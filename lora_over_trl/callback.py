@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -35,24 +36,26 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .checkpoint import LAYOUT_FILE, read_layout_file, write_layout_file
+from .checkpoint import (
+    LAYOUT_FILE,
+    bank_tensors,
+    check_resumable,
+    restore_layouts,
+    write_bank_file,
+    write_layout_file,
+)
 from .config import LoraOverConfig
-from .factor import MpoFactor
 from .optim import group_index, sync_optimizer
 from .patch import (
     FACTOR_NAMES,
-    FACTOR_OF_ATTR,
-    _mpo_factor,
     apply_lora_over,
+    banks,
     collapse,
-    collapse_module,
-    ensure_refresh_hook,
-    install_layout,
+    factor_linears,
     lora_modules,
-    over_parameterize_module,
+    module_layouts,
     over_parameterized_factors,
-    remove_factor,
-    resize_module,
+    set_layouts,
 )
 from .schedule import SensitivityTracker, allocate, allocate_levels
 from .schedule.picture import draw_allocation
@@ -91,11 +94,16 @@ class LoraOverCallback(TrainerCallback):
         self.layers: dict[str, nn.Module] = {}
         self.budget: int | None = None
         self.aux_scale = 1.0
+        self.shapes: dict[str, dict[str, tuple[int, int]]] = {}  # module -> {"A": shape, "B": shape}
         self.costs: dict[str, int] = {}  # auxiliary parameters of each module at `capacity`
         self.level_costs: dict[str, list[int]] = {}  # ... at each of the `levels` capacities
+        self.reserve = 0  # bank storage elements: the most any allocation within the budget needs
         self.current: dict[str, float] = {}  # capacity of each over-parameterized module now
-        # factor -> [W, sum of dL/dW so far] during a step's micro-batches; sum |W * dL/dW| after its last one
+        self.optimizer = None
+        # plain factor -> [W, sum of dL/dW so far] during a step's micro-batches; sum |W * dL/dW| after its last
         self._grads: dict[str, list[torch.Tensor] | torch.Tensor] = {}
+        # bank group (its factor keys) -> dL/dW of its contraction, summed over the step's backward passes
+        self._group_grads: dict[tuple[str, ...], torch.Tensor] = {}
         self._micro_batch, self._micro_batches = 0, 1
 
     # ---- events -------------------------------------------------------------------------------------
@@ -115,12 +123,24 @@ class LoraOverCallback(TrainerCallback):
         )
         if config.budget is not None or config.budget_ratio is not None:
             self.budget = config.budget if config.budget is not None else int(config.budget_ratio * lora_params)
+        self.shapes = {
+            name: {w: tuple(getattr(layer, attr)[config.adapter_name].weight.shape) for w, attr in FACTOR_NAMES.items()}
+            for name, layer in layers.items()
+        }
+        planned = {name: [self._layouts(name, capacity) for capacity in self.capacities] for name in layers}
         self.level_costs = {
-            name: [self._cost(layer, capacity) for capacity in self.capacities] for name, layer in layers.items()
+            name: [sum(x.aux_params() for x in level.values() if x) for level in levels]
+            for name, levels in planned.items()
         }
         self.costs = {name: costs[-1] for name, costs in self.level_costs.items()}
+        if self.budget is not None and config.schedule == "dynamic":
+            numel = {
+                name: [sum(x.num_params() for x in level.values() if x) for level in levels]
+                for name, levels in planned.items()
+            }
+            self.reserve = _bank_bound(numel, self.level_costs, self.budget)
         # The auxiliary cores' own learning rate, as a scale inside the factor (no extra optimizer group,
-        # so checkpoints load into a fresh Trainer's optimizer): see MpoFactor.
+        # so checkpoints load into a fresh Trainer's optimizer): see lora_over_trl.bank.
         self.aux_scale = config.aux_lr / args.learning_rate if config.aux_lr else 1.0
         if config.schedule == "static":
             report = apply_lora_over(model, config, aux_scale=self.aux_scale)
@@ -141,9 +161,9 @@ class LoraOverCallback(TrainerCallback):
                 # No statistics yet: start from a seeded random choice (the same on every process).
                 rng = random.Random(config.seed)
                 first = self._choose({n: rng.random() for n in sorted(self.costs)})
-                apply_lora_over(model, config, capacities=first, aux_scale=self.aux_scale)
+                apply_lora_over(model, config, capacities=first, aux_scale=self.aux_scale, reserve=self.reserve)
                 self.current = dict(first)
-                self._observe_gradients(layers)
+                self._observe_gradients()
                 self._record(0, "initial")
             else:
                 model.lora_over_config = config  # the pre-pass installs at on_train_begin
@@ -199,11 +219,15 @@ class LoraOverCallback(TrainerCallback):
         return _mean_over_processes({n: v / max(batches, 1) for n, v in fisher.items()})
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.config.schedule != "dynamic" or not self._grads:
+        if self.optimizer is not None:
+            for bank in banks(self.model, self.config.adapter_name).values():
+                bank.seed_fresh_moments(self.optimizer)
+        if self.config.schedule != "dynamic" or not (self._grads or self._group_grads):
             return
         with torch.no_grad():
-            keys = sorted(self._grads)
-            sums = torch.stack([_sensitivity(self._grads[k]).cpu() for k in keys])
+            per_factor = {k: _sensitivity(v) for k, v in self._grads.items()} | self._group_sensitivities()
+            keys = sorted(per_factor)
+            sums = torch.stack([per_factor[k].cpu() for k in keys])
         measured: dict[str, float] = {}
         for key, value in zip(keys, sums.tolist(), strict=True):
             name = key.rsplit(".", 1)[0]
@@ -229,11 +253,16 @@ class LoraOverCallback(TrainerCallback):
             self._reallocate(step)
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero or not over_parameterized_factors(self.model, self.config.adapter_name):
+        if not over_parameterized_factors(self.model, self.config.adapter_name):
+            return
+        tensors = bank_tensors(self.model)  # every rank: an FSDP-sharded storage is gathered
+        if not state.is_world_process_zero:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        write_bank_file(tensors, folder)
         write_layout_file(self.model, folder)
-        payload = {"tracker": self.tracker.state_dict(), "history": self.history}
+        fresh = {part: bank.fresh for part, bank in banks(self.model, self.config.adapter_name).items()}
+        payload = {"tracker": self.tracker.state_dict(), "history": self.history, "fresh": fresh}
         (folder / SCHEDULER_FILE).write_text(json.dumps(payload))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -284,86 +313,36 @@ class LoraOverCallback(TrainerCallback):
         return {name: self.capacities[level - 1] for name, level in chosen.items()}
 
     def _move_capacity(self, targets: dict[str, float], step: int, event: str) -> None:
-        """Give each module its target capacity: others collapse (exact), new ones install (exact), and
-        modules changing level grow (exact) or shrink (SVD truncation, error recorded)."""
-        config, model, layers = self.config, self.model, self.layers
+        """Give each module its target capacity in one change of the bank: modules that leave collapse (exact),
+        entering ones install (exact), modules changing level grow (exact) or shrink (SVD, error recorded).
+
+        The bank's storage stays the same parameter; its Adam moments move with the factors (new ones start at
+        zero). Plain weights that come back are new parameters and join the LoRA weights' optimizer group.
+        """
+        config, model = self.config, self.model
         current = self.current
         leaving = sorted(set(current) - set(targets))
         entering = sorted(set(targets) - set(current))
         changing = sorted(n for n in targets if n in current and targets[n] != current[n])
-        placement: dict[int, int] = {}
-        for name in leaving:
-            self._collapse(name, placement)
-        resized = {name: self._resize(name, targets[name], placement) for name in changing}
-        for name in entering:
-            self._install(name, targets[name], placement)
+        layouts: dict[str, Any] = {}
+        for name in leaving + entering + changing:
+            chosen = self._layouts(name, targets.get(name, 0.0))
+            layouts.update({f"{name}.{FACTOR_NAMES[w]}": layout for w, layout in chosen.items()})
+        group = self._lora_group()
+        errors = set_layouts(
+            model, layouts, config, aux_scale=self.aux_scale, optimizer=self.optimizer, reserve=self.reserve
+        )
         self.current = dict(targets)
         if leaving or entering or changing:
-            ensure_refresh_hook(model)
-            sync_optimizer(self.optimizer, model, placement)
-            _synchronize_new_parameters(layers, config.adapter_name, leaving + entering + changing)
+            known = {id(p) for g in _inner(self.optimizer).param_groups for p in g["params"]}
+            new = [p for p in model.parameters() if p.requires_grad and id(p) not in known]
+            sync_optimizer(self.optimizer, model, dict.fromkeys(map(id, new), group))
+            _synchronize_new_parameters(new)
             if config.schedule == "dynamic":
-                self._observe_gradients(layers)
+                self._observe_gradients()
+        resized = {n: max(errors.get(f"{n}.{a}", 0.0) for a in FACTOR_NAMES.values()) for n in changing}
         extra = {"resized": resized} if config.levels > 1 else {}
         self._record(step, event, leaving=leaving, entering=entering, **extra)
-
-    def _collapse(self, name: str, placement: dict[int, int]) -> None:
-        layer = self.layers[name]
-        groups = {w: self._group_of_factor(layer, w) for w in FACTOR_NAMES.values()}
-        for attr in FACTOR_NAMES.values():  # free the leaving cores' Adam moments and gradients before any install
-            factor = _mpo_factor(getattr(layer, attr)[self.config.adapter_name])
-            for core in factor.cores if factor is not None else ():
-                self._forget_state(core)
-                core.grad = None
-        collapse_module(layer, self.config.adapter_name)  # exact: the function is unchanged
-        for attr, index in groups.items():
-            weight = getattr(layer, attr)[self.config.adapter_name].weight
-            self._forget_state(weight)  # its Adam moments predate the over-parameterization
-            if index is not None:
-                placement[id(weight)] = index
-
-    def _install(self, name: str, capacity: float, placement: dict[int, int]) -> None:
-        config, layer = self.config, self.layers[name]
-        groups = {
-            w: group_index(self.optimizer, getattr(layer, w)[config.adapter_name].weight) for w in FACTOR_NAMES.values()
-        }
-        over_parameterize_module(layer, name, capacity, config, aux_scale=self.aux_scale)
-        for attr, index in groups.items():
-            factor = _mpo_factor(getattr(layer, attr)[config.adapter_name])
-            if factor is not None and index is not None:
-                placement.update({id(core): index for core in factor.cores})
-
-    def _resize(self, name: str, capacity: float, placement: dict[int, int]) -> float:
-        """Move an over-parameterized module to another capacity; returns the relative error (0 when growing)."""
-        config, layer = self.config, self.layers[name]
-        plans, factors = {}, {}
-        for which in ("A", "B"):
-            linear = getattr(layer, FACTOR_NAMES[which])[config.adapter_name]
-            factors[which] = _mpo_factor(linear)
-            shape = factors[which].layout.shape if factors[which] is not None else tuple(linear.weight.shape)
-            wanted = which in config.factor_keys()
-            plan = MpoFactor.plan(shape, capacity, num_cores=config.num_cores, aux_core_size=config.aux_core_size)
-            plans[which] = plan if wanted else None
-        same_cores = all(
-            (plans[w] is None) == (factors[w] is None)
-            and (plans[w] is None or (plans[w].rows, plans[w].cols) == (factors[w].layout.rows, factors[w].layout.cols))
-            for w in ("A", "B")
-        )
-        if not same_cores:  # another set of factors at this capacity: collapse and install anew, both exact
-            self._collapse(name, placement)
-            self._install(name, capacity, placement)
-            return 0.0
-        error = 0.0
-        for which, factor in factors.items():
-            if factor is None or plans[which].bonds == factor.layout.bonds:
-                continue
-            index = group_index(self.optimizer, factor.cores[0])
-            for core in factor.cores:
-                self._forget_state(core)
-            error = max(error, resize_module(layer, name, which, plans[which].bonds, config))
-            if index is not None:
-                placement.update({id(core): index for core in factor.cores})
-        return error
 
     def _record(self, step: int, event: str, **extra: Any) -> None:
         factors = over_parameterized_factors(self.model, self.config.adapter_name)
@@ -385,62 +364,99 @@ class LoraOverCallback(TrainerCallback):
 
     # ---- helpers ------------------------------------------------------------------------------------
 
-    def _cost(self, layer: nn.Module, capacity: float) -> int:
-        total = 0
-        for attr in (FACTOR_NAMES[which] for which in self.config.factor_keys()):
-            weight = getattr(layer, attr)[self.config.adapter_name].weight
-            layout = MpoFactor.plan(
-                tuple(weight.shape), capacity, num_cores=self.config.num_cores, aux_core_size=self.config.aux_core_size
-            )
-            total += 0 if layout is None else layout.aux_params()
-        return total
+    def _layouts(self, name: str, capacity: float) -> dict[str, Any]:
+        """``{"A": layout or None, "B": ...}`` of module ``name`` at ``capacity``."""
+        shapes = {w: shape for w, shape in self.shapes[name].items()}
+        return module_layouts(shapes, capacity, self.config)
 
-    def _group_of_factor(self, layer: nn.Module, attr: str) -> int | None:
-        linear = getattr(layer, attr)[self.config.adapter_name]
-        factor = _mpo_factor(linear)
-        param = factor.cores[0] if factor is not None else linear.weight
-        return group_index(self.optimizer, param)
+    def _lora_group(self) -> int:
+        """The optimizer group of the LoRA weights (and of the bank): where parameters that appear go."""
+        inner = _inner(self.optimizer)
+        candidates = [b.storage for b in banks(self.model, self.config.adapter_name).values()]
+        candidates += [linear.weight for linear in factor_linears(self.model, self.config.adapter_name).values()]
+        for param in candidates:
+            index = group_index(inner, param)
+            if index is not None:
+                return index
+        return 0
 
-    def _forget_state(self, param: nn.Parameter) -> None:
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        inner.state.pop(param, None)
+    def _observe_gradients(self) -> None:
+        """Sum dL/dW per factor over the micro-batches of a step: hooks on plain weights (a scalar per factor
+        once the step's last micro-batch is in) and one hook per bank group on its contraction (summed there,
+        reduced to a scalar per factor at ``on_pre_optimizer_step``)."""
+        adapter = self.config.adapter_name
+        for bank in banks(self.model, adapter).values():
+            bank.grad_observer = self._observe_group
+        banked = {key for bank in banks(self.model, adapter).values() for key in bank.layouts}
+        for key, linear in factor_linears(self.model, adapter).items():
+            if key in banked:
+                continue
+            param = linear.weight
+            if param.requires_grad and not getattr(param, "_lora_over_observed", False):  # hook kept for good
+                param.register_hook(functools.partial(_accumulate, self._grads, self._last_micro_batch, key, param))
+                param._lora_over_observed = True
 
-    def _observe_gradients(self, layers: dict[str, nn.Module]) -> None:
-        """Hooks that sum dL/dW per factor over the micro-batches of a step (W: the factor's weight)."""
-        for name, layer in layers.items():
-            for attr in FACTOR_NAMES.values():
-                key = f"{name}.{attr}"
-                linear = getattr(layer, attr)[self.config.adapter_name]
-                factor = _mpo_factor(linear)
-                if factor is not None:
-                    factor.grad_observer = functools.partial(_accumulate, self._grads, self._last_micro_batch, key)
-                    param = linear.parametrizations.weight.original
-                else:
-                    param = linear.weight
-                if param.requires_grad and not getattr(param, "_lora_over_observed", False):  # hook kept for good
-                    param.register_hook(functools.partial(_accumulate, self._grads, self._last_micro_batch, key, param))
-                    param._lora_over_observed = True
+    def _observe_group(self, keys: list[str], weights: torch.Tensor, grad: torch.Tensor) -> None:
+        group = tuple(keys)
+        held = self._group_grads.get(group)
+        self._group_grads[group] = grad.detach().clone() if held is None else held.add_(grad.detach())
+
+    def _group_sensitivities(self) -> dict[str, torch.Tensor]:
+        """``sum |W * dL/dW|`` of every banked factor, from the summed gradients of its group's contraction."""
+        found: dict[str, torch.Tensor] = {}
+        current = {key: bank for bank in banks(self.model, self.config.adapter_name).values() for key in bank.layouts}
+        for keys, grad in self._group_grads.items():
+            if not all(key in current for key in keys):
+                continue
+            bank = current[keys[0]]
+            weights = torch.stack([bank.contract_one(key) for key in keys]) if len(keys) > 1 else None
+            if weights is None:
+                weights = bank.contract_one(keys[0]).unsqueeze(0)
+            found.update(zip(keys, (weights * grad).abs().sum((1, 2)).float().unbind(0), strict=True))
+        self._group_grads.clear()
+        return found
 
 
-def _synchronize_new_parameters(layers: dict, adapter_name: str, names: list[str]) -> None:
+def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+
+
+def _bank_bound(numel: dict[str, list[int]], aux: dict[str, list[int]], budget: int) -> int:
+    """The most storage elements any allocation within ``budget`` auxiliary parameters can need.
+
+    A fractional knapsack over every (module, level), best elements-per-auxiliary-parameter first, bounds
+    every allocation the schedule can choose (each holds at most one level per module, within the budget).
+    """
+    items = sorted(
+        ((numel[n][i], aux[n][i]) for n in numel for i in range(len(numel[n])) if aux[n][i] > 0),
+        key=lambda item: item[0] / item[1],
+        reverse=True,
+    )
+    bound, left = 0.0, float(budget)
+    for elements, cost in items:
+        if left <= 0:
+            break
+        bound += elements * min(1.0, left / cost)
+        left -= cost
+    most = sum(max(counts) for counts in numel.values())
+    return int(min(math.ceil(bound), most))
+
+
+def _synchronize_new_parameters(params: list[nn.Parameter]) -> None:
     """Average the gradients of parameters that started training after DDP wrapped the model.
 
-    DDP only reduces what was trainable when it wrapped the model; new cores and plain weights coming back
-    from a collapse are averaged here, by a hook after each accumulation into ``.grad`` (backward order is the
-    same on every rank; re-averaging an already averaged part, or a parameter DDP also reduces, changes nothing).
+    DDP only reduces what was trainable when it wrapped the model; a bank created later (the pre-pass) and
+    plain weights coming back from a collapse are averaged here, by a hook after each accumulation into
+    ``.grad`` (backward order is the same on every rank).
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     if torch.distributed.get_world_size() == 1:
         return
-    for name in names:
-        for attr in FACTOR_NAMES.values():
-            linear = getattr(layers[name], attr)[adapter_name]
-            factor = _mpo_factor(linear)
-            for param in factor.cores if factor is not None else [linear.weight]:
-                if param.requires_grad and not getattr(param, "_lora_over_synchronized", False):
-                    param.register_post_accumulate_grad_hook(_average_gradient)
-                    param._lora_over_synchronized = True
+    for param in params:
+        if not getattr(param, "_lora_over_synchronized", False):
+            param.register_post_accumulate_grad_hook(_average_gradient)
+            param._lora_over_synchronized = True
 
 
 def _average_gradient(param: nn.Parameter) -> None:
@@ -506,26 +522,16 @@ def restore_before_load(model: nn.Module, restore: Callable[[Path], None]) -> No
 
 
 def _restore_layouts(callback: LoraOverCallback, folder: Path) -> None:
-    config, model = callback.config, callback.model
-    _, recorded = read_layout_file(folder)
-    layers = callback.layers
-    for name, layer in layers.items():
-        for attr in FACTOR_NAMES.values():
-            linear = getattr(layer, attr)[config.adapter_name]
-            current = _mpo_factor(linear)
-            layout, scale = recorded.get(f"{name}.{attr}", (None, 1.0))
-            if current is not None and current.layout == layout and current.aux_scale == scale:
-                continue
-            remove_factor(linear)  # its values are about to be overwritten by the checkpoint anyway
-            if layout is not None:
-                install_layout(layer, FACTOR_OF_ATTR[attr], config.adapter_name, layout, scale)
-    ensure_refresh_hook(model)
-    callback._observe_gradients(layers)
+    check_resumable(folder)
+    restore_layouts(callback.model, folder)
+    callback._observe_gradients()
     scheduler_file = folder / SCHEDULER_FILE
     if scheduler_file.is_file():
         state = json.loads(scheduler_file.read_text())
         callback.tracker.load_state_dict(state["tracker"])
         callback.history = state["history"]
+        for part, bank in banks(callback.model, callback.config.adapter_name).items():
+            bank.fresh = [tuple(r) for r in state.get("fresh", {}).get(part, [])]  # moments still to seed
         last = next((h for h in reversed(callback.history) if "modules" in h), None)
         if last is not None:  # the scheduled capacities, to move from at the next decision
             callback.current = last.get("capacities") or {name: callback.config.capacity for name in last["modules"]}

@@ -101,8 +101,8 @@ class LoraOverConfig:
             central core (their exact bonds grow with it).
         aux_lr: learning rate of the auxiliary cores (OPF trains them apart); ``None`` uses the main one.
             ``LoraOverCallback`` realizes it inside the factor (``aux_scale = aux_lr / learning_rate``, exact
-            under Adam-family optimizers, no extra optimizer group); own training loops can instead pass
-            ``lora_over_parameter_groups(model, lr)`` to their optimizer.
+            under Adam-family optimizers, no extra optimizer group); own training loops pass
+            ``apply_lora_over(model, config, aux_scale=aux_lr / lr)``.
         init_std: scale of the random half of padded bond slots; ``None`` uses ``1 / sqrt(fan_in)``.
         seed: seed of that random initialization (the same seed gives the same cores).
         adapter_name: the PEFT adapter to over-parameterize.

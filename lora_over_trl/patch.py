@@ -1,37 +1,37 @@
-"""The model-patching hook: install, inspect and collapse LoRA-Over factors on a PEFT model.
+"""The model-patching hook: install, inspect, change and collapse LoRA-Over factors on a PEFT model.
 
-``apply_lora_over`` registers an :class:`~lora_over_trl.factor.MpoFactor` parametrization on the chosen
-``lora_A`` / ``lora_B`` weights; ``collapse`` contracts the cores once more and leaves plain PEFT LoRA
-weights behind, so the saved adapter is a standard one. The per-module functions
-(:func:`over_parameterize_module`, :func:`collapse_module`, :func:`resize_module`) are what a capacity
-scheduler calls at run time; each keeps the module's function.
+``apply_lora_over`` moves the chosen ``lora_A`` / ``lora_B`` weights into a :class:`~lora_over_trl.bank.FactorBank`
+(one flat parameter per dtype and device, kept in the base model as ``lora_over_bank``); each LoRA weight
+becomes a slice of one batched contraction per layout and forward. ``collapse`` writes the contractions back
+as plain PEFT LoRA weights, so the saved adapter is a standard one. :func:`set_layouts` is the one primitive
+behind every change a capacity scheduler makes (enter, leave, grow, shrink); each keeps the module's function.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import zlib
 from dataclasses import dataclass, field
 
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
-from torch.nn.utils import parametrize
 
 from . import mpo
+from .bank import FactorBank, FactorHandle
 from .config import LoraOverConfig, module_matches
-from .factor import MpoFactor, default_std, refresh_all
 
 __all__ = [
     "ApplyReport",
     "apply_lora_over",
+    "banks",
     "collapse",
-    "collapse_module",
     "lora_modules",
-    "lora_over_parameter_groups",
-    "over_parameterize_module",
     "over_parameterized_factors",
-    "resize_module",
+    "plan_layout",
+    "set_layouts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 _PEFT_PREFIX = "base_model.model."
 FACTOR_NAMES = {"A": "lora_A", "B": "lora_B"}
 FACTOR_OF_ATTR = {attr: which for which, attr in FACTOR_NAMES.items()}
+BANK_ATTR = "lora_over_bank"  # "lora_" in the name: PEFT saves and loads it with the adapter's own tensors
+_HOOK_ATTR = "_lora_over_refresh_hook"
 
 
 def _user_name(name: str) -> str:
@@ -57,26 +59,32 @@ def lora_modules(model: nn.Module, adapter_name: str = "default") -> dict[str, L
     }
 
 
-def _factor_linear(layer: LoraLayer, which: str, adapter_name: str) -> nn.Linear:
-    return getattr(layer, FACTOR_NAMES[which])[adapter_name]
+def factor_linears(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Linear]:
+    """Every LoRA factor's linear, keyed ``"<module>.lora_A"`` / ``"<module>.lora_B"``."""
+    return {
+        f"{name}.{attr}": getattr(layer, attr)[adapter_name]
+        for name, layer in lora_modules(model, adapter_name).items()
+        for attr in FACTOR_NAMES.values()
+    }
 
 
-def _mpo_factor(linear: nn.Linear) -> MpoFactor | None:
-    if not parametrize.is_parametrized(linear, "weight"):
-        return None
-    found = [p for p in linear.parametrizations.weight if isinstance(p, MpoFactor)]
-    return found[0] if found else None
+def _root(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def over_parameterized_factors(model: nn.Module, adapter_name: str = "default") -> dict[str, MpoFactor]:
+def banks(model: nn.Module, adapter_name: str = "default") -> dict[str, FactorBank]:
+    """The model's factor banks for ``adapter_name``, by part (``"<dtype>_<device>"``); empty when none."""
+    holder = getattr(_root(model), BANK_ATTR, None)
+    if holder is None or adapter_name not in holder:
+        return {}
+    return dict(holder[adapter_name].items())
+
+
+def over_parameterized_factors(model: nn.Module, adapter_name: str = "default") -> dict[str, FactorHandle]:
     """Every installed factor, keyed ``"<module>.lora_A"`` / ``"<module>.lora_B"``."""
-    found = {}
-    for name, layer in lora_modules(model, adapter_name).items():
-        for which, attr in FACTOR_NAMES.items():
-            factor = _mpo_factor(_factor_linear(layer, which, adapter_name))
-            if factor is not None:
-                found[f"{name}.{attr}"] = factor
-    return found
+    return {
+        key: FactorHandle(bank, key) for bank in banks(model, adapter_name).values() for key in sorted(bank.layouts)
+    }
 
 
 def module_generator(seed: int, name: str) -> torch.Generator:
@@ -84,156 +92,181 @@ def module_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
-_HOOK_ATTR = "_lora_over_refresh_hook"
-_installs = 0  # bumped whenever a factor is installed or removed: the hook's list of factors is stale then
+def default_std(in_features: int) -> float:
+    """Scale of the random half of padded bond slots: Kaiming-like, ``1 / sqrt(fan_in)`` of the factor."""
+    return 1.0 / math.sqrt(max(in_features, 1))
 
 
-def _factors_changed() -> None:
-    global _installs
-    _installs += 1
+@functools.lru_cache(maxsize=4096)  # a pure function of small arguments, asked again at every re-allocation
+def plan_layout(
+    shape: tuple[int, int], capacity: float, *, num_cores: int = 2, aux_core_size: int = 16
+) -> mpo.MpoLayout | None:
+    """The layout of a factor of ``shape`` with at most ``capacity * p * q`` auxiliary parameters.
+
+    ``None`` when the capacity cannot hold even the exact layout (the factor stays plain).
+    """
+    if capacity <= 0:
+        return None
+    base = mpo.choose_layout(*shape, num_cores=num_cores, aux_size=aux_core_size)
+    return mpo.fit_bonds(base, math.floor(capacity * shape[0] * shape[1]))
+
+
+def _part(tensor: torch.Tensor) -> str:
+    device = tensor.device
+    return f"{str(tensor.dtype).removeprefix('torch.')}_{device.type}" + (
+        f"_{device.index}" if device.index is not None else ""
+    )
 
 
 class _RefreshHook:
-    """Forward pre-hook: refresh every factor under the root; the list is rebuilt only after installs."""
+    """Forward pre-hook of the base model: contract every bank once at the start of each forward."""
 
-    def __init__(self) -> None:
-        self.seen, self.factors = -1, []
+    def __init__(self, adapter_name: str) -> None:
+        self.adapter_name = adapter_name
 
     def __call__(self, root: nn.Module, args: tuple) -> None:
-        if self.seen != _installs:
-            self.factors = [m for m in root.modules() if isinstance(m, MpoFactor)]
-            self.seen = _installs
-        refresh_all(self.factors)
+        holder = getattr(root, BANK_ATTR, None)
+        if holder is not None and self.adapter_name in holder:
+            for bank in holder[self.adapter_name].values():
+                bank.refresh()
 
 
-def ensure_refresh_hook(model: nn.Module) -> None:
-    """Contract every factor once at the start of each forward of the model (see ``MpoFactor.refresh``).
-
-    The hook sits on the innermost model (``get_base_model()``), which training, evaluation and
-    ``generate`` all call. Without it everything stays correct, only slower.
-    """
-    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+def _ensure_refresh_hook(root: nn.Module, adapter_name: str) -> None:
+    # On the innermost model, which training, evaluation and `generate` all call. Reads outside a forward
+    # still get current weights (the bank contracts when stale); the hook makes it one contraction per forward.
     if getattr(root, _HOOK_ATTR, None) is None:
-        setattr(root, _HOOK_ATTR, root.register_forward_pre_hook(_RefreshHook()))
+        setattr(root, _HOOK_ATTR, root.register_forward_pre_hook(_RefreshHook(adapter_name)))
 
 
-def _remove_refresh_hook(model: nn.Module) -> None:
-    root = model.get_base_model() if hasattr(model, "get_base_model") else model
-    handle = getattr(root, _HOOK_ATTR, None)
-    if handle is not None:
-        handle.remove()
-        setattr(root, _HOOK_ATTR, None)
-
-
-def _install(linear: nn.Linear, factor: MpoFactor) -> None:
-    _factors_changed()
-    requires_grad = linear.weight.requires_grad
-    parametrize.register_parametrization(linear, "weight", factor)
-    linear.parametrizations.weight.original.requires_grad_(False)
-    for core in factor.cores:
-        core.requires_grad_(requires_grad)
-
-
-def over_parameterize_module(
-    layer: LoraLayer, name: str, capacity: float, config: LoraOverConfig, *, aux_scale: float = 1.0
-) -> dict[str, mpo.MpoLayout | None]:
-    """Over-parameterize the chosen factors of one LoRA layer, keeping its function (bit for bit when
-    ``aux_scale`` is 1; see :class:`MpoFactor` for what the scale does).
-
-    Returns the layout per factor (``None`` where the capacity holds no layout and the factor stays plain).
-    """
-    layouts: dict[str, mpo.MpoLayout | None] = {}
-    for which in config.factor_keys():
-        linear = _factor_linear(layer, which, config.adapter_name)
-        if _mpo_factor(linear) is not None:
-            raise ValueError(f"`{name}.{FACTOR_NAMES[which]}` is already over-parameterized")
-        weight = linear.weight.detach()
-        factor = MpoFactor.from_weight(
-            weight,
-            capacity,
-            num_cores=config.num_cores,
-            aux_core_size=config.aux_core_size,
-            std=config.init_std,
-            generator=module_generator(config.seed, f"{name}.{FACTOR_NAMES[which]}"),
-            aux_scale=aux_scale,
-        )
-        layouts[which] = None if factor is None else factor.layout
-        if factor is not None:
-            _install(linear, factor)
-    return layouts
-
-
-def install_layout(
-    layer: LoraLayer, which: str, adapter_name: str, layout: mpo.MpoLayout, aux_scale: float = 1.0
-) -> MpoFactor:
-    """Install zero cores of a known layout (to be filled from a checkpoint's state dict)."""
-    linear = _factor_linear(layer, which, adapter_name)
-    if tuple(linear.weight.shape) != layout.shape:
-        raise ValueError(
-            f"`{FACTOR_NAMES[which]}` weight has shape {tuple(linear.weight.shape)} but the recorded layout "
-            f"needs {layout.shape}: the adapter's rank or the base model differ from the checkpoint's"
-        )
-    factor = MpoFactor.empty(layout, dtype=linear.weight.dtype, device=linear.weight.device, aux_scale=aux_scale)
-    _install(linear, factor)
-    return factor
-
-
-def resize_module(layer: LoraLayer, name: str, which: str, bonds: tuple[int, ...], config: LoraOverConfig) -> float:
-    """Grow (exact) or truncate (SVD, error returned) the bonds of one installed factor."""
-    linear = _factor_linear(layer, which, config.adapter_name)
-    factor = _mpo_factor(linear)
-    if factor is None:
-        raise ValueError(f"`{name}.{FACTOR_NAMES[which]}` is not over-parameterized")
-    std = config.init_std or default_std(factor.layout.shape[1])
-    return factor.resize(bonds, std=std, generator=module_generator(config.seed + 1, f"{name}.{which}.{bonds}"))
-
-
-def remove_factor(linear: nn.Linear) -> None:
-    """Leave the contracted value as a plain weight, trainable as the cores were (nothing if not installed)."""
-    factor = _mpo_factor(linear)
-    if factor is None:
+def _drop_bank_if_empty(root: nn.Module, adapter_name: str) -> None:
+    holder = getattr(root, BANK_ATTR, None)
+    if holder is None or adapter_name not in holder:
         return
-    _factors_changed()
-    requires_grad = factor.cores[0].requires_grad
-    parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
-    linear.weight.requires_grad_(requires_grad)
+    for part in [p for p, bank in holder[adapter_name].items() if not bank.layouts]:
+        del holder[adapter_name][part]
+    if not len(holder[adapter_name]):
+        del holder[adapter_name]
+    if not len(holder):
+        delattr(root, BANK_ATTR)
+        handle = getattr(root, _HOOK_ATTR, None)
+        if handle is not None:
+            handle.remove()
+            setattr(root, _HOOK_ATTR, None)
 
 
-def collapse_module(layer: LoraLayer, adapter_name: str = "default", dtype: torch.dtype | None = None) -> float:
-    """Write the contracted factors into plain LoRA weights; returns the relative error of ``B A``.
+def set_layouts(
+    model: nn.Module,
+    targets: dict[str, mpo.MpoLayout | None],
+    config: LoraOverConfig,
+    *,
+    aux_scale: float = 1.0,
+    optimizer: torch.optim.Optimizer | None = None,
+    reserve: int | dict[str, int] = 0,
+) -> dict[str, float]:
+    """Give the named factors these layouts (``None``: plain LoRA), keeping every module's function.
 
-    By default the weights are the contraction the forward pass uses (so outputs stay bit for bit); with a
-    ``dtype`` other than the cores' one, they are the float64 contraction rounded once to ``dtype``. The
-    error compares them with a float64 contraction, through Gram matrices so the ``m x n`` product is never
-    formed: about 1e-7 in float32, 1e-3 in bfloat16 (the rounding of the stored weights).
+    A plain factor that gets a layout is decomposed exactly (:func:`mpo.decompose`); a factor that loses it
+    gets its contraction as a plain weight (the forward's own values, bit for bit); a factor whose bonds grow
+    is padded (exact); one whose bonds shrink is re-decomposed by SVD and its relative error is returned.
+    Factors not named are untouched. The bank's storage keeps its parameter object: an ``optimizer`` given
+    here has its moments moved with the factors (new factors start at zero); plain weights that reappear are
+    new parameters, for :func:`~lora_over_trl.optim.sync_optimizer` to add.
+
+    Args:
+        targets: factor key (``"<module>.lora_A"``) -> layout or ``None``.
+        aux_scale: the bank's auxiliary learning-rate scale (used when this call creates the bank).
+        reserve: storage elements to reserve when this call creates a bank (a dynamic schedule's maximum),
+            or a dict of them by bank part.
+
+    Returns:
+        The relative error of each factor whose bonds shrank (0.0 for growth).
     """
-    linear_a, linear_b = _factor_linear(layer, "A", adapter_name), _factor_linear(layer, "B", adapter_name)
-    with torch.no_grad():
-        reference_a, reference_b = _weight_f64(linear_a), _weight_f64(linear_b)
-    for linear, reference in ((linear_a, reference_a), (linear_b, reference_b)):
-        remove_factor(linear)
-        weight = linear.weight
-        if dtype is not None and weight.dtype != dtype:
-            linear.weight = nn.Parameter(reference.to(dtype), requires_grad=weight.requires_grad)
-    with torch.no_grad():
-        collapsed_a, collapsed_b = linear_a.weight.double(), linear_b.weight.double()
-        difference = _product_norm(torch.cat([collapsed_b, -reference_b], 1), torch.cat([collapsed_a, reference_a]))
-        scale = _product_norm(reference_b, reference_a)
-    return float(difference / scale) if scale > 0 else float(difference)
-
-
-def _product_norm(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``||B A||_F`` from ``trace((B^T B)(A A^T))``: cost ``O((m + n) r^2)`` instead of ``O(m n r)``."""
-    return torch.sqrt(torch.clamp(((b.T @ b) * (a @ a.T)).sum(), min=0.0))
-
-
-def _weight_f64(linear: nn.Linear) -> torch.Tensor:
-    factor = _mpo_factor(linear)
-    if factor is None:
-        return linear.weight.detach().double()
-    scale = factor.aux_scale  # applied in float64 too, so the reference carries no float32 rounding
-    central = factor.layout.central
-    return mpo.contract([t.detach().double() * (1.0 if j == central else scale) for j, t in enumerate(factor.cores)])
+    adapter = config.adapter_name
+    root = _root(model)
+    linears = factor_linears(model, adapter)
+    unknown = sorted(set(targets) - set(linears))
+    if unknown:
+        raise ValueError(f"set_layouts: no LoRA factor named {unknown[:3]}; factors are e.g. {sorted(linears)[:2]}")
+    current = {key: (part, bank) for part, bank in banks(model, adapter).items() for key in bank.layouts}
+    plans: dict[str, dict[str, mpo.MpoLayout]] = {
+        part: dict(bank.layouts) for part, bank in banks(model, adapter).items()
+    }
+    values: dict[str, dict[str, list[torch.Tensor]]] = {}
+    leaving: dict[str, tuple[FactorBank, torch.Tensor]] = {}
+    entering: dict[str, str] = {}
+    errors: dict[str, float] = {}
+    for key in sorted(targets):
+        layout = targets[key]
+        if key in current:
+            part, bank = current[key]
+            old = bank.layouts[key]
+            if layout == old:
+                continue
+            if layout is None:
+                leaving[key] = (bank, None)
+                del plans[part][key]
+                continue
+            if layout.shape != old.shape:
+                raise ValueError(f"set_layouts: `{key}` has shape {old.shape}, the layout {layout.shape}")
+            cores = bank.effective_cores(key)
+            std = config.init_std or default_std(layout.shape[1])
+            generator = module_generator(config.seed + 1, f"{key.rsplit('.lora_', 1)[0]}.{key[-1]}.{layout.bonds}")
+            if (layout.rows, layout.cols) != (old.rows, old.cols):  # other cores: start exact from the contraction
+                weight = mpo.contract(cores)
+                new = mpo.decompose(weight, layout, std=std, generator=generator)
+                errors[key] = 0.0
+            elif all(b >= a for a, b in zip(old.bonds, layout.bonds, strict=True)):
+                new, errors[key] = mpo.grow(cores, layout, std=std, generator=generator), 0.0
+            else:
+                new, errors[key] = mpo.truncate(cores, layout, std=std, generator=generator)
+            values.setdefault(part, {})[key] = new
+            plans[part][key] = layout
+        elif layout is not None:
+            weight = linears[key].weight.detach()
+            if tuple(weight.shape) != layout.shape:
+                raise ValueError(
+                    f"set_layouts: `{key}` weight has shape {tuple(weight.shape)} but the layout needs "
+                    f"{layout.shape}: the adapter's rank or the base model differ"
+                )
+            std = config.init_std or default_std(weight.shape[1])
+            cores = mpo.decompose(weight, layout, std=std, generator=module_generator(config.seed, key))
+            part = _part(weight)
+            values.setdefault(part, {})[key] = cores
+            plans.setdefault(part, {})[key] = layout
+            entering[key] = part
+    if not (values or leaving or entering):
+        return errors
+    # Leaving factors take the forward's own contraction (before any repack moves their cores).
+    for key, (bank, _) in list(leaving.items()):
+        with torch.no_grad():
+            bank.refresh()
+            leaving[key] = (bank, bank.weight_of(key).detach().clone())
+    holder = getattr(root, BANK_ATTR, None)
+    if holder is None:
+        holder = nn.ModuleDict()
+        setattr(root, BANK_ATTR, holder)
+    if adapter not in holder:
+        holder[adapter] = nn.ModuleDict()
+    for part, plan in plans.items():
+        if part not in holder[adapter]:
+            weight = linears[next(k for k, p in entering.items() if p == part)].weight
+            wanted = reserve.get(part, 0) if isinstance(reserve, dict) else reserve
+            holder[adapter][part] = FactorBank(
+                max(wanted, FactorBank.numel(plan.values())),
+                dtype=weight.dtype,
+                device=weight.device,
+                aux_scale=aux_scale,
+            )
+            holder[adapter][part].storage.requires_grad_(weight.requires_grad)
+        holder[adapter][part].repack(plan, values.get(part, {}), optimizer)
+    for key, (bank, weight) in leaving.items():
+        bank.detach_linear(key, weight, requires_grad=bank.storage.requires_grad)
+    for key, part in entering.items():
+        holder[adapter][part].attach(key, linears[key])
+    _drop_bank_if_empty(root, adapter)
+    if banks(model, adapter):
+        _ensure_refresh_hook(root, adapter)
+    return errors
 
 
 @dataclass
@@ -253,8 +286,23 @@ class ApplyReport:
         )
 
 
+def module_layouts(shapes: dict[str, tuple[int, int]], capacity: float, config: LoraOverConfig) -> dict:
+    """``{"A": layout or None, "B": ...}`` for a module whose factors have ``shapes`` (the config's factors only)."""
+    return {
+        which: plan_layout(shapes[which], capacity, num_cores=config.num_cores, aux_core_size=config.aux_core_size)
+        if which in config.factor_keys()
+        else None
+        for which in FACTOR_NAMES
+    }
+
+
 def apply_lora_over(
-    model: nn.Module, config: LoraOverConfig, capacities: dict[str, float] | None = None, *, aux_scale: float = 1.0
+    model: nn.Module,
+    config: LoraOverConfig,
+    capacities: dict[str, float] | None = None,
+    *,
+    aux_scale: float = 1.0,
+    reserve: int = 0,
 ) -> ApplyReport:
     """Over-parameterize the LoRA factors of a PEFT model in place; its outputs stay bit for bit the same.
 
@@ -263,9 +311,10 @@ def apply_lora_over(
         config: what to over-parameterize and how much (:class:`LoraOverConfig`).
         capacities: optional explicit capacity per module name (a scheduler's decision); it replaces the
             config's rules and default. Modules not named stay plain LoRA.
-        aux_scale: multiplier of the auxiliary cores' learning rate under Adam (see :class:`MpoFactor`);
-            ``LoraOverCallback`` sets it to ``aux_lr / learning_rate``. Leave it at 1 when giving the
-            cores their own optimizer group (:func:`lora_over_parameter_groups`) instead.
+        aux_scale: the auxiliary cores' learning rate as a multiple of the main one, under Adam-family
+            optimizers: they are stored divided by it and multiplied back in the contraction (Adam's step
+            ignores the gradient's scale). ``LoraOverCallback`` sets it to ``aux_lr / learning_rate``.
+        reserve: storage elements to reserve in the bank (for later growth without re-allocation).
 
     Returns:
         An :class:`ApplyReport` (``print`` it for a one-line summary).
@@ -286,6 +335,8 @@ def apply_lora_over(
         )
     if over_parameterized_factors(model, config.adapter_name):
         raise ValueError("apply_lora_over: the model is already over-parameterized; call collapse() first")
+    if not aux_scale > 0:
+        raise ValueError(f"apply_lora_over: `aux_scale` must be > 0, got {aux_scale!r}")
     capacities = _resolve_capacities(layers, config) if capacities is None else dict(capacities)
     unknown = sorted(set(capacities) - set(layers))
     if unknown:
@@ -294,16 +345,18 @@ def apply_lora_over(
             f"LoRA modules are e.g. {sorted(layers)[:3]}"
         )
     report = ApplyReport()
+    targets: dict[str, mpo.MpoLayout | None] = {}
     for name in sorted(layers):
-        lora_a, lora_b = (_factor_linear(layers[name], w, config.adapter_name).weight for w in ("A", "B"))
-        report.lora_params += lora_a.numel() + lora_b.numel()
+        linears = {w: getattr(layers[name], attr)[config.adapter_name] for w, attr in FACTOR_NAMES.items()}
+        report.lora_params += sum(linear.weight.numel() for linear in linears.values())
         if capacities.get(name, 0.0) > 0:
-            report.layouts[name] = over_parameterize_module(
-                layers[name], name, capacities[name], config, aux_scale=aux_scale
-            )
+            shapes = {w: tuple(linear.weight.shape) for w, linear in linears.items()}
+            chosen = module_layouts(shapes, capacities[name], config)
+            report.layouts[name] = {w: chosen[w] for w in config.factor_keys()}
+            targets.update({f"{name}.{FACTOR_NAMES[w]}": layout for w, layout in chosen.items() if layout})
+    set_layouts(model, targets, config, aux_scale=aux_scale, reserve=reserve)
     report.aux_params = sum(f.aux_params for f in over_parameterized_factors(model, config.adapter_name).values())
     model.lora_over_config = config  # saved beside checkpoints; read by save/load and the callback
-    ensure_refresh_hook(model)
     logger.info("%s", report)
     return report
 
@@ -329,15 +382,17 @@ def _resolve_capacities(layers: dict[str, LoraLayer], config: LoraOverConfig) ->
 def collapse(model: nn.Module, adapter_name: str | None = None, dtype: torch.dtype | None = None) -> dict[str, float]:
     """Contract every over-parameterized factor into plain LoRA weights, in place.
 
-    ``dtype`` (e.g. ``torch.float32``) stores the collapsed weights in that precision; by default they keep
-    the cores' dtype. A run trained in bfloat16 (TRL does so on 4-bit bases) keeps its function more exactly
-    in float32: rounding ``B A`` to bfloat16 costs a relative error of about 1e-3.
+    By default the weights are the forward's own contraction (outputs stay bit for bit). With a ``dtype``
+    (e.g. ``torch.float32``) other than the bank's, they are the float64 contraction rounded once to it: a run
+    trained in bfloat16 (TRL does so on 4-bit bases) keeps its function more exactly in float32, since
+    rounding ``B A`` to bfloat16 costs a relative error of about 1e-3.
 
     Afterwards ``model.save_pretrained`` writes a standard PEFT LoRA adapter (same keys and config as
     vanilla LoRA of the same rank) that stock PEFT loads without this package.
 
     Returns:
-        The relative error of each module's ``B A`` (collapsed weights against a float64 contraction).
+        Per module, the relative error of ``B A`` (the collapsed weights against a float64 contraction of
+        the cores, computed through Gram matrices so the ``m x n`` product is never formed).
 
     Raises:
         ValueError: nothing to collapse (never applied, or collapsed already).
@@ -350,30 +405,29 @@ def collapse(model: nn.Module, adapter_name: str | None = None, dtype: torch.dty
             "collapse: the model has no over-parameterized LoRA factors (collapse() already ran, "
             "or apply_lora_over() never did)"
         )
-    layers = lora_modules(model, adapter_name)
-    modules = sorted({key.rsplit(".", 1)[0] for key in factors})
-    errors = {name: collapse_module(layers[name], adapter_name, dtype) for name in modules}
-    _remove_refresh_hook(model)
+    linears = factor_linears(model, adapter_name)
+    references = {key: f.bank.contract_one(key, torch.float64) for key, f in factors.items()}
+    set_layouts(model, dict.fromkeys(factors), config or LoraOverConfig(adapter_name=adapter_name))
+    for key, reference in references.items():
+        weight = linears[key].weight
+        if dtype is not None and weight.dtype != dtype:
+            linears[key].weight = nn.Parameter(reference.to(dtype), requires_grad=weight.requires_grad)
+    errors = {}
+    for name in sorted({key.rsplit(".", 1)[0] for key in factors}):
+        pair = {}
+        for attr in FACTOR_NAMES.values():
+            key = f"{name}.{attr}"
+            collapsed = linears[key].weight.detach().double()
+            pair[attr] = (collapsed, references.get(key, collapsed))
+        (a, ref_a), (b, ref_b) = pair["lora_A"], pair["lora_B"]
+        with torch.no_grad():
+            difference = _product_norm(torch.cat([b, -ref_b], 1), torch.cat([a, ref_a]))
+            scale = _product_norm(ref_b, ref_a)
+        errors[name] = float(difference / scale) if scale > 0 else float(difference)
     logger.info("LoRA-Over collapse: %d modules, max relative error of B A %.2e", len(errors), max(errors.values()))
     return errors
 
 
-def lora_over_parameter_groups(
-    model: nn.Module, lr: float, *, aux_lr: float | None = None, weight_decay: float = 0.0
-) -> list[dict]:
-    """Optimizer parameter groups with the auxiliary cores at their own learning rate.
-
-    Every trainable parameter is in exactly one group: the auxiliary cores at ``aux_lr`` (``lr`` when
-    ``None``), everything else at ``lr``. Pass the result to any ``torch.optim`` optimizer.
-    """
-    config = getattr(model, "lora_over_config", None)
-    aux_lr = aux_lr if aux_lr is not None else (config.aux_lr if config and config.aux_lr else lr)
-    adapter_name = config.adapter_name if config else "default"
-    aux_ids = {id(t) for f in over_parameterized_factors(model, adapter_name).values() for t in f.auxiliary_cores()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    main = [p for p in trainable if id(p) not in aux_ids]
-    aux = [p for p in trainable if id(p) in aux_ids]
-    groups = [{"params": main, "lr": lr, "weight_decay": weight_decay}]
-    if aux:
-        groups.append({"params": aux, "lr": aux_lr, "weight_decay": weight_decay})
-    return groups
+def _product_norm(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``||B A||_F`` from ``trace((B^T B)(A A^T))``: cost ``O((m + n) r^2)`` instead of ``O(m n r)``."""
+    return torch.sqrt(torch.clamp(((b.T @ b) * (a @ a.T)).sum(), min=0.0))

@@ -238,6 +238,8 @@ def resume_checkpoint(training_args: Any) -> str | None:
     """``resume_from_checkpoint``: a checkpoint folder, or ``true`` for the latest one in output_dir."""
     from transformers.trainer_utils import get_last_checkpoint
 
+    from .checkpoint import LAYOUT_FILE, check_resumable
+
     value = training_args.resume_from_checkpoint
     if value is None or str(value).lower() in ("false", "no", "0", ""):
         return None
@@ -245,9 +247,14 @@ def resume_checkpoint(training_args: Any) -> str | None:
         last = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
         if last is None:
             raise RecipeError(f"resume_from_checkpoint: no checkpoint-N folder in {training_args.output_dir}")
-        return last
-    if not (Path(value) / "trainer_state.json").is_file():
+        value = last
+    elif not (Path(value) / "trainer_state.json").is_file():
         raise RecipeError(f"resume_from_checkpoint: {value} is not a checkpoint folder (no trainer_state.json)")
+    if (Path(value) / LAYOUT_FILE).is_file():
+        try:
+            check_resumable(value)
+        except ValueError as err:
+            raise RecipeError(f"resume_from_checkpoint: {err}") from err
     return str(value)
 
 

@@ -16,6 +16,7 @@ from conftest import (
     gsm8k_dataset,
     load_base,
     logged_losses,
+    logits,
     lora_config,
     make_sft_trainer,
     reference_contract,
@@ -27,7 +28,7 @@ from trl import SFTTrainer
 from lora_over_trl import LoraOverCallback, LoraOverConfig
 from lora_over_trl.callback import HISTORY_FILE, PICTURE_FILE, SCHEDULER_FILE
 from lora_over_trl.checkpoint import LAYOUT_FILE
-from lora_over_trl.patch import over_parameterized_factors
+from lora_over_trl.patch import banks, over_parameterized_factors
 from lora_over_trl.schedule import module_type
 from lora_over_trl.schedule.picture import allocation_matrix
 
@@ -40,21 +41,61 @@ losses = logged_losses
 
 
 @pytest.mark.parametrize("kind", ["fp32", "nf4"])
-def test_static_schedule_trains_and_saves_a_standard_adapter(tiny_llama_dir, tokenizer, tmp_path, kind):
+def test_static_schedule_trains_and_saves_a_standard_adapter(tiny_llama_dir, tokenizer, gsm8k_batch, tmp_path, kind):
+    """The shipped recipes' setting (4-bit base, bfloat16 adapter weights from TRL, ``aux_lr``): the saved adapter,
+    reloaded by stock PEFT on a fresh base, gives the trained model's logits, and the collapse error the run
+    reports matches one computed independently from the trained cores."""
+    from peft import PeftModel
+    from transformers import TrainerCallback
+
     config = LoraOverConfig(capacity=1.0, rules=[{"target_modules": ["q_proj"], "capacity": 2.0}], aux_lr=2e-2)
     trainer = make_trainer(tiny_llama_dir, tokenizer, tmp_path / "run", config, kind, max_steps=5)
     factors = over_parameterized_factors(trainer.model)
     assert len(factors) == 28  # installed before the optimizer exists ...
     assert {f.aux_scale for f in factors.values()} == {2e-2 / 5e-3}  # aux_lr / learning_rate
     optimized = {id(p) for g in trainer.create_optimizer().param_groups for p in g["params"]}
-    assert all(id(core) in optimized for f in factors.values() for core in f.cores)  # ... so the cores train
+    assert all(id(b.storage) in optimized for b in banks(trainer.model).values())  # ... so the cores train
+    if kind == "nf4":
+        assert {b.storage.dtype for b in banks(trainer.model).values()} == {torch.bfloat16}
+    seen = {}
+
+    class BeforeCollapse(TrainerCallback):  # runs before LoraOverCallback's on_train_end
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            seen["logits"] = logits(model, *gsm8k_batch)
+            current = over_parameterized_factors(model)
+            seen["ba"] = {
+                name: reference_contract(current[f"{name}.lora_B"].effective_cores())
+                @ reference_contract(current[f"{name}.lora_A"].effective_cores())
+                for name in {k.rsplit(".", 1)[0] for k in current}
+            }
+
+    trainer.callback_handler.callbacks.insert(0, BeforeCollapse())
     trainer.train()
     assert all(torch.isfinite(torch.tensor(list(losses(trainer).values()))))
     assert (tmp_path / "run" / "checkpoint-4" / LAYOUT_FILE).is_file()
     assert not over_parameterized_factors(trainer.model)  # collapsed at on_train_end
     trainer.save_model(str(tmp_path / "final"))
-    keys = set(load_file(tmp_path / "final" / "adapter_model.safetensors"))
-    assert keys and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in keys)
+    saved = load_file(tmp_path / "final" / "adapter_model.safetensors")
+    assert saved and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in saved)
+
+    # the error the run reports, against B A from the trained cores (float64, numpy) and the saved weights
+    prefix = "base_model.model."
+    independent = max(
+        np.linalg.norm(saved[f"{prefix}{n}.lora_B.weight"].double().numpy() @ saved[f"{prefix}{n}.lora_A.weight"]
+                       .double().numpy() - ba) / np.linalg.norm(ba)
+        for n, ba in seen["ba"].items()
+    )  # fmt: skip
+    reported = next(h for h in json.loads((tmp_path / "run" / HISTORY_FILE).read_text()) if h["event"] == "collapse")
+    assert independent <= 1e-6 and reported["max_error"] <= 1e-6
+    assert reported["max_error"] == pytest.approx(independent, abs=2e-7)
+
+    stock = PeftModel.from_pretrained(load_base(tiny_llama_dir, kind), str(tmp_path / "final"))
+    reloaded, base = logits(stock, *gsm8k_batch), logits(load_base(tiny_llama_dir, kind), *gsm8k_batch)
+    moved = (seen["logits"] - base).abs().max()
+    # the trained forward contracts in the bank's dtype (bfloat16 under TRL on a 4-bit base); the saved weights
+    # are the float64 contraction in float32: they differ by the forward's own rounding, no more
+    tolerance = 1e-5 if kind == "fp32" else 2e-2 * moved
+    assert moved > 0.05 and (reloaded - seen["logits"]).abs().max() <= tolerance
 
 
 @pytest.mark.parametrize(
@@ -313,6 +354,7 @@ def test_moving_between_levels_grows_exactly_and_shrinks_by_the_reported_error(t
     callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LoraOverCallback))
     callback.optimizer = trainer.create_optimizer()
     name = sorted(callback.current)[0]
+    callback.current = {n: 1.0 for n in callback.current}
     factors = {k: f for k, f in over_parameterized_factors(trainer.model).items() if k.startswith(name + ".")}
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():  # fresh, non-trivial cores (B starts at zero)
@@ -328,15 +370,16 @@ def test_moving_between_levels_grows_exactly_and_shrinks_by_the_reported_error(t
         return {k: over_parameterized_factors(trainer.model)[k].layout.bonds for k in factors}
 
     before, wide = contracted(), bonds()
-    callback.current[name] = 1.0
-    error = callback._resize(name, 0.5, {})  # shrink: TT-rounding, error measured
+    callback._move_capacity({**callback.current, name: 0.5}, 1, "test")  # shrink: TT-rounding, error measured
+    error = callback.history[-1]["resized"][name]
     after, narrow = contracted(), bonds()
     assert all(n < w for k in factors for n, w in zip(narrow[k], wide[k], strict=True) if w > 1)
     measured = max(np.linalg.norm(after[k] - before[k]) / np.linalg.norm(before[k]) for k in factors)
     # every level keeps at least the exact bonds (a factor whose level cannot hold them stays plain), so the
     # SVD truncation between levels drops only directions the factor does not use: float rounding is left
     assert error <= 1e-5 and measured <= 1e-5 and error == pytest.approx(measured, abs=1e-6)
-    assert callback._resize(name, 1.0, {}) == 0.0  # grow back: padded bonds, exact
+    callback._move_capacity({**callback.current, name: 1.0}, 2, "test")  # grow back: padded bonds, exact
+    assert callback.history[-1]["resized"][name] == 0.0
     assert bonds() == wide
     regrown = contracted()
     assert all(np.abs(regrown[k] - after[k]).max() <= 1e-6 * np.abs(after[k]).max() for k in factors)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from test_patch import train_steps
 
 from lora_over_trl import LoraOverConfig, apply_lora_over, load_lora_over, save_lora_over
 from lora_over_trl.checkpoint import LAYOUT_FILE
-from lora_over_trl.patch import lora_modules, over_parameterized_factors, resize_module
+from lora_over_trl.patch import over_parameterized_factors, set_layouts
 
 
 @pytest.mark.parametrize("kind", ["fp32", "nf4"])
@@ -22,7 +24,8 @@ def test_checkpoint_restores_exactly_and_training_continues_identically(tiny_lla
     for _ in train_steps(model, gsm8k_batch, steps=2):
         pass
     name = "model.layers.1.mlp.up_proj"  # a scheduler may have resized a factor since apply_lora_over
-    resize_module(lora_modules(model)[name], name, "B", (40,), config)
+    layout = over_parameterized_factors(model)[f"{name}.lora_B"].layout
+    set_layouts(model, {f"{name}.lora_B": replace(layout, bonds=(40,))}, config)
     save_lora_over(model, tmp_path / "ckpt")
     assert json.loads((tmp_path / "ckpt" / LAYOUT_FILE).read_text())["factors"][f"{name}.lora_B"]["bonds"] == [40]
 
@@ -50,11 +53,28 @@ def test_checkpoint_errors(tiny_llama_dir, tmp_path):
     other_rank = make_peft(tiny_llama_dir, "fp32", r=4)
     with pytest.raises(
         ValueError,
-        match=r"`model\.layers\.\d\.\w+\.\w+\.lora_A` has shape \(4, 128\) here but "
-        r"\(8, 128\) in the checkpoint: the adapter's rank",
+        match=r"`model\.layers\.\d\.\w+\.\w+\.lora_A` has shape \(4, \d+\) here but "
+        r"\(8, \d+\) in the checkpoint: the adapter's rank",
     ):
         load_lora_over(other_rank, tmp_path / "ckpt")
     assert not over_parameterized_factors(other_rank)  # nothing half-installed
     fewer_modules = make_peft(tiny_llama_dir, "fp32", target_modules=["q_proj"])
     with pytest.raises(ValueError, match="has no LoRA layer in this model"):
         load_lora_over(fewer_modules, tmp_path / "ckpt")
+
+
+FORMAT_1 = Path(__file__).parent / "data" / "format1_checkpoint"
+
+
+def test_a_format_1_checkpoint_loads_and_refuses_to_resume(tiny_llama_dir):
+    """tests/data/format1_checkpoint was written by lora-over-trl 0.1 (a parametrization per factor, cores under
+    ``...parametrizations.weight.0.cores.<j>``, aux_scale 2.5) on this tiny Llama, with the logits it gave."""
+    from lora_over_trl.checkpoint import check_resumable
+
+    fresh = make_peft(tiny_llama_dir, "fp32", seed=99)
+    config = load_lora_over(fresh, FORMAT_1)
+    assert config.seed == 5 and {f.aux_scale for f in over_parameterized_factors(fresh).values()} == {2.5}
+    expected = torch.load(FORMAT_1 / "expected_logits.pt")
+    torch.testing.assert_close(logits(fresh, expected["input_ids"]), expected["logits"], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"written by lora-over-trl 0\.1 .* cannot resume here\. Start a new run"):
+        check_resumable(FORMAT_1)

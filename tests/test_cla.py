@@ -56,6 +56,12 @@ def test_window_orders_are_seeded_and_cover_every_window():
     assert shuffled == window_offsets(n, r, ClaConfig(method="rc3la", seed=3), "model.layers.0.self_attn.q_proj")
     offsets = {window_offsets(n, r, ClaConfig(method="rcla"), f"layer{i}")[0] for i in range(20)}
     assert len(offsets) > 5 and all(0 <= o < n for o in offsets)
+    # the seed is in the draw: another seed gives other windows and other orders (over 20 modules)
+    names = [f"model.layers.{i}.mlp.up_proj" for i in range(20)]
+    for method in ("rcla", "rc3la"):
+        by_seed = [[window_offsets(n, r, ClaConfig(method=method, seed=seed), m) for m in names] for seed in (3, 4)]
+        assert by_seed[0] != by_seed[1], method
+        assert sum(a != b for a, b in zip(*by_seed, strict=True)) > 10, method
     assert window_offsets(n, r, ClaConfig(method="cla"), "x") == [0]
 
 

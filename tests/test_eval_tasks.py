@@ -65,6 +65,17 @@ def final_number(doc: dict) -> str:
             lambda d: f"Reasoning. The final answer is {final_number(d)}",
             lambda d: "The final answer is 987654321",
         ),
+        # several numbers: both filters take the last match, so the gold one must come last to count
+        (
+            "gsm8k_local_cot_llama",
+            lambda d: f"First 3 + 4 = 7 apples, then 12. The final answer is {final_number(d)}",
+            lambda d: f"The final answer is {final_number(d)}, or rather 3 + 4 = 7. The final answer is 987654321",
+        ),
+        (
+            "gsm8k_local",
+            lambda d: f"We get 17, then 23.\n#### {final_number(d)}",
+            lambda d: f"{final_number(d)}? 987654321",
+        ),
     ],
 )
 def test_gsm8k_gold_answers_score_one_and_wrong_ones_zero(task, gold, wrong):
@@ -92,9 +103,9 @@ def test_tasks_mirror_the_builtin_ones(ours, builtin, monkeypatch):
     assert strip({**mine, "metric_list": "-", "filter_list": "-"}) == strip(
         {**theirs, "metric_list": "-", "filter_list": "-"}
     )
-    assert [(f["name"], [s.get("regex_pattern") for s in f["filter"]]) for f in mine["filter_list"]] == [
-        (f["name"], [s.get("regex_pattern") for s in f["filter"]]) for f in theirs["filter_list"]
-    ]
+    steps = lambda cfg: [(f["name"], [{k: v for k, v in s.items() if k != "filter_fn"} for s in f["filter"]])  # noqa: E731
+                         for f in cfg["filter_list"]]  # fmt: skip
+    assert steps(mine) == steps(theirs)  # every step: pattern, group_select, fallback, ...
     assert [{k: v for k, v in m.items() if k != "metric"} for m in mine["metric_list"]] == [
         {k: v for k, v in m.items() if k != "metric"} for m in theirs["metric_list"]
     ]

@@ -42,7 +42,13 @@ def biased_llama_dir(tmp_path_factory) -> str:
         attention_bias=True,
     )
     path = tmp_path_factory.mktemp("biased_llama")
-    LlamaForCausalLM(config).save_pretrained(path)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # Llama initializes biases to zero, which would hide every term multiplying b0 (D's)
+        biases = [module.bias for module in model.modules() if getattr(module, "bias", None) is not None]
+        for bias in biases:
+            bias.normal_(0.0, 0.1)
+    assert biases and all(b.abs().min() > 0 for b in biases)
+    model.save_pretrained(path)
     return str(path)
 
 

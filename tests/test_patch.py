@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,8 +15,8 @@ import torch
 from conftest import BASE_KINDS, load_base, logits, make_peft, reference_contract
 from safetensors.torch import load_file
 
-from lora_over_trl import LoraOverConfig, apply_lora_over, collapse, lora_over_parameter_groups
-from lora_over_trl.patch import lora_modules, over_parameterized_factors, resize_module
+from lora_over_trl import LoraOverConfig, apply_lora_over, collapse
+from lora_over_trl.patch import banks, lora_modules, over_parameterized_factors, set_layouts
 
 
 def train_steps(model, batch, steps: int, lr: float = 1e-2, groups=None, eps: float = 1e-8):
@@ -39,11 +41,13 @@ def test_apply_is_exact_and_every_core_trains(tiny_llama_dir, gsm8k_batch, kind)
     assert torch.equal(logits(model, *gsm8k_batch), before)
     factors = over_parameterized_factors(model)
     assert len(factors) == 2 * 14 and 0 < report.aux_params <= report.lora_params
-    cores = {f"{key}.{j}": core for key, f in factors.items() for j, core in enumerate(f.cores)}
-    seen = dict.fromkeys(cores, False)
+    assert [p for p in model.parameters() if p.requires_grad] == [b.storage for b in banks(model).values()]
+    names = [f"{key}.{j}" for key, f in factors.items() for j in range(f.layout.num_cores)]
+    seen = dict.fromkeys(names, False)
     for _ in train_steps(model, gsm8k_batch, steps=3):
-        for name, core in cores.items():
-            seen[name] |= core.grad is not None and bool(core.grad.abs().max() > 0)
+        grads = [g for f in factors.values() for g in f.core_grads()]
+        for name, grad in zip(names, grads, strict=True):
+            seen[name] |= bool(grad.abs().max() > 0)
     assert all(seen.values()), [n for n, s in seen.items() if not s]
 
 
@@ -51,10 +55,10 @@ def test_standard_lora_init_b_zero_cores_train(tiny_llama_dir, gsm8k_batch):
     model = make_peft(tiny_llama_dir, "fp32")  # PEFT default: B = 0
     apply_lora_over(model, LoraOverConfig(capacity=0.5, num_cores=3))
     factors = over_parameterized_factors(model)
-    cores = [core for f in factors.values() for core in f.cores]
-    seen = [False] * len(cores)
+    seen = [False] * sum(f.layout.num_cores for f in factors.values())
     for _ in train_steps(model, gsm8k_batch, steps=3):
-        seen = [s or bool(c.grad.abs().max() > 0) for s, c in zip(seen, cores, strict=True)]
+        grads = [g for f in factors.values() for g in f.core_grads()]
+        seen = [s or bool(g.abs().max() > 0) for s, g in zip(seen, grads, strict=True)]
     assert all(seen)
 
 
@@ -75,11 +79,9 @@ def test_capacity_rules_choose_modules_and_sizes(tiny_llama_dir):
         "model.layers.1.mlp.down_proj",
     }
     assert set(report.layouts) == expected
-    layers = lora_modules(model)
     for key, factor in over_parameterized_factors(model).items():
         module = key.rsplit(".", 1)[0]
-        plain = getattr(layers[module], key.rsplit(".", 1)[1])["default"].parametrizations.weight.original
-        assert factor.aux_params <= config.capacity_of(module) * plain.numel()
+        assert factor.aux_params <= config.capacity_of(module) * math.prod(factor.layout.shape)
 
 
 @pytest.mark.parametrize("kind", BASE_KINDS)
@@ -147,27 +149,17 @@ def test_resize_grows_exactly_and_truncation_reports_its_error(tiny_llama_dir, g
     apply_lora_over(model, config)
     before = logits(model, *gsm8k_batch)
     layers = lora_modules(model)
-    name = "model.layers.0.self_attn.q_proj"
-    factor = over_parameterized_factors(model)[f"{name}.lora_A"]
-    exact = factor.layout.bonds
-    assert resize_module(layers[name], name, "A", tuple(b + 5 for b in exact), config) == 0.0
+    key = "model.layers.0.self_attn.q_proj.lora_A"
+    layout = over_parameterized_factors(model)[key].layout
+    wider = replace(layout, bonds=tuple(b + 5 for b in layout.bonds))
+    assert set_layouts(model, {key: wider}, config) == {key: 0.0}  # the bank grows past its reservation
+    assert over_parameterized_factors(model)[key].layout == wider
     assert torch.equal(logits(model, *gsm8k_batch), before)
-    weight = layers[name].lora_A["default"].weight.detach().double().numpy()
-    error = resize_module(layers[name], name, "A", (2,), config)
-    after = layers[name].lora_A["default"].weight.detach().double().numpy()
+    weight = layers["model.layers.0.self_attn.q_proj"].lora_A["default"].weight.detach().double().numpy()
+    error = set_layouts(model, {key: replace(layout, bonds=(2,))}, config)[key]
+    after = reference_contract(over_parameterized_factors(model)[key].effective_cores())
     assert error == pytest.approx(np.linalg.norm(after - weight) / np.linalg.norm(weight), rel=1e-4)
     assert error > 1e-3
-
-
-def test_parameter_groups_give_aux_cores_their_lr(tiny_llama_dir):
-    model = make_peft(tiny_llama_dir, "fp32")
-    apply_lora_over(model, LoraOverConfig(capacity=1.0, aux_lr=5e-3))
-    groups = lora_over_parameter_groups(model, lr=1e-4)
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    grouped = [id(p) for g in groups for p in g["params"]]
-    assert sorted(grouped) == sorted(trainable) and len(grouped) == len(set(grouped))
-    aux = {id(t) for f in over_parameterized_factors(model).values() for t in f.auxiliary_cores()}
-    assert [g["lr"] for g in groups] == [1e-4, 5e-3] and {id(p) for p in groups[1]["params"]} == aux
 
 
 def test_bad_input_is_a_clear_error(tiny_llama_dir):
@@ -192,19 +184,19 @@ def test_bad_input_is_a_clear_error(tiny_llama_dir):
         collapse(model)
 
 
-def test_cached_contraction_changes_no_gradient(tiny_llama_dir, gsm8k_batch):
-    """One contraction per forward (refresh hook) gives the gradients of contracting at every read,
-    with gradient checkpointing and two accumulated micro-batches."""
+def test_one_contraction_per_forward_changes_no_gradient(tiny_llama_dir, gsm8k_batch):
+    """The forward pre-hook's one contraction per forward gives the gradients of contracting at the first read
+    (no hook), with gradient checkpointing and two accumulated micro-batches; a deep copy works."""
     import copy
 
-    from lora_over_trl.patch import _remove_refresh_hook
+    from lora_over_trl.patch import _HOOK_ATTR
 
     models = []
-    for cached in (True, False):
+    for hooked in (True, False):
         model = make_peft(tiny_llama_dir, "fp32")
         apply_lora_over(model, LoraOverConfig(capacity=1.0, seed=3))
-        if not cached:
-            _remove_refresh_hook(model)
+        if not hooked:
+            getattr(model.get_base_model(), _HOOK_ATTR).remove()
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         input_ids, mask = gsm8k_batch
@@ -212,47 +204,125 @@ def test_cached_contraction_changes_no_gradient(tiny_llama_dir, gsm8k_batch):
             ids = input_ids[half]
             model(input_ids=ids, attention_mask=mask[half], labels=ids).loss.backward()
         models.append(model)
-    cached, uncached = (over_parameterized_factors(m) for m in models)
-    for key in cached:
-        for a, b in zip(cached[key].cores, uncached[key].cores, strict=True):
-            assert a.grad is not None and torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7)
-    clone = copy.deepcopy(models[0])  # e.g. a reference model; the cache must not get in the way
+    hooked, lazy = (next(iter(banks(m).values())).storage.grad for m in models)
+    assert hooked.abs().max() > 0 and torch.allclose(hooked, lazy, rtol=1e-5, atol=1e-7)
+    clone = copy.deepcopy(models[0])  # e.g. a reference model; the cached slices must not get in the way
     assert torch.equal(logits(clone, *gsm8k_batch), logits(models[0], *gsm8k_batch))
 
 
+def test_reentrant_checkpointing_gets_the_same_gradients(tiny_llama_dir, gsm8k_batch):
+    """Reentrant checkpointing backpropagates once per layer into the shared contraction: a spent contraction
+    is re-made, so the gradient equals the one without checkpointing."""
+    grads = []
+    for kwargs in ({"use_reentrant": True}, None):
+        model = make_peft(tiny_llama_dir, "fp32", init_lora_weights=False)
+        apply_lora_over(model, LoraOverConfig(capacity=1.0, seed=3))
+        if kwargs:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            model.enable_input_require_grads()
+        model.train()
+        ids, mask = gsm8k_batch
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        grads.append(next(iter(banks(model).values())).storage.grad)
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_in_place_edits_after_a_cached_forward_reach_collapse_and_forward(tiny_llama_dir, gsm8k_batch):
+    """A no-grad forward caches the slices; an in-place edit of the cores must not be served stale."""
+    model = make_peft(tiny_llama_dir, "fp32", init_lora_weights=False)
+    apply_lora_over(model, LoraOverConfig(capacity=1.0, seed=3), aux_scale=3.0)
+    before = logits(model, *gsm8k_batch)  # no grad: the slices are cached until the storage changes
+    factors = over_parameterized_factors(model)
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for factor in factors.values():
+            for core in factor.cores:
+                core.add_(torch.randn(core.shape, generator=generator) * 0.05)
+    expected = {key: reference_contract(f.effective_cores()) for key, f in factors.items()}
+    edited = logits(model, *gsm8k_batch)
+    assert (edited - before).abs().max() > 1e-3
+    collapse(model)
+    assert torch.equal(logits(model, *gsm8k_batch), edited)
+    for key, layer_weight in ((k, _weight(model, k)) for k in expected):
+        assert np.abs(layer_weight - expected[key]).max() <= 1e-6 * np.abs(expected[key]).max(), key
+
+
+def _weight(model, key: str) -> np.ndarray:
+    module, attr = key.rsplit(".", 1)
+    return getattr(lora_modules(model)[module], attr)["default"].weight.detach().double().numpy()
+
+
 def test_one_batched_contraction_per_layout_and_step(tiny_llama_dir, gsm8k_batch, monkeypatch):
-    from lora_over_trl import factor as factor_module
+    from lora_over_trl import bank as bank_module
 
     model = make_peft(tiny_llama_dir, "fp32")
     apply_lora_over(model, LoraOverConfig(capacity=1.0))
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     calls = []
-    real = factor_module.mpo.contract
-    monkeypatch.setattr(factor_module.mpo, "contract", lambda cores: calls.append(1) or real(cores))
+    real = bank_module.mpo.contract
+    monkeypatch.setattr(bank_module.mpo, "contract", lambda cores: calls.append(1) or real(cores))
     ids, mask = gsm8k_batch
     model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
     layouts = {f.layout for f in over_parameterized_factors(model).values()}
     assert len(calls) == len(layouts) < 28  # not one per factor, and no re-contraction at any read
 
 
+def _adam_by_hand(model, batch, steps: int, lr: torch.Tensor, eps: float) -> list[float]:
+    """Adam (no weight decay) on the bank's storage with a learning rate per element, written out."""
+    storage = next(iter(banks(model).values())).storage
+    m, v, losses = torch.zeros_like(storage), torch.zeros_like(storage), []
+    ids, mask = batch
+    model.train()
+    for t in range(1, steps + 1):
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        losses.append(loss.item())
+        with torch.no_grad():
+            g = storage.grad
+            m.mul_(0.9).add_(0.1 * g)
+            v.mul_(0.999).add_(0.001 * g * g)
+            storage -= lr * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + eps)
+        storage.grad = None
+    return losses
+
+
 def test_aux_scale_gives_adam_the_auxiliary_learning_rate(tiny_llama_dir, gsm8k_batch):
-    """Cores stored at 1/s and scaled by s in the contraction train under Adam exactly as an own group at s*lr."""
+    """Cores stored at 1/s and scaled by s in the contraction train under torch's Adam exactly as unscaled
+    cores under a hand-written Adam whose auxiliary elements get s * lr."""
     lr, aux_lr = 2e-3, 1e-2
-    grouped = make_peft(tiny_llama_dir, "fp32", init_lora_weights=False)
-    apply_lora_over(grouped, LoraOverConfig(capacity=1.0, seed=3))
+    reference = make_peft(tiny_llama_dir, "fp32", init_lora_weights=False)
+    apply_lora_over(reference, LoraOverConfig(capacity=1.0, seed=3))
     scaled = make_peft(tiny_llama_dir, "fp32", init_lora_weights=False)
     apply_lora_over(scaled, LoraOverConfig(capacity=1.0, seed=3), aux_scale=aux_lr / lr)
-    assert (logits(scaled, *gsm8k_batch) - logits(grouped, *gsm8k_batch)).abs().max() < 1e-6  # same start
-    groups = lora_over_parameter_groups(grouped, lr, aux_lr=aux_lr)  # weight decay 0: it acts on stored values
-    one_group = lora_over_parameter_groups(scaled, lr)
-    assert len(one_group) == 2 and one_group[1]["lr"] == lr
+    assert (logits(scaled, *gsm8k_batch) - logits(reference, *gsm8k_batch)).abs().max() < 1e-6  # same start
+    per_element = torch.full_like(next(iter(banks(reference).values())).storage, lr)
+    with torch.no_grad():
+        for factor in over_parameterized_factors(reference).values():
+            for core in factor.auxiliary_cores():  # a view: mark its elements through the same offsets
+                core.fill_(float("nan"))
+        storage = next(iter(banks(reference).values())).storage
+        aux = storage.isnan()
+        saved = {k: [c.clone() for c in f.cores] for k, f in over_parameterized_factors(scaled).items()}
+    per_element[aux] = aux_lr
+    with torch.no_grad():  # the reference's cores back: the scaled model's, unscaled
+        for key, factor in over_parameterized_factors(reference).items():
+            for j, core in enumerate(factor.cores):
+                core.copy_(saved[key][j] * (1.0 if j == factor.layout.central else aux_lr / lr))
     # Adam's epsilon acts on the stored gradient (s times larger): with the usual 1e-8, coordinates whose
     # gradient is itself ~1e-8 (fresh padding) differ; a negligible epsilon isolates the learning-rate claim.
-    assert list(train_steps(grouped, gsm8k_batch, steps=3, groups=groups, eps=1e-20)) == pytest.approx(
-        list(train_steps(scaled, gsm8k_batch, steps=3, groups=one_group, eps=1e-20)), rel=1e-5
-    )
-    ours, theirs = over_parameterized_factors(scaled), over_parameterized_factors(grouped)
+    expected = _adam_by_hand(reference, gsm8k_batch, 3, per_element, eps=1e-20)
+    optimizer = torch.optim.Adam([next(iter(banks(scaled).values())).storage], lr=lr, eps=1e-20)
+    got = []
+    for _ in range(3):
+        ids, mask = gsm8k_batch
+        loss = scaled(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        got.append(loss.item())
+        optimizer.step()
+        optimizer.zero_grad()
+    assert got == pytest.approx(expected, rel=1e-5) and expected[0] != pytest.approx(expected[-1], rel=1e-3)
+    ours, theirs = over_parameterized_factors(scaled), over_parameterized_factors(reference)
     for key, factor in ours.items():
         for a, b in zip(factor.effective_cores(), theirs[key].cores, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6)
