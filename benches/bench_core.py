@@ -64,7 +64,13 @@ def aten_ops(step) -> int:
 
 
 def step_worker(
-    method: str, steps: int, batch_size: int, seq_len: int, checkpointing: bool = True, threads: int = 0
+    method: str,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    checkpointing: bool = True,
+    threads: int = 0,
+    fused: bool = False,
 ) -> dict:
     import torch
 
@@ -108,7 +114,9 @@ def step_worker(
         start_mem = torch.cuda.memory_allocated()
     else:
         start_mem = peak_rss_reset()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    # fused: one pass over each tensor (the Trainer's default, adamw_torch_fused); otherwise torch's default
+    # for these tensors (on CPU a per-tensor loop whose temporaries are the size of each tensor)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=fused or None)
 
     def step() -> None:
         model(**enc, labels=enc["input_ids"]).loss.backward()
@@ -142,7 +150,7 @@ def step_worker(
 def bench_steps(args: argparse.Namespace) -> None:
     methods = args.methods or ["lora"] + [f"lora-over:{c:g}" for c in args.capacities_step]
     extra = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
-    extra += ["--threads", str(args.threads)]
+    extra += ["--threads", str(args.threads)] + (["--fused"] if args.fused else [])
     results = run_alternating(__file__, methods, args.repeats, extra + (["--no-checkpointing"] * args.no_checkpointing))
 
     def median(method: str, key: str) -> float:
@@ -152,7 +160,7 @@ def bench_steps(args: argparse.Namespace) -> None:
     print(
         f"\nstep cost, SmolLM2-135M NF4, r=16 all-linear, activation checkpointing {not args.no_checkpointing}, "
         f"batch {args.batch_size}x{args.seq_len}, {args.repeats} repeats x {args.steps} steps, "
-        f"{first['threads']} threads, device {first['device']}"
+        f"{first['threads']} threads, AdamW {'fused' if args.fused else 'default'}, device {first['device']}"
     )
     print(
         "train MiB: peak memory above the loaded model (optimizer state, gradients, activations); "
@@ -256,11 +264,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", help="step arms (default: lora and lora-over at --capacities-step)")
     parser.add_argument("--no-checkpointing", action="store_true", help="step: keep every activation")
     parser.add_argument("--threads", type=int, default=1, help="step: torch threads per worker")
+    parser.add_argument("--fused", action="store_true", help="step: fused AdamW (the Trainer's default)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         result = step_worker(
-            args.worker, args.steps, args.batch_size, args.seq_len, not args.no_checkpointing, args.threads
+            args.worker, args.steps, args.batch_size, args.seq_len, not args.no_checkpointing, args.threads, args.fused
         )
         print(json.dumps(result))
         return

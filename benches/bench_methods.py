@@ -4,7 +4,8 @@
     python benches/bench_methods.py --quick                     # a tiny Llama, seconds: keeps the script alive
 
 SmolLM2-135M-Instruct in 4-bit NF4 (bfloat16 compute on CUDA, float32 on CPU), LoRA r=16 on every linear
-layer, TRL SFTTrainer, real GSM8K text, batch 2 x 128, gradient checkpointing, AdamW. Arms:
+layer, TRL SFTTrainer, real GSM8K text, batch 2 x 128, gradient checkpointing, AdamW (``--optim``, by default
+the Trainer's own default, ``adamw_torch_fused``). Arms:
 
 - ``lora``: plain PEFT LoRA (the reference);
 - ``lora-over``: LoRA-Over, static, capacity 1 on every factor;
@@ -80,7 +81,7 @@ def load_model(quick: bool):
     return model, AutoTokenizer.from_pretrained(folder), torch.cuda.get_device_name() if cuda else "cpu"
 
 
-def worker(arm: str, steps: int, quick: bool) -> dict:
+def worker(arm: str, steps: int, quick: bool, optim: str = "adamw_torch_fused") -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -125,7 +126,7 @@ def worker(arm: str, steps: int, quick: bool) -> dict:
             save_strategy="no",
             report_to=[],
             seed=0,
-            optim="adamw_torch",
+            optim=optim,
             activation_checkpointing=True,
             disable_tqdm=True,
         )
@@ -155,15 +156,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     parser.add_argument("--quick", action="store_true", help="a tiny fp32 Llama, 1 repeat, 4 steps")
+    parser.add_argument("--optim", default="adamw_torch_fused", help="the Trainer's `optim` (default: its default)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.steps = 1, 4
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.quick)))
+        print(json.dumps(worker(args.worker, args.steps, args.quick, args.optim)))
         return
     arms = ["lora"] + [a for a in args.arms if a != "lora"]
-    extra = ["--steps", str(args.steps)] + (["--quick"] if args.quick else [])
+    extra = ["--steps", str(args.steps), "--optim", args.optim] + (["--quick"] if args.quick else [])
     results = run_alternating(__file__, arms, args.repeats, extra)
 
     def median(arm: str, key: str) -> float:
@@ -172,7 +174,7 @@ def main() -> None:
     model = "tiny Llama fp32 (--quick)" if args.quick else "SmolLM2-135M NF4"
     print(
         f"\ntraining cost by method, {model}, r=16 all-linear, batch 2x128, grad. checkpointing, "
-        f"{args.steps} steps, {args.repeats} repeats, device {results['lora'][0]['device']}"
+        f"{args.steps} steps, {args.repeats} repeats, optim {args.optim}, device {results['lora'][0]['device']}"
     )
     print(
         "train MiB: peak above the loaded model; total MiB: whole-process peak (CPU: resident set; CUDA: max "

@@ -3,12 +3,13 @@
     python benches/bench_schedule.py --repeats 3 --steps 16
 
 SmolLM2-135M-Instruct in 4-bit NF4, LoRA r=16 on every linear layer, TRL SFTTrainer with LoraOverCallback,
-real GSM8K text, batch 2 x 128, gradient checkpointing. Both arms spend the same budget of auxiliary
-parameters (budget_ratio) at the same capacity: ``prepass`` fixes the modules once before training,
-``dynamic`` measures sensitivity every step (gradient hooks, |W * dL/dW|) and re-allocates every
-``--interval`` steps; ``dynamic-levels3`` does the same with three capacity levels (modules also grow and
-shrink between levels). The difference is what the scheduler costs. Each arm runs in a fresh process; arms
-alternate; the table shows medians over repeats of the median step time (first two steps excluded).
+real GSM8K text, batch 2 x 128, gradient checkpointing, fused AdamW (the Trainer's default). Both arms
+spend the same budget of auxiliary parameters (budget_ratio) at the same capacity: ``prepass`` fixes the
+modules once before training, ``dynamic`` measures sensitivity every step (gradient hooks, |W * dL/dW|) and
+re-allocates every ``--interval`` steps; ``dynamic-levels3`` does the same with three capacity levels
+(modules also grow and shrink between levels). The difference is what the scheduler costs. Each arm runs in
+a fresh process; arms alternate; the table shows medians over repeats of the median step time (first two
+steps excluded) and of the peak memory above the loaded model.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 from alternate import run_alternating
+from bench_core import _status_kb, peak_rss_reset
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 
@@ -52,6 +54,9 @@ def worker(schedule: str, steps: int, interval: int, budget_ratio: float) -> dic
     model = AutoModelForCausalLM.from_pretrained(
         folder, quantization_config=quant, dtype=compute, device_map="cuda" if cuda else "cpu"
     )
+    loaded = torch.cuda.memory_allocated() if cuda else peak_rss_reset()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     rows = [json.loads(line) for _, line in zip(range(256), DATA.open(), strict=False)]
     data = Dataset.from_list([{"text": r["question"] + "\n" + r["answer"]} for r in rows])
     schedule, _, levels = schedule.partition("-levels")
@@ -77,7 +82,7 @@ def worker(schedule: str, steps: int, interval: int, budget_ratio: float) -> dic
             save_strategy="no",
             report_to=[],
             seed=0,
-            optim="adamw_torch",
+            optim="adamw_torch_fused",
             activation_checkpointing=True,
             disable_tqdm=True,
         )
@@ -90,8 +95,9 @@ def worker(schedule: str, steps: int, interval: int, budget_ratio: float) -> dic
             callbacks=[LoraOverCallback(config), timer],
         )
         trainer.train()
+    peak = torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") * 1024
     device = torch.cuda.get_device_name() if cuda else "cpu"
-    return {"step_s": statistics.median(timer.times[2:]), "device": device}
+    return {"step_s": statistics.median(timer.times[2:]), "train_bytes": peak - loaded, "device": device}
 
 
 def main() -> None:
@@ -118,10 +124,13 @@ def main() -> None:
         f"{args.steps} steps, interval {args.interval}, {args.repeats} repeats, "
         f"device {results['prepass'][0]['device']}"
     )
-    print(f"{'schedule':<16}{'step s':>9}{'x fixed':>9}")
+    print("train MiB: peak memory above the loaded model (CPU: resident set; CUDA: max allocated)")
+    print(f"{'schedule':<16}{'step s':>9}{'x fixed':>9}{'train MiB':>11}{'x fixed':>9}")
+    base_memory = statistics.median(r["train_bytes"] for r in results["prepass"])
     for arm in arms:
         step = statistics.median(r["step_s"] for r in results[arm])
-        print(f"{arm:<16}{step:>9.3f}{step / base:>9.3f}")
+        memory = statistics.median(r["train_bytes"] for r in results[arm])
+        print(f"{arm:<16}{step:>9.3f}{step / base:>9.3f}{memory / 2**20:>11.1f}{memory / base_memory:>9.3f}")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,24 @@ __all__ = ["BankedLinear", "FactorBank", "FactorHandle"]
 GradObserver = Callable[[list[str], torch.Tensor, torch.Tensor], None]
 
 
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor (the storage or its moments as FSDP2 shards them) is gathered (a collective:
+    every rank calls this at the same point, as the callback's events and ``collapse`` do)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+@torch.no_grad()
+def _write(target: torch.Tensor, whole: torch.Tensor) -> None:
+    """``target[:] = whole``; for a DTensor, this rank's shard of ``whole`` (the same on every rank)."""
+    if hasattr(target, "to_local"):
+        from torch.distributed.tensor import distribute_tensor
+
+        local = distribute_tensor(whole, target.device_mesh, target.placements, src_data_rank=None).to_local()
+        target.to_local().copy_(local)
+    else:
+        target.copy_(whole)
+
+
 class BankedLinear(nn.Linear):
     """A LoRA factor's ``nn.Linear`` whose ``weight`` is its slice of the bank's contraction.
 
@@ -193,28 +211,33 @@ class FactorBank(nn.Module):
         state = inner.state.get(self.storage, {}) if inner is not None else {}
         moments = [(name, t) for name, t in state.items() if torch.is_tensor(t) and t.shape == self.storage.shape]
 
+        # Kept factors move as one gather: destination and source positions of every kept element.
+        spans = [(new[key][j][0], old[key][j][0], math.prod(s)) for key in kept for j, (_, s) in enumerate(new[key])]
+        device = self.storage.device
+        dst = torch.cat([torch.arange(d, d + n) for d, _, n in spans]) if spans else torch.zeros(0, dtype=torch.long)
+        src = torch.cat([torch.arange(o, o + n) for _, o, n in spans]) if spans else torch.zeros(0, dtype=torch.long)
+        dst, src = dst.to(device), src.to(device)
+
         def moved(flat: torch.Tensor, fill: dict[str, list[torch.Tensor]]) -> torch.Tensor:
             out = torch.zeros(size, dtype=flat.dtype, device=flat.device)
-            for key in layouts:
-                for j, (offset, shape) in enumerate(new[key]):
-                    n = math.prod(shape)
-                    if key in fill:
-                        out[offset : offset + n] = fill[key][j].reshape(-1).to(out)
-                    else:
-                        start = old[key][j][0]
-                        out[offset : offset + n] = flat[start : start + n]
+            out[dst] = flat[src]
+            for key, cores in fill.items():
+                for (offset, shape), core in zip(new[key], cores, strict=True):
+                    out[offset : offset + math.prod(shape)] = core.reshape(-1).to(out)
             return out
 
         self._views, self._views_key = {}, None  # their graphs hold the storage's gradient accumulator
         stored = {key: self._to_stored(cores, layouts[key]) for key, cores in values.items()}
-        data = moved(self.storage.detach(), stored)
-        zeros = {key: [torch.zeros(()).expand(s) for _, s in new[key]] for key in values}
+        data = moved(_whole(self.storage.detach()), stored)
+        zeros: dict[str, list[torch.Tensor]] = {}  # new factors' moments: left at zero
         if size == self.storage.numel():
-            self.storage.copy_(data)
+            _write(self.storage, data)
             for _, tensor in moments:
-                tensor.copy_(moved(tensor, zeros))
+                _write(tensor, moved(_whole(tensor), zeros))
         else:  # a plan larger than the reservation: the same parameter object, with larger data (DDP would need
             # to be told: the schedules reserve the most they can need instead)
+            if hasattr(self.storage, "to_local"):
+                raise ValueError("FactorBank.repack: a sharded (FSDP) bank cannot grow past its reservation")
             self.storage.data = data
             for name, tensor in moments:
                 state[name] = moved(tensor, zeros)
@@ -247,14 +270,19 @@ class FactorBank(nn.Module):
         group = next(g for g in inner.param_groups if any(p is self.storage for p in g["params"]))
         beta1, beta2 = group["betas"]
         t = float(state["step"]) + 1
-        first = (1 - beta1**t - (1 - beta1)) / beta1
-        second = (1 - beta2**t - (1 - beta2)) / beta2
-        for offset, size in ranges:
-            g = grad[offset : offset + size]
-            state["exp_avg"][offset : offset + size] = g * first
-            for name in ("exp_avg_sq", "max_exp_avg_sq"):
-                if name in state:
-                    state[name][offset : offset + size] = g * g * second
+        factors = {"exp_avg": (1 - beta1**t - (1 - beta1)) / beta1}
+        factors |= dict.fromkeys(("exp_avg_sq", "max_exp_avg_sq"), (1 - beta2**t - (1 - beta2)) / beta2)
+        grad = _whole(grad)
+        for name, factor in factors.items():
+            if name not in state:
+                continue
+            target = state[name]
+            whole = _whole(target)  # under FSDP2 a gathered copy, written back as this rank's shard
+            for offset, size in ranges:
+                g = grad[offset : offset + size]
+                whole[offset : offset + size] = (g if name == "exp_avg" else g * g) * factor
+            if whole is not target:
+                _write(target, whole)
 
     def _to_stored(self, cores: list[torch.Tensor], layout: mpo.MpoLayout) -> list[torch.Tensor]:
         if self.aux_scale == 1.0:
@@ -266,6 +294,7 @@ class FactorBank(nn.Module):
     def stored_cores(self, key: str, grad: bool = False) -> list[torch.Tensor]:
         """Views of the storage (or of its gradient) holding ``key``'s cores as stored."""
         flat = self.storage.grad if grad else self.storage.detach()  # detach shares the version counter
+        flat = None if flat is None else _whole(flat)  # (under FSDP2, outside a forward: a gathered copy)
         if flat is None:
             return [None] * self.layouts[key].num_cores
         return [flat[o : o + math.prod(s)].view(s) for o, s in self.chunks[key]]
@@ -282,6 +311,19 @@ class FactorBank(nn.Module):
             central, scale = self.layouts[key].central, self.aux_scale
             cores = [t.to(dtype or t.dtype) for t in self.stored_cores(key)]
             return mpo.contract([t if j == central or scale == 1.0 else t * scale for j, t in enumerate(cores)])
+
+    def contract_group(self, keys: tuple[str, ...]) -> torch.Tensor:
+        """The factors ``keys`` contracted now, detached, ``(n, p, q)``: one batched contraction when they are
+        one of the bank's groups (the sensitivity statistic asks for a group's factors together)."""
+        group = next((g for g in self.groups if tuple(g[1]) == tuple(keys)), None)
+        if group is None:
+            return torch.stack([self.contract_one(key) for key in keys])
+        layout, _ = group
+        with torch.no_grad():
+            flat = _whole(self.storage.detach())
+            cores = [flat[o : o + math.prod(s) * len(keys)].view(len(keys), *s) for o, s in self.chunks[keys[0]]]
+            scale = self.aux_scale
+            return mpo.contract([c if j == layout.central or scale == 1.0 else c * scale for j, c in enumerate(cores)])
 
     def _state_key(self) -> tuple:
         s = self.storage
@@ -310,7 +352,8 @@ class FactorBank(nn.Module):
         reused until the storage changes (generation reads the weights at every token).
         """
         sizes = [layout.num_params() * len(keys) for layout, keys in self.groups]
-        pieces = torch.split(self.storage, [*sizes, self.storage.numel() - sum(sizes)])
+        flat = self.storage if not hasattr(self.storage, "full_tensor") else _whole(self.storage.detach())
+        pieces = torch.split(flat, [*sizes, flat.numel() - sum(sizes)])
         views: dict[str, torch.Tensor] = {}
         for (layout, keys), piece in zip(self.groups, pieces, strict=False):
             shapes = layout.core_shapes()

@@ -408,10 +408,7 @@ class LoraOverCallback(TrainerCallback):
         for keys, grad in self._group_grads.items():
             if not all(key in current for key in keys):
                 continue
-            bank = current[keys[0]]
-            weights = torch.stack([bank.contract_one(key) for key in keys]) if len(keys) > 1 else None
-            if weights is None:
-                weights = bank.contract_one(keys[0]).unsqueeze(0)
+            weights = current[keys[0]].contract_group(keys)
             found.update(zip(keys, (weights * grad).abs().sum((1, 2)).float().unbind(0), strict=True))
         self._group_grads.clear()
         return found

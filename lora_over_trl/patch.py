@@ -237,10 +237,10 @@ def set_layouts(
     if not (values or leaving or entering):
         return errors
     # Leaving factors take the forward's own contraction (before any repack moves their cores).
-    for key, (bank, _) in list(leaving.items()):
-        with torch.no_grad():
+    with torch.no_grad():
+        for bank in {id(b): b for b, _ in leaving.values()}.values():
             bank.refresh()
-            leaving[key] = (bank, bank.weight_of(key).detach().clone())
+        leaving = {key: (bank, bank.weight_of(key).detach().clone()) for key, (bank, _) in leaving.items()}
     holder = getattr(root, BANK_ATTR, None)
     if holder is None:
         holder = nn.ModuleDict()
