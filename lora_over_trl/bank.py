@@ -20,7 +20,8 @@ largest size the schedule can need.
 Under FSDP2 the storage belongs to the root unit (it is no decoder layer's parameter): it is gathered once
 when the root's forward starts, stays gathered through the backward (FSDP2 keeps the root unsharded), and its
 gradient is reduce-scattered with the root's. Its size is about the adapter's, small next to one decoder
-layer of the base.
+layer of the base. Outside a forward, reads gather it and writes keep each rank's shard (``_whole``,
+``_write``). Written for FSDP2, not yet run under it.
 
 Auxiliary cores (every core but the layout's central one) are stored divided by ``aux_scale`` and multiplied
 back in the contraction: under Adam, whose step ignores the gradient's scale, they then learn at
@@ -342,6 +343,12 @@ class FactorBank(nn.Module):
         flat = self.storage
         cores = [flat[o : o + math.prod(s)].view(s) for o, s in self.chunks[key]]
         return mpo.contract([c if j == central or scale == 1.0 else c * scale for j, c in enumerate(cores)])
+
+    def prepare_forward(self) -> None:
+        """Contract now unless this forward can reuse the last contraction (same cores, same grad mode, and
+        with gradients on, not yet spent by a backward): the model's forward pre-hook calls this."""
+        if self._views_key != self._state_key():
+            self.refresh()
 
     def refresh(self) -> None:
         """Contract every group (one batched contraction each) and serve the slices to the LoRA weights.

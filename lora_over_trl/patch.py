@@ -119,7 +119,8 @@ def _part(tensor: torch.Tensor) -> str:
 
 
 class _RefreshHook:
-    """Forward pre-hook of the base model: contract every bank once at the start of each forward."""
+    """Forward pre-hook of the base model: contract every bank at the start of a forward (unless the last
+    contraction still holds: generation with gradients off contracts once, not at every token)."""
 
     def __init__(self, adapter_name: str) -> None:
         self.adapter_name = adapter_name
@@ -128,7 +129,7 @@ class _RefreshHook:
         holder = getattr(root, BANK_ATTR, None)
         if holder is not None and self.adapter_name in holder:
             for bank in holder[self.adapter_name].values():
-                bank.refresh()
+                bank.prepare_forward()
 
 
 def _ensure_refresh_hook(root: nn.Module, adapter_name: str) -> None:

@@ -239,6 +239,8 @@ def test_in_place_edits_after_a_cached_forward_reach_collapse_and_forward(tiny_l
             for core in factor.cores:
                 core.add_(torch.randn(core.shape, generator=generator) * 0.05)
     expected = {key: reference_contract(f.effective_cores()) for key, f in factors.items()}
+    for key in expected:  # a read outside any forward sees the edit too
+        assert np.abs(_weight(model, key) - expected[key]).max() <= 1e-6 * np.abs(expected[key]).max(), key
     edited = logits(model, *gsm8k_batch)
     assert (edited - before).abs().max() > 1e-3
     collapse(model)
@@ -266,6 +268,11 @@ def test_one_batched_contraction_per_layout_and_step(tiny_llama_dir, gsm8k_batch
     model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
     layouts = {f.layout for f in over_parameterized_factors(model).values()}
     assert len(calls) == len(layouts) < 28  # not one per factor, and no re-contraction at any read
+    calls.clear()
+    with torch.no_grad():  # generation: the cores do not change between tokens, so contract once
+        for _ in range(3):
+            model(input_ids=ids, attention_mask=mask)
+    assert len(calls) == len(layouts)
 
 
 def _adam_by_hand(model, batch, steps: int, lr: torch.Tensor, eps: float) -> list[float]:
