@@ -21,7 +21,7 @@ Under FSDP2 the storage belongs to the root unit (it is no decoder layer's param
 when the root's forward starts, stays gathered through the backward (FSDP2 keeps the root unsharded), and its
 gradient is reduce-scattered with the root's. Its size is about the adapter's, small next to one decoder
 layer of the base. Outside a forward, reads gather it and writes keep each rank's shard (``_whole``,
-``_write``). Written for FSDP2, not yet run under it.
+``_write``; tested with torch's ``fully_shard`` on two CPU processes, ``tests/test_bank.py``).
 
 Auxiliary cores (every core but the layout's central one) are stored divided by ``aux_scale`` and multiplied
 back in the contraction: under Adam, whose step ignores the gradient's scale, they then learn at

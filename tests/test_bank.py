@@ -99,3 +99,29 @@ def test_a_new_factor_takes_a_fresh_adams_first_step():
         expected = old - lr * g / (g.abs() + eps)
         torch.testing.assert_close(new, expected, rtol=1e-4, atol=1e-7)
         assert (new - old).abs().max() <= lr * 1.0001  # zero moments at step 41 would move up to 3.2 * lr
+
+
+def test_fsdp2_shards_the_bank_and_matches_one_process(tiny_llama_dir, tmp_path):
+    """Two processes under torch's FSDP2 (gloo), the bank's storage sharded as a DTensor, a re-allocation with
+    the optimizer's sharded moments in the middle: the collapsed adapter is the single process's, bit for bit
+    (every rank sees the same batch, so the averaged gradient is the single process's)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).parent / "fsdp_worker.py"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    runs = {
+        "sharded": [str(torchrun), "--nproc_per_node", "2", str(worker), tiny_llama_dir, str(tmp_path / "sharded.pt")],
+        "plain": [sys.executable, str(worker), tiny_llama_dir, str(tmp_path / "plain.pt")],
+    }
+    for name, cmd in runs.items():
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (name, done.stderr[-3000:])
+    sharded, plain = (torch.load(tmp_path / f"{name}.pt") for name in ("sharded", "plain"))
+    assert sharded["losses"] == plain["losses"] and plain["losses"][-1] < plain["losses"][0]
+    assert sharded["state"].keys() == plain["state"].keys() and len(plain["state"]) == 28
+    assert max(float(v.abs().max()) for k, v in plain["state"].items() if "lora_B" in k) > 1e-3  # B trained
+    for key, value in plain["state"].items():
+        assert torch.equal(sharded["state"][key], value), key
+    assert plain["max_error"] <= 1e-6
