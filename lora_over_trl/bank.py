@@ -41,7 +41,7 @@ from . import mpo
 
 __all__ = ["BankedLinear", "FactorBank", "FactorHandle"]
 
-GradObserver = Callable[[list[str], torch.Tensor, torch.Tensor], None]
+GradObserver = Callable[[list[str], torch.Tensor], None]  # (a group's keys, dL/d(its contraction))
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -290,6 +290,12 @@ class FactorBank(nn.Module):
             return list(cores)
         return [t if j == layout.central else t / self.aux_scale for j, t in enumerate(cores)]
 
+    def _to_effective(self, cores: list[torch.Tensor], central: int) -> list[torch.Tensor]:
+        """Stored cores (a factor's or a group's) times ``aux_scale``, all but the central one."""
+        if self.aux_scale == 1.0:
+            return list(cores)
+        return [t if j == central else t * self.aux_scale for j, t in enumerate(cores)]
+
     # ---- reading ------------------------------------------------------------------------------------
 
     def stored_cores(self, key: str, grad: bool = False) -> list[torch.Tensor]:
@@ -302,16 +308,13 @@ class FactorBank(nn.Module):
 
     def effective_cores(self, key: str) -> list[torch.Tensor]:
         """``key``'s cores with ``aux_scale`` applied (their contraction is the factor)."""
-        central = self.layouts[key].central
-        scale = self.aux_scale
-        return [t if j == central or scale == 1.0 else t * scale for j, t in enumerate(self.stored_cores(key))]
+        return self._to_effective(self.stored_cores(key), self.layouts[key].central)
 
     def contract_one(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``key``'s factor contracted now, detached (in float64 when asked: the collapse's reference)."""
         with torch.no_grad():
-            central, scale = self.layouts[key].central, self.aux_scale
             cores = [t.to(dtype or t.dtype) for t in self.stored_cores(key)]
-            return mpo.contract([t if j == central or scale == 1.0 else t * scale for j, t in enumerate(cores)])
+            return mpo.contract(self._to_effective(cores, self.layouts[key].central))
 
     def contract_group(self, keys: tuple[str, ...]) -> torch.Tensor:
         """The factors ``keys`` contracted now, detached, ``(n, p, q)``: one batched contraction when they are
@@ -323,8 +326,7 @@ class FactorBank(nn.Module):
         with torch.no_grad():
             flat = _whole(self.storage.detach())
             cores = [flat[o : o + math.prod(s) * len(keys)].view(len(keys), *s) for o, s in self.chunks[keys[0]]]
-            scale = self.aux_scale
-            return mpo.contract([c if j == layout.central or scale == 1.0 else c * scale for j, c in enumerate(cores)])
+            return mpo.contract(self._to_effective(cores, layout.central))
 
     def _state_key(self) -> tuple:
         s = self.storage
@@ -339,10 +341,8 @@ class FactorBank(nn.Module):
         """
         if self._views_key == self._state_key():
             return self._views[key]
-        central, scale = self.layouts[key].central, self.aux_scale
-        flat = self.storage
-        cores = [flat[o : o + math.prod(s)].view(s) for o, s in self.chunks[key]]
-        return mpo.contract([c if j == central or scale == 1.0 else c * scale for j, c in enumerate(cores)])
+        cores = [self.storage[o : o + math.prod(s)].view(s) for o, s in self.chunks[key]]
+        return mpo.contract(self._to_effective(cores, self.layouts[key].central))
 
     def prepare_forward(self) -> None:
         """Contract now unless this forward can reuse the last contraction (same cores, same grad mode, and
@@ -366,13 +366,11 @@ class FactorBank(nn.Module):
             shapes = layout.core_shapes()
             cores = torch.split(piece, [math.prod(s) * len(keys) for s in shapes])
             cores = [c.view(len(keys), *s) for c, s in zip(cores, shapes, strict=True)]
-            if self.aux_scale != 1.0:
-                cores = [c if j == layout.central else c * self.aux_scale for j, c in enumerate(cores)]
-            weights = mpo.contract(cores)  # (n, p, q)
+            weights = mpo.contract(self._to_effective(cores, layout.central))  # (n, p, q)
             if weights.requires_grad:
                 weights.register_hook(self._spent)
                 if self.grad_observer is not None:
-                    weights.register_hook(functools.partial(self.grad_observer, keys, weights.detach()))
+                    weights.register_hook(functools.partial(self.grad_observer, keys))
             views.update(zip(keys, weights.unbind(0), strict=True))
         self._views, self._views_key = views, self._state_key()
 

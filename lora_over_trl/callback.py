@@ -366,8 +366,7 @@ class LoraOverCallback(TrainerCallback):
 
     def _layouts(self, name: str, capacity: float) -> dict[str, Any]:
         """``{"A": layout or None, "B": ...}`` of module ``name`` at ``capacity``."""
-        shapes = {w: shape for w, shape in self.shapes[name].items()}
-        return module_layouts(shapes, capacity, self.config)
+        return module_layouts(self.shapes[name], capacity, self.config)
 
     def _lora_group(self) -> int:
         """The optimizer group of the LoRA weights (and of the bank): where parameters that appear go."""
@@ -396,7 +395,7 @@ class LoraOverCallback(TrainerCallback):
                 param.register_hook(functools.partial(_accumulate, self._grads, self._last_micro_batch, key, param))
                 param._lora_over_observed = True
 
-    def _observe_group(self, keys: list[str], weights: torch.Tensor, grad: torch.Tensor) -> None:
+    def _observe_group(self, keys: list[str], grad: torch.Tensor) -> None:
         group = tuple(keys)
         held = self._group_grads.get(group)
         self._group_grads[group] = grad.detach().clone() if held is None else held.add_(grad.detach())
