@@ -35,17 +35,22 @@ def worker(schedule: str, steps: int, interval: int, budget_ratio: float) -> dic
     from trl import SFTConfig, SFTTrainer
 
     from lora_over_trl import LoraOverCallback, LoraOverConfig
+    from lora_over_trl.patch import banks
     from lora_over_trl.smollm2 import smollm2_folder
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.groups = self.factors = 0  # the most the bank held at a step's end
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.begin = time.perf_counter()
 
-        def on_step_end(self, args, state, control, **kwargs):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
             self.times.append(time.perf_counter() - self.begin)
+            held = banks(model).values()
+            self.groups = max(self.groups, sum(len(bank.groups) for bank in held))
+            self.factors = max(self.factors, sum(len(bank.layouts) for bank in held))
 
     cuda = torch.cuda.is_available()
     compute = torch.bfloat16 if cuda else torch.float32
@@ -69,7 +74,7 @@ def worker(schedule: str, steps: int, interval: int, budget_ratio: float) -> dic
         prepass_batches=2,
         levels=int(levels or 1),
     )
-    timer = StepTimer()
+    timer, callback = StepTimer(), LoraOverCallback(config)
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
             output_dir=out,
@@ -92,12 +97,21 @@ def worker(schedule: str, steps: int, interval: int, budget_ratio: float) -> dic
             train_dataset=data,
             processing_class=AutoTokenizer.from_pretrained(folder),
             peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
-            callbacks=[LoraOverCallback(config), timer],
+            callbacks=[callback, timer],
         )
         trainer.train()
     peak = torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") * 1024
     device = torch.cuda.get_device_name() if cuda else "cpu"
-    return {"step_s": statistics.median(timer.times[2:]), "train_bytes": peak - loaded, "device": device}
+    moves = [entry["seconds"] for entry in callback.history if entry["event"] == "reallocate"]
+    return {
+        "step_s": statistics.median(timer.times[2:]),
+        "mean_step_s": statistics.mean(timer.times[2:]),
+        "move_s": sum(moves) / len(timer.times),  # re-allocation time per step, averaged over all steps
+        "groups": timer.groups,
+        "factors": timer.factors,
+        "train_bytes": peak - loaded,
+        "device": device,
+    }
 
 
 def main() -> None:
@@ -125,12 +139,24 @@ def main() -> None:
         f"device {results['prepass'][0]['device']}"
     )
     print("train MiB: peak memory above the loaded model (CPU: resident set; CUDA: max allocated)")
-    print(f"{'schedule':<16}{'step s':>9}{'x fixed':>9}{'train MiB':>11}{'x fixed':>9}")
+    print("mean s: mean step (the median hides the re-allocation steps); move s: re-allocation time per step")
+    print(
+        f"{'schedule':<16}{'step s':>9}{'x fixed':>9}{'mean s':>9}{'x fixed':>9}{'move s':>9}"
+        f"{'groups':>8}{'factors':>9}{'train MiB':>11}{'x fixed':>9}"
+    )
+    base_mean = statistics.median(r["mean_step_s"] for r in results["prepass"])
     base_memory = statistics.median(r["train_bytes"] for r in results["prepass"])
     for arm in arms:
         step = statistics.median(r["step_s"] for r in results[arm])
         memory = statistics.median(r["train_bytes"] for r in results[arm])
-        print(f"{arm:<16}{step:>9.3f}{step / base:>9.3f}{memory / 2**20:>11.1f}{memory / base_memory:>9.3f}")
+        mean = statistics.median(r["mean_step_s"] for r in results[arm])
+        move = statistics.median(r["move_s"] for r in results[arm])
+        groups = statistics.median(r["groups"] for r in results[arm])
+        factors = statistics.median(r["factors"] for r in results[arm])
+        print(
+            f"{arm:<16}{step:>9.3f}{step / base:>9.3f}{mean:>9.3f}{mean / base_mean:>9.3f}{move:>9.3f}"
+            f"{groups:>8g}{factors:>9g}{memory / 2**20:>11.1f}{memory / base_memory:>9.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -50,16 +50,16 @@ def _whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-@torch.no_grad()
 def _write(target: torch.Tensor, whole: torch.Tensor) -> None:
     """``target[:] = whole``; for a DTensor, this rank's shard of ``whole`` (the same on every rank)."""
-    if hasattr(target, "to_local"):
-        from torch.distributed.tensor import distribute_tensor
+    with torch.no_grad():
+        if hasattr(target, "to_local"):
+            from torch.distributed.tensor import distribute_tensor
 
-        local = distribute_tensor(whole, target.device_mesh, target.placements, src_data_rank=None).to_local()
-        target.to_local().copy_(local)
-    else:
-        target.copy_(whole)
+            local = distribute_tensor(whole, target.device_mesh, target.placements, src_data_rank=None).to_local()
+            target.to_local().copy_(local)
+        else:
+            target.copy_(whole)
 
 
 class BankedLinear(nn.Linear):
@@ -182,7 +182,6 @@ class FactorBank(nn.Module):
 
     # ---- changing the plan --------------------------------------------------------------------------
 
-    @torch.no_grad()
     def repack(
         self,
         layouts: dict[str, mpo.MpoLayout],
@@ -199,58 +198,69 @@ class FactorBank(nn.Module):
                 state of new factors starts at zero (see :meth:`seed_fresh_moments`). Its step count is the
                 storage's and is kept.
         """
-        kept = [k for k in layouts if k not in values]
-        stale = [k for k in kept if self.layouts.get(k) != layouts[k]]
-        if stale:
-            raise ValueError(f"FactorBank.repack: no values for new or changed factors {stale[:3]}")
-        old = self.chunks
-        groups = self.order(layouts)
-        new = self._chunks(groups)
-        needed = self.numel(layouts.values())
-        size = max(needed, self.storage.numel())
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the real optimizer
-        state = inner.state.get(self.storage, {}) if inner is not None else {}
-        moments = [(name, t) for name, t in state.items() if torch.is_tensor(t) and t.shape == self.storage.shape]
+        with torch.no_grad():
+            kept = [k for k in layouts if k not in values]
+            stale = [k for k in kept if self.layouts.get(k) != layouts[k]]
+            if stale:
+                raise ValueError(f"FactorBank.repack: no values for new or changed factors {stale[:3]}")
+            old = self.chunks
+            groups = self.order(layouts)
+            new = self._chunks(groups)
+            needed = self.numel(layouts.values())
+            size = max(needed, self.storage.numel())
+            inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the real optimizer
+            state = inner.state.get(self.storage, {}) if inner is not None else {}
+            moments = [(name, t) for name, t in state.items() if torch.is_tensor(t) and t.shape == self.storage.shape]
 
-        # Kept factors move as one gather: destination and source positions of every kept element.
-        spans = [(new[key][j][0], old[key][j][0], math.prod(s)) for key in kept for j, (_, s) in enumerate(new[key])]
-        device = self.storage.device
-        dst = torch.cat([torch.arange(d, d + n) for d, _, n in spans]) if spans else torch.zeros(0, dtype=torch.long)
-        src = torch.cat([torch.arange(o, o + n) for _, o, n in spans]) if spans else torch.zeros(0, dtype=torch.long)
-        dst, src = dst.to(device), src.to(device)
+            # Kept factors move as slice copies of runs that stay contiguous (a group's kept factors mostly do):
+            # no per-element index tensors, whose int64 size (8 bytes per storage element, twice) would be the
+            # re-allocation's peak memory.
+            spans = sorted(
+                (new[key][j][0], old[key][j][0], math.prod(shape))
+                for key in kept
+                for j, (_, shape) in enumerate(new[key])
+            )
+            runs: list[list[int]] = []
+            for dst, src, n in spans:
+                if runs and runs[-1][0] + runs[-1][2] == dst and runs[-1][1] + runs[-1][2] == src:
+                    runs[-1][2] += n
+                else:
+                    runs.append([dst, src, n])
 
-        def moved(flat: torch.Tensor, fill: dict[str, list[torch.Tensor]]) -> torch.Tensor:
-            out = torch.zeros(size, dtype=flat.dtype, device=flat.device)
-            out[dst] = flat[src]
-            for key, cores in fill.items():
-                for (offset, shape), core in zip(new[key], cores, strict=True):
-                    out[offset : offset + math.prod(shape)] = core.reshape(-1).to(out)
-            return out
+            def moved(flat: torch.Tensor, fill: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+                out = torch.zeros(size, dtype=flat.dtype, device=flat.device)
+                for dst, src, n in runs:
+                    out[dst : dst + n] = flat[src : src + n]
+                for key, cores in fill.items():
+                    for (offset, shape), core in zip(new[key], cores, strict=True):
+                        out[offset : offset + math.prod(shape)] = core.reshape(-1).to(out)
+                return out
 
-        self._views, self._views_key = {}, None  # their graphs hold the storage's gradient accumulator
-        stored = {key: self._to_stored(cores, layouts[key]) for key, cores in values.items()}
-        data = moved(_whole(self.storage.detach()), stored)
-        zeros: dict[str, list[torch.Tensor]] = {}  # new factors' moments: left at zero
-        if size == self.storage.numel():
-            _write(self.storage, data)
-            for _, tensor in moments:
-                _write(tensor, moved(_whole(tensor), zeros))
-        else:  # a plan larger than the reservation: the same parameter object, with larger data (DDP would need
-            # to be told: the schedules reserve the most they can need instead)
-            if hasattr(self.storage, "to_local"):
-                raise ValueError("FactorBank.repack: a sharded (FSDP) bank cannot grow past its reservation")
-            self.storage.data = data
-            for name, tensor in moments:
-                state[name] = moved(tensor, zeros)
-        self.storage.grad = None
-        self.layouts = dict(layouts)
-        self.groups = groups
-        self.offsets = {key: (g, i) for g, (_, keys) in enumerate(groups) for i, key in enumerate(keys)}
-        self.chunks = new
-        self.fresh = [(o, math.prod(shape)) for key in values for o, shape in new[key]]
-        self._views_key = None
+            self._views, self._views_key = {}, None  # their graphs hold the storage's gradient accumulator
+            stored = {key: self._to_stored(cores, layouts[key]) for key, cores in values.items()}
+            zeros: dict[str, list[torch.Tensor]] = {}  # new factors' moments: left at zero
+            if not layouts:  # the bank empties (a whole collapse): what its storage holds no longer matters
+                pass
+            elif size == self.storage.numel():
+                data = moved(_whole(self.storage.detach()), stored)
+                _write(self.storage, data)
+                for _, tensor in moments:
+                    _write(tensor, moved(_whole(tensor), zeros))
+            else:  # a plan larger than the reservation: the same parameter object, with larger data (DDP would need
+                # to be told: the schedules reserve the most they can need instead)
+                if hasattr(self.storage, "to_local"):
+                    raise ValueError("FactorBank.repack: a sharded (FSDP) bank cannot grow past its reservation")
+                self.storage.data = moved(self.storage.detach(), stored)
+                for name, tensor in moments:
+                    state[name] = moved(tensor, zeros)
+            self.storage.grad = None
+            self.layouts = dict(layouts)
+            self.groups = groups
+            self.offsets = {key: (g, i) for g, (_, keys) in enumerate(groups) for i, key in enumerate(keys)}
+            self.chunks = new
+            self.fresh = [(o, math.prod(shape)) for key in values for o, shape in new[key]]
+            self._views_key = None
 
-    @torch.no_grad()
     def seed_fresh_moments(self, optimizer: torch.optim.Optimizer) -> None:
         """Give new factors' Adam moments their first gradient, so their first step is a fresh Adam's first step.
 
@@ -262,28 +272,29 @@ class FactorBank(nn.Module):
         ``v / c2 = g^2``: the step is ``lr * g / |g|``, as for a new parameter, and the moments average
         gradients at their usual scale from then on. Optimizers without Adam's state are left alone.
         """
-        ranges, self.fresh = self.fresh, []
-        inner = getattr(optimizer, "optimizer", optimizer)
-        state = inner.state.get(self.storage, {})
-        grad = self.storage.grad
-        if not ranges or grad is None or not {"exp_avg", "exp_avg_sq", "step"} <= set(state):
-            return
-        group = next(g for g in inner.param_groups if any(p is self.storage for p in g["params"]))
-        beta1, beta2 = group["betas"]
-        t = float(state["step"]) + 1
-        factors = {"exp_avg": (1 - beta1**t - (1 - beta1)) / beta1}
-        factors |= dict.fromkeys(("exp_avg_sq", "max_exp_avg_sq"), (1 - beta2**t - (1 - beta2)) / beta2)
-        grad = _whole(grad)
-        for name, factor in factors.items():
-            if name not in state:
-                continue
-            target = state[name]
-            whole = _whole(target)  # under FSDP2 a gathered copy, written back as this rank's shard
-            for offset, size in ranges:
-                g = grad[offset : offset + size]
-                whole[offset : offset + size] = (g if name == "exp_avg" else g * g) * factor
-            if whole is not target:
-                _write(target, whole)
+        with torch.no_grad():
+            ranges, self.fresh = self.fresh, []
+            inner = getattr(optimizer, "optimizer", optimizer)
+            state = inner.state.get(self.storage, {})
+            grad = self.storage.grad
+            if not ranges or grad is None or not {"exp_avg", "exp_avg_sq", "step"} <= set(state):
+                return
+            group = next(g for g in inner.param_groups if any(p is self.storage for p in g["params"]))
+            beta1, beta2 = group["betas"]
+            t = float(state["step"]) + 1
+            factors = {"exp_avg": (1 - beta1**t - (1 - beta1)) / beta1}
+            factors |= dict.fromkeys(("exp_avg_sq", "max_exp_avg_sq"), (1 - beta2**t - (1 - beta2)) / beta2)
+            grad = _whole(grad)
+            for name, factor in factors.items():
+                if name not in state:
+                    continue
+                target = state[name]
+                whole = _whole(target)  # under FSDP2 a gathered copy, written back as this rank's shard
+                for offset, size in ranges:
+                    g = grad[offset : offset + size]
+                    whole[offset : offset + size] = (g if name == "exp_avg" else g * g) * factor
+                if whole is not target:
+                    _write(target, whole)
 
     def _to_stored(self, cores: list[torch.Tensor], layout: mpo.MpoLayout) -> list[torch.Tensor]:
         if self.aux_scale == 1.0:

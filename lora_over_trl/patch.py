@@ -422,13 +422,21 @@ def collapse(model: nn.Module, adapter_name: str | None = None, dtype: torch.dty
             pair[attr] = (collapsed, references.get(key, collapsed))
         (a, ref_a), (b, ref_b) = pair["lora_A"], pair["lora_B"]
         with torch.no_grad():
-            difference = _product_norm(torch.cat([b, -ref_b], 1), torch.cat([a, ref_a]))
-            scale = _product_norm(ref_b, ref_a)
+            difference, scale = _difference_and_scale(b, a, ref_b, ref_a)
         errors[name] = float(difference / scale) if scale > 0 else float(difference)
     logger.info("LoRA-Over collapse: %d modules, max relative error of B A %.2e", len(errors), max(errors.values()))
     return errors
 
 
-def _product_norm(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``||B A||_F`` from ``trace((B^T B)(A A^T))``: cost ``O((m + n) r^2)`` instead of ``O(m n r)``."""
-    return torch.sqrt(torch.clamp(((b.T @ b) * (a @ a.T)).sum(), min=0.0))
+def _difference_and_scale(
+    b: torch.Tensor, a: torch.Tensor, ref_b: torch.Tensor, ref_a: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``||B A - B' A'||_F`` and ``||B' A'||_F`` without forming an ``m x n`` product: with ``X = [B, -B']`` and
+    ``Y = [A; A']``, ``||X Y||_F^2 = sum((X^T X) * (Y Y^T))``, cost ``O((m + n) r^2)``; the second norm is the
+    same sum over the Gram matrices' ``B'``/``A'`` blocks."""
+    r = b.shape[1]
+    x, y = torch.cat([b, -ref_b], 1), torch.cat([a, ref_a])
+    gram_b, gram_a = x.T @ x, y @ y.T
+    whole = (gram_b * gram_a).sum()
+    reference = (gram_b[r:, r:] * gram_a[r:, r:]).sum()
+    return torch.sqrt(torch.clamp(whole, min=0.0)), torch.sqrt(torch.clamp(reference, min=0.0))

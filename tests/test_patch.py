@@ -143,6 +143,26 @@ def test_collapse_error_and_stock_peft_reload(tiny_llama_dir, gsm8k_batch, tmp_p
     assert (torch.load(tmp_path / "stock.pt") - trained).abs().max() <= 1e-5
 
 
+def test_the_reported_collapse_error_is_the_measured_one(tiny_llama_dir, gsm8k_batch):
+    """Collapsing to bfloat16 rounds B and A (a real error, about 1e-3): what collapse reports per module must be
+    ``||B A - B' A'|| / ||B' A'||`` computed densely from the saved weights and a float64 contraction of the cores."""
+    model = make_peft(tiny_llama_dir, "fp32", init_lora_weights=False)
+    apply_lora_over(model, LoraOverConfig(capacity=1.0))
+    for _ in train_steps(model, gsm8k_batch, steps=1):
+        pass
+    factors = over_parameterized_factors(model)
+    layers = lora_modules(model)
+    expected = {
+        name: reference_contract(factors[f"{name}.lora_B"].cores) @ reference_contract(factors[f"{name}.lora_A"].cores)
+        for name in layers
+    }
+    errors = collapse(model, dtype=torch.bfloat16)
+    for name, layer in layers.items():
+        b, a = (getattr(layer, w)["default"].weight.detach().double().numpy() for w in ("lora_B", "lora_A"))
+        measured = np.linalg.norm(b @ a - expected[name]) / np.linalg.norm(expected[name])
+        assert 1e-5 < measured < 1e-2 and errors[name] == pytest.approx(measured, rel=1e-6), name
+
+
 def test_resize_grows_exactly_and_truncation_reports_its_error(tiny_llama_dir, gsm8k_batch):
     model = make_peft(tiny_llama_dir, "fp32", init_lora_weights=False)
     config = LoraOverConfig(capacity=1.0)
