@@ -8,8 +8,9 @@ OUTPUT_DIR is a run folder (with ``adapter/`` or ``merged/``), a PEFT adapter fo
 The model is built here (base, 4-bit when asked, plus the adapter with stock PEFT) and handed to lm-eval
 as an instance: lm-eval's own ``model_args`` cannot load a 4-bit base. Task names: ``gsm8k``, ``gsm8k_cot``
 (chat, 8-shot chain of thought), ``humaneval``, ``humaneval_instruct``, ``humaneval_64`` (our offline
-wrappers in ``evals/tasks``), ``mt_bench``, or any lm-eval task name. Results (JSON, per-sample logs, a
-table) go to ``OUTPUT_DIR/eval-<time>/``, written whole or not at all.
+wrappers, shipped in the package: ``--tasks_dir`` prints their folder), ``mt_bench``, or any lm-eval task
+name. Results (JSON, per-sample logs, a table) go to ``OUTPUT_DIR/eval-<time>/``, written whole or not at
+all.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +30,23 @@ TASK_ALIASES = {
     "humaneval_instruct": "humaneval_local_instruct",
     "humaneval_64": "humaneval_local_64",
 }
-TASKS_DIR = Path(__file__).resolve().parents[1] / "evals" / "tasks"
+# The task wrappers are package data (lora_over_trl/tasks), found through the installed package, not the checkout.
+TASKS_DIR = Path(str(resources.files("lora_over_trl") / "tasks"))
 
 
 class UsageError(ValueError):
     """Bad input: reported as one line, exit code 2."""
+
+
+class _PrintTasksDir(argparse.Action):
+    """``--tasks_dir``: print the shipped wrappers' folder and exit, like ``--version`` (no PATH needed)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(TASKS_DIR)
+        parser.exit()
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -40,6 +54,11 @@ def make_parser() -> argparse.ArgumentParser:
         prog="python -m lora_over_trl.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("path", help="run folder, adapter folder, or model folder")
+    parser.add_argument(
+        "--tasks_dir",
+        action=_PrintTasksDir,
+        help="print the folder of the shipped task wrappers (for `lm_eval --include_path`) and exit",
+    )
     parser.add_argument("--tasks", default="gsm8k", help="comma-separated task names (default: gsm8k)")
     parser.add_argument("--limit", type=float, default=None, help="documents per task (int) or fraction (< 1)")
     parser.add_argument("--base", default=None, help="base model path or hub id (default: from adapter_config)")

@@ -15,7 +15,9 @@ from lm_eval.api.task import ConfigurableTask
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
-EVALS = Path(__file__).resolve().parents[1] / "evals" / "tasks"
+from lora_over_trl.eval import TASKS_DIR
+
+EVALS = TASKS_DIR
 BUILTIN = Path(lm_eval.__file__).parent / "tasks"
 GSM8K_DIR = SHARED / "data" / "gsm8k"
 
