@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench bench-setup bench-quality
+.PHONY: setup demo test lint bench bench-setup bench-quality mutants
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,10 @@ bench-quality: bench-setup
 	$(BIN)/python benches/bench_quality.py --jobs 2 --methods lora lora_over_static lora_over_dynamic cla c3la
 	$(BIN)/python benches/bench_quality.py --jobs 2 --phase final --longer-steps 36
 	$(BIN)/python benches/bench_quality_cls.py --jobs 2 --methods lora lora_over_static lora_over_dynamic cla c3la glora
+
+# Mutation testing of the core modules against the fast tests that cover them ([tool.mutmut] in pyproject.toml;
+# docs/testing.md has the scores). Not in CI: about an hour on 2 cores. Rerun to continue an interrupted run.
+mutants: setup
+	$(BIN)/pip install -q mutmut==3.8.1
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2
+	$(BIN)/mutmut results --all true | $(BIN)/python scripts/mutation_scores.py

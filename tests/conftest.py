@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# `../shared` beside the checkout; searched upwards so that copies of the tests (mutmut's `mutants/`) find it too.
+_HERE = Path(__file__).resolve()
+SHARED = next((p / "shared" for p in _HERE.parents if (p / "shared" / "data").is_dir()), _HERE.parents[2] / "shared")
 GSM8K_TRAIN = SHARED / "data" / "gsm8k" / "train.jsonl"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"

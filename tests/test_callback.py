@@ -102,7 +102,7 @@ def test_static_schedule_trains_and_saves_a_standard_adapter(tiny_llama_dir, tok
     "kind, accumulation, levels", [("fp32", 1, 1), ("fp32", 2, 1), ("nf4", 1, 1), ("fp32", 1, 3), ("nf4", 2, 3)]
 )
 def test_dynamic_schedule_keeps_budget_and_optimizer_consistent(
-    tiny_llama_dir, tokenizer, tmp_path, kind, accumulation, levels
+    tiny_llama_dir, tokenizer, gsm8k_batch, tmp_path, kind, accumulation, levels
 ):
     config = LoraOverConfig(
         capacity=1.0,
@@ -112,6 +112,7 @@ def test_dynamic_schedule_keeps_budget_and_optimizer_consistent(
         warmup_steps=2,
         collapse_on_train_end=False,
         levels=levels,
+        aux_lr=2e-2 if kind == "nf4" else None,  # the shipped Llama-3 recipes' setting
     )
     trainer = make_trainer(
         tiny_llama_dir,
@@ -146,6 +147,19 @@ def test_dynamic_schedule_keeps_budget_and_optimizer_consistent(
     for group in trainer.optimizer.param_groups:
         index = [next(i for i, q in enumerate(model_order) if q is p) for p in group["params"]]
         assert index == sorted(index)  # in model order: a resumed run's optimizer loads positionally
+
+    # After the moves, the collapsed adapter reloaded in stock PEFT is the function that was trained.
+    from peft import PeftModel
+
+    from lora_over_trl import collapse
+
+    trained = logits(trainer.model, *gsm8k_batch)
+    assert max(collapse(trainer.model, dtype=torch.float32).values()) <= 1e-6  # as the callback collapses
+    trainer.model.save_pretrained(tmp_path / "final")
+    stock = logits(PeftModel.from_pretrained(load_base(tiny_llama_dir, kind), tmp_path / "final"), *gsm8k_batch)
+    moved = (trained - logits(load_base(tiny_llama_dir, kind), *gsm8k_batch)).abs().max()
+    tolerance = 1e-5 if kind == "fp32" else 2e-2 * moved  # bfloat16 forward against float32 weights, as above
+    assert moved > 0.05 and (stock - trained).abs().max() <= tolerance
 
 
 def test_dynamic_sensitivity_is_w_times_the_steps_summed_gradient_and_keeps_no_tensors(
@@ -244,6 +258,13 @@ def test_resume_after_reallocations_matches_an_uninterrupted_run(tiny_llama_dir,
     assert sorted(got) == list(range(1, 11))  # 1-4 come from the checkpoint's trainer state
     for step in range(5, 11):
         assert got[step] == pytest.approx(expected[step], abs=1e-5), step
+    # and the collapsed adapters a user saves are the same
+    from peft import get_peft_model_state_dict
+
+    ours, theirs = (get_peft_model_state_dict(t.model) for t in (resumed, full))
+    assert ours.keys() == theirs.keys() and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in ours)
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-6)
 
 
 def test_plain_transformers_trainer(tiny_llama_dir, tokenizer, tmp_path):
