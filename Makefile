@@ -43,7 +43,8 @@ bench-quality: bench-setup
 	$(BIN)/python benches/bench_quality_cls.py --jobs 2 --methods lora lora_over_static lora_over_dynamic cla c3la glora
 
 # Mutation testing of the core modules against the fast tests that cover them ([tool.mutmut] in pyproject.toml;
-# docs/testing.md has the scores). Not in CI: about an hour on 2 cores. Rerun to continue an interrupted run.
+# docs/testing.md has the scores). Not in CI: as configured, over two hours on 2 cores (docs/testing.md). Rerun to
+# continue an interrupted run; `mutmut run "lora_over_trl.mpo*"` runs one module.
 mutants: setup
 	$(BIN)/pip install -q mutmut==3.8.1
 	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2

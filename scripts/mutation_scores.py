@@ -3,8 +3,9 @@
     mutmut results --all true | python scripts/mutation_scores.py
 
 A mutant counts as killed when a test failed or timed out on it; "no tests" (no selected test reached the
-mutated function) and "suspicious" count against the score, as survivors do. Survivors are listed after the
-table, for `mutmut show NAME`.
+mutated function) and "suspicious" count against the score, as survivors do. Mutants not checked yet (an
+interrupted run) are counted apart and left out of the score. Survivors are listed after the table, for
+`mutmut show NAME`.
 """
 
 from __future__ import annotations
@@ -30,14 +31,16 @@ def main() -> None:
         if not sep:
             continue
         counts[module_of(name)][status] += 1
-        if status not in KILLED and status != "skipped":
+        if status not in KILLED and status not in ("skipped", "not checked"):
             survivors.append((name, status))
-    print("| module | mutants | killed | survived | no tests | score |\n|---|---:|---:|---:|---:|---:|")
+    print("| module | mutants | not checked | killed | survived | no tests | score |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for module, c in sorted(counts.items()):
-        total = sum(n for s, n in c.items() if s != "skipped")
+        checked = sum(n for s, n in c.items() if s not in ("skipped", "not checked"))
         killed = sum(c[s] for s in KILLED)
-        score = killed / total if total else float("nan")
-        print(f"| `{module}` | {total} | {killed} | {c['survived']} | {c['no tests']} | {score:.1%} |")
+        score = f"{killed / checked:.1%}" if checked else "-"
+        row = [sum(c.values()) - c["skipped"], c["not checked"], killed, c["survived"], c["no tests"]]
+        print(f"| `{module}` | " + " | ".join(map(str, row)) + f" | {score} |")
     for name, status in survivors:
         print(f"{status}: {name}")
 

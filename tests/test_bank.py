@@ -71,6 +71,18 @@ def test_repack_moves_values_and_moments_with_their_factors():
         expected = reference_contract(bank.effective_cores(key))
         assert abs(bank.weight_of(key).detach().double().numpy() - expected).max() <= 1e-6
 
+    # the sensitivity statistic's contraction of a whole group, and of keys from several groups, is each factor's
+    shared = FactorBank(0, dtype=torch.float32, device="cpu", aux_scale=2.0)
+    plan = {k: layouts[k] for k in ("a", "b", "c")}
+    fresh = linears(seed=1)
+    shared.repack(plan, {k: cores_of(fresh[k], layouts[k], i) for i, k in enumerate(plan)})
+    assert sorted(tuple(keys) for _, keys in shared.groups) == [("a", "c"), ("b",)]
+    for keys in [("a", "c"), ("b",), ("c", "a")]:  # the last is no group (order): contracted one by one
+        together = shared.contract_group(keys)
+        assert together.shape[0] == len(keys) and not together.requires_grad
+        for key, weight in zip(keys, together, strict=True):
+            assert abs(weight.double().numpy() - reference_contract(shared.effective_cores(key))).max() <= 1e-6
+
     # a plan larger than the reservation keeps the parameter object too (its data grows)
     big = FactorBank(1, dtype=torch.float32, device="cpu")
     param = big.storage

@@ -147,3 +147,30 @@ def test_invalid_layouts_and_inputs_are_clear_errors():
     small = mpo.MpoLayout(layout.rows, layout.cols, (1,), layout.central)
     with pytest.raises(ValueError, match="below the exact bonds"):
         mpo.decompose(torch.ones(8, 32), small, std=1.0)
+
+
+PINNED_LAYOUTS = {  # (p, q, num_cores, aux_size): the layout DESIGN.md's rule gives (the README's example first)
+    (16, 4096, 2, 16): ((4, 4), (4, 1024), (16,), 1),
+    (4096, 16, 2, 16): ((4, 1024), (4, 4), (16,), 1),
+    (16, 11008, 3, 16): ((4, 1, 4), (4, 688, 4), (16, 16), 1),
+    (11008, 16, 4, 16): ((2, 2, 688, 4), (2, 2, 1, 4), (4, 16, 16), 2),
+    (16, 49157, 3, 16): ((16, 1, 1), (1, 49157, 1), (16, 1), 1),
+    (8, 576, 4, 4): ((1, 1, 4, 2), (2, 2, 72, 2), (2, 4, 4), 2),
+    (64, 1536, 3, 64): ((4, 2, 8), (8, 32, 6), (32, 48), 1),
+    (7, 7, 2, 16): ((1, 7), (7, 1), (7,), 1),
+}
+
+
+@pytest.mark.parametrize("case", list(PINNED_LAYOUTS))
+def test_layouts_are_the_specified_ones(case):
+    """Pinned so that a change of the layout rule is deliberate: the central core sits at ``num_cores // 2``,
+    auxiliary cores take the largest divisors within ``aux_size`` per side, bonds are the exact ones."""
+    p, q, num_cores, aux_size = case
+    assert mpo.choose_layout(p, q, num_cores=num_cores, aux_size=aux_size) == mpo.MpoLayout(*PINNED_LAYOUTS[case])
+
+
+@pytest.mark.parametrize("bad", [(0, 8, 2, 16), (8, 0, 2, 16), (8, 8, 1, 16), (8, 8, 2, 0)])
+def test_choose_layout_refuses_each_bad_argument(bad):
+    p, q, num_cores, aux_size = bad
+    with pytest.raises(ValueError, match=r"choose_layout needs p, q, aux_size >= 1 and num_cores >= 2, got "):
+        mpo.choose_layout(p, q, num_cores=num_cores, aux_size=aux_size)

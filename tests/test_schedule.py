@@ -96,3 +96,48 @@ def test_tracker_follows_adalora_and_round_trips_through_json():
     restored = SensitivityTracker(beta1=0.5, beta2=0.5)
     restored.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
     assert restored == tracker
+
+
+def test_allocation_picture_shows_which_module_held_capacity_when(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from lora_over_trl.schedule.picture import allocation_matrix, draw_allocation
+
+    history = [
+        {"step": 0, "event": "install", "modules": ["model.a", "model.b"]},
+        {"step": 2, "event": "reallocate", "modules": ["model.b", "model.c"]},
+        {"step": 3, "event": "note"},  # not a decision: no "modules"
+    ]
+    assert allocation_matrix(history) == (["model.a", "model.b", "model.c"], [0, 2], [[1, 0], [1, 1], [0, 1]])
+    levels = [
+        {"step": 0, "modules": ["a", "b"], "capacities": {"a": 2.0, "b": 1.0}},
+        {"step": 4, "modules": ["b"], "capacities": {"b": 2.0}},
+    ]
+    assert allocation_matrix(levels) == (["a", "b"], [0, 4], [[1.0, 0.0], [0.5, 1.0]])  # share of the top capacity
+    assert draw_allocation([{"step": 0, "event": "note"}], tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+    pictures = {}
+    for name, held in (("full", ["model.a", "model.b"]), ("empty", [])):
+        path = draw_allocation(
+            [{"step": 0, "modules": ["model.a", "model.b"]}, {"step": 1, "modules": held}], tmp_path / f"{name}.png"
+        )
+        pictures[name] = plt.imread(path)[..., :3]
+    dark_green = lambda image: ((image[..., 1] - image[..., 0] > 0.2) & (image[..., 0] < 0.2)).mean()  # noqa: E731
+    assert dark_green(pictures["full"]) > 1.5 * dark_green(pictures["empty"]) > 0  # held cells are filled
+    assert pictures["full"].shape[0] >= 3 * 110 - 1  # at least 3 inches at 110 dpi
+
+
+def test_allocation_edges_missing_scores_zero_costs_and_per_type_shares():
+    # per type: each type's share follows its total cost (10 + 10 + 20 of 80, twice), then the rest goes by score
+    names = [f"model.layers.{i}.{t}" for t in ("q_proj", "k_proj", "v_proj") for i in (0, 1)]
+    costs = {n: 20 if "v_proj" in n else 10 for n in names}
+    scores = dict(zip(names, [4.0, 5.0, 2.0, 3.0, 1.0, 9.0], strict=True))
+    q1, k1, v1 = "model.layers.1.q_proj", "model.layers.1.k_proj", "model.layers.1.v_proj"
+    assert allocate(scores, costs, 40, "per_type") == {q1, k1, v1}  # globally: v1, q1, q0
+    assert allocate(scores, costs, 40, "global") == {v1, q1, "model.layers.0.q_proj"}
+    # a module without a score counts as 0; a module that cannot be over-parameterized (cost 0) is never chosen
+    assert allocate({"a": 0.5}, {"a": 10, "b": 10}, 10) == {"a"}
+    assert allocate({"a": 9.0, "b": 1.0}, {"a": 0, "b": 10}, 10) == {"b"}
+    assert allocate_levels({"a": 1.0}, {"a": [10, 20, 30], "b": [10, 20, 30]}, 30) == {"a": 3}
+    assert allocate_levels({"a": 1.0}, {"a": [0, 0]}, 100) == {}
+    assert module_type("lm_head") == "lm_head" and module_type("model.layers.0.mlp.up_proj") == "up_proj"

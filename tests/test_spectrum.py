@@ -12,7 +12,7 @@ from conftest import make_peft, save_tiny_llama
 from safetensors.torch import load_file
 
 from lora_over_trl.analyze import main
-from lora_over_trl.spectrum import module_spectrum, update_singular_values
+from lora_over_trl.spectrum import effective_rank, module_spectrum, stable_rank, update_singular_values
 
 
 def orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
@@ -31,6 +31,21 @@ def test_hand_built_update_has_the_singular_values_and_ranks_it_was_built_with()
     assert result.effective_rank == pytest.approx(math.exp(-(p * p.log()).sum().item()), rel=1e-12)
     assert result.stable_rank == pytest.approx((64 + 16 + 4 + 1) / 64, rel=1e-12)
     assert result.alignment is None and result.intruders is None
+
+
+def test_small_and_zero_updates():
+    """Singular values below 1 (every real LoRA update's scale), and the zero update of a fresh PEFT adapter."""
+    half = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
+    assert effective_rank(half) == pytest.approx(2.0, rel=1e-12)  # two equal values, a zero one ignored
+    assert stable_rank(torch.tensor([0.5, 0.25], dtype=torch.float64)) == pytest.approx(1.25, rel=1e-12)
+    for none in (torch.zeros(3, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)):
+        assert effective_rank(none) == 0.0 and stable_rank(none) == 0.0
+    base = torch.diag(torch.linspace(3, 1, 6, dtype=torch.float64))
+    b, a = torch.zeros(6, 2, dtype=torch.float64), torch.ones(2, 6, dtype=torch.float64)
+    zero = module_spectrum("m", b, a, 1.0, base)
+    assert (zero.rank, zero.effective_rank, zero.stable_rank, zero.alignment, zero.intruders) == (0, 0.0, 0.0, 0.0, 0)
+    small = module_spectrum("m", 0.01 * torch.eye(6, 1, dtype=torch.float64), torch.eye(1, 6, dtype=torch.float64), 1.0)
+    assert small.rank == 1 and small.singular_values == pytest.approx([0.01], rel=1e-12)
 
 
 def test_intruder_and_alignment_on_a_known_base():
