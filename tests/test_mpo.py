@@ -174,3 +174,25 @@ def test_choose_layout_refuses_each_bad_argument(bad):
     p, q, num_cores, aux_size = bad
     with pytest.raises(ValueError, match=r"choose_layout needs p, q, aux_size >= 1 and num_cores >= 2, got "):
         mpo.choose_layout(p, q, num_cores=num_cores, aux_size=aux_size)
+
+
+@pytest.mark.parametrize("num_cores", [2, 3, 4])
+def test_grow_puts_the_random_half_toward_the_central_core_and_is_seeded(num_cores):
+    """A new bond slot is zero in the core farther from the central one and N(0, std^2) in the nearer one, in the
+    cores' dtype, drawn from the generator (the same seed gives the same cores, another seed others)."""
+    exact = mpo.choose_layout(16, 96, num_cores=num_cores, aux_size=16)
+    matrix = torch.randn(16, 96, generator=torch.Generator().manual_seed(1))
+    cores = mpo.decompose(matrix, exact, std=0.5, generator=torch.Generator().manual_seed(2))
+    bigger = mpo.MpoLayout(exact.rows, exact.cols, tuple(b + 8 for b in exact.bonds), exact.central)
+    grown = mpo.grow(cores, bigger, std=3.0, generator=torch.Generator().manual_seed(3))
+    for j, old in enumerate(exact.bonds):
+        left, right = grown[j][..., old:], grown[j + 1][old:]  # the new slots, on each side of bond j
+        near, far = (right, left) if j < exact.central else (left, right)
+        assert far.abs().max() == 0
+        assert near.dtype == matrix.dtype and 2.0 < near.double().std() < 4.0  # std 3, not the decomposition's
+    again = mpo.grow(cores, bigger, std=3.0, generator=torch.Generator().manual_seed(3))
+    other = mpo.grow(cores, bigger, std=3.0, generator=torch.Generator().manual_seed(4))
+    assert all(torch.equal(a, b) for a, b in zip(grown, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(grown, other, strict=True))
+    with pytest.raises(ValueError, match=r"grow: bond 0 would shrink from \d+ to 1; use truncate\(\)"):
+        mpo.grow(grown, mpo.MpoLayout(exact.rows, exact.cols, (1,) * len(exact.bonds), exact.central), std=1.0)
