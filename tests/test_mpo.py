@@ -194,5 +194,11 @@ def test_grow_puts_the_random_half_toward_the_central_core_and_is_seeded(num_cor
     other = mpo.grow(cores, bigger, std=3.0, generator=torch.Generator().manual_seed(4))
     assert all(torch.equal(a, b) for a, b in zip(grown, again, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(grown, other, strict=True))
+    halves = mpo.grow([c.to(torch.bfloat16) for c in cores], bigger, std=3.0)  # padding in the cores' own dtype
+    assert {c.dtype for c in halves} == {torch.bfloat16}
+    if num_cores > 2:  # a bond left as it is does not stop the ones after it from growing
+        bonds = (exact.bonds[0], *(b + 8 for b in exact.bonds[1:]))
+        later = mpo.MpoLayout(exact.rows, exact.cols, bonds, exact.central)
+        assert [c.shape for c in mpo.grow(cores, later, std=3.0)] == [torch.Size(s) for s in later.core_shapes()]
     with pytest.raises(ValueError, match=r"grow: bond 0 would shrink from \d+ to 1; use truncate\(\)"):
         mpo.grow(grown, mpo.MpoLayout(exact.rows, exact.cols, (1,) * len(exact.bonds), exact.central), std=1.0)
