@@ -44,7 +44,7 @@ from .checkpoint import (
     write_bank_file,
     write_layout_file,
 )
-from .config import LoraOverConfig
+from .config import LoraOverConfig, resolve_phase
 from .optim import group_index, sync_optimizer
 from .patch import (
     FACTOR_NAMES,
@@ -63,6 +63,7 @@ from .schedule.picture import draw_allocation
 __all__ = ["LoraOverCallback", "ScheduleSetupError", "restore_before_load"]
 
 logger = logging.getLogger(__name__)
+DEFAULT_BUDGET_SHARE = 0.5  # prepass/dynamic without a budget: this share of every module's cost at `capacity`
 SCHEDULER_FILE = "lora_over_scheduler.json"
 HISTORY_FILE = "lora_over_history.json"
 PICTURE_FILE = "lora_over_allocation.png"
@@ -105,6 +106,7 @@ class LoraOverCallback(TrainerCallback):
         # bank group (its factor keys) -> dL/dW of its contraction, summed over the step's backward passes
         self._group_grads: dict[tuple[str, ...], torch.Tensor] = {}
         self._micro_batch, self._micro_batches = 0, 1
+        self.phases = (0, 1, 0)  # dynamic: (first step, interval, step it stops before), resolved at on_train_begin
 
     # ---- events -------------------------------------------------------------------------------------
 
@@ -121,8 +123,6 @@ class LoraOverCallback(TrainerCallback):
             layer.lora_A[config.adapter_name].weight.numel() + layer.lora_B[config.adapter_name].weight.numel()
             for layer in layers.values()
         )
-        if config.budget is not None or config.budget_ratio is not None:
-            self.budget = config.budget if config.budget is not None else int(config.budget_ratio * lora_params)
         self.shapes = {
             name: {w: tuple(getattr(layer, attr)[config.adapter_name].weight.shape) for w, attr in FACTOR_NAMES.items()}
             for name, layer in layers.items()
@@ -133,6 +133,17 @@ class LoraOverCallback(TrainerCallback):
             for name, levels in planned.items()
         }
         self.costs = {name: costs[-1] for name, costs in self.level_costs.items()}
+        if config.budget is not None or config.budget_ratio is not None:
+            self.budget = config.budget if config.budget is not None else int(config.budget_ratio * lora_params)
+        elif config.schedule != "static":  # the documented default (LoraOverConfig.budget): half of every module
+            self.budget = max(1, int(DEFAULT_BUDGET_SHARE * sum(self.costs.values())))
+            logger.info(
+                "LoRA-Over %s schedule: no budget given; %d auxiliary parameters, half of what every module at "
+                "capacity %g needs",
+                config.schedule,
+                self.budget,
+                config.capacity,
+            )
         if self.budget is not None and config.schedule == "dynamic":
             numel = {
                 name: [sum(x.num_params() for x in level.values() if x) for level in levels]
@@ -172,12 +183,7 @@ class LoraOverCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         config = self.config
         if config.schedule == "dynamic":
-            last = state.max_steps - config.final_steps
-            if config.warmup_steps >= last:
-                raise ScheduleSetupError(
-                    f"LoraOverCallback: `warmup_steps`={config.warmup_steps} leaves no re-allocation before step "
-                    f"{last} (max_steps {state.max_steps} - final_steps {config.final_steps})"
-                )
+            self.phases = _resolve_phases(config, state.max_steps)
         if config.schedule != "static" and args.world_size > 1 and not args.ddp_find_unused_parameters:
             # Modules that leave (or, after the pre-pass, the plain weights of chosen modules) keep parameters
             # DDP registered at wrap time but no longer train: DDP must be told some parameters may get no
@@ -247,9 +253,10 @@ class LoraOverCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         config = self.config
         step = state.global_step
-        if config.schedule != "dynamic" or step < config.warmup_steps or step >= state.max_steps - config.final_steps:
+        if config.schedule != "dynamic":
             return
-        if (step - config.warmup_steps) % config.interval == 0:
+        warmup, interval, last = self.phases
+        if warmup <= step < last and (step - warmup) % interval == 0:
             self._reallocate(step)
 
     def on_save(self, args, state, control, model=None, **kwargs):
@@ -415,6 +422,36 @@ class LoraOverCallback(TrainerCallback):
 
 def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+
+
+def _resolve_phases(config: LoraOverConfig, max_steps: int) -> tuple[int, int, int]:
+    """``(warmup, interval, last)`` in steps for a run of ``max_steps``: re-allocate at ``warmup + k interval < last``.
+
+    Raises:
+        ScheduleSetupError: absolute phases that leave no step to re-allocate in this run.
+    """
+    warmup = resolve_phase(config.warmup_steps, max_steps)
+    interval = resolve_phase(config.interval, max_steps, minimum=1)
+    final = resolve_phase(config.final_steps, max_steps)
+    last = max_steps - final
+    if warmup >= last:
+        raise ScheduleSetupError(
+            f"LoraOverCallback: `warmup_steps`={config.warmup_steps} leaves no re-allocation before step {last} "
+            f"(max_steps {max_steps} - final_steps {config.final_steps}); give the phases as fractions of the run "
+            "(e.g. warmup_steps: 0.1, final_steps: 0.2) to fit any run length"
+        )
+    logger.info(
+        "LoRA-Over dynamic schedule: re-allocate every %d steps from step %d to step %d of %d (interval %s, "
+        "warmup_steps %s, final_steps %s)",
+        interval,
+        warmup,
+        last - 1,
+        max_steps,
+        config.interval,
+        config.warmup_steps,
+        config.final_steps,
+    )
+    return warmup, interval, last
 
 
 def _bank_bound(numel: dict[str, list[int]], aux: dict[str, list[int]], budget: int) -> int:

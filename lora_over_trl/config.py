@@ -7,7 +7,15 @@ from dataclasses import asdict, dataclass, field
 from difflib import get_close_matches
 from typing import Any
 
-__all__ = ["CapacityRule", "ClaConfig", "GloraConfig", "LoraOverConfig", "module_matches", "layer_index"]
+__all__ = [
+    "CapacityRule",
+    "ClaConfig",
+    "GloraConfig",
+    "LoraOverConfig",
+    "module_matches",
+    "layer_index",
+    "resolve_phase",
+]
 
 _FACTORS = ("both", "A", "B")
 _SCHEDULES = ("static", "prepass", "dynamic")
@@ -35,6 +43,33 @@ def _from_dict(cls: type, values: dict[str, Any]) -> Any:
         ]
         raise ValueError(f"unknown {cls.__name__} keys: {', '.join(hints)}; allowed: {sorted(known)}")
     return cls(**values)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_fraction(value: Any) -> bool:
+    """A schedule phase given as a share of the run: a float in [0, 1)."""
+    return isinstance(value, float) and 0 <= value < 1
+
+
+def phase_problems(name: str, value: Any, minimum: int) -> list[str]:
+    """A schedule phase is an integer number of steps (>= ``minimum``) or a fraction of the run in [0, 1)."""
+    if (isinstance(value, int) and not isinstance(value, bool) and value >= minimum) or _is_fraction(value):
+        if not (minimum == 1 and value == 0.0):
+            return []
+    low = "(0, 1)" if minimum == 1 else "[0, 1)"
+    return [f"`{name}` must be an integer >= {minimum} (steps) or a fraction of the run in {low}, got {value!r}"]
+
+
+def resolve_phase(value: int | float, total: int, minimum: int = 0) -> int:
+    """Steps (or epochs) of a phase: an integer as given, a fraction of ``total`` rounded down, at least ``minimum``.
+
+    >>> resolve_phase(0.1, 32), resolve_phase(5, 32), resolve_phase(0.05, 10, minimum=1)
+    (3, 5, 1)
+    """
+    return max(minimum, int(value * total) if _is_fraction(value) else int(value))
 
 
 def layer_index(name: str) -> int | None:
@@ -116,12 +151,22 @@ class LoraOverConfig:
             shared in proportion to importance and modules move between levels (growing pads bonds, exact;
             shrinking truncates by SVD, its error logged).
         budget: most auxiliary parameters in total (never exceeded); or
-        budget_ratio: the same as a fraction of the LoRA parameters. Neither: no limit (static only).
+        budget_ratio: the same as a fraction of the LoRA parameters. Neither: no limit for ``static``; for
+            ``prepass`` and ``dynamic`` half of what every module at ``capacity`` would need, so that half of
+            the modules can be over-parameterized and the schedule has a real choice to make (with the whole
+            cost every module fits and the schedule is static; OPF and AdaLoRA also keep a minority-to-half
+            share of their candidates).
         scope: ``"global"`` ranks all modules together; ``"per_type"`` splits the budget by module type
             (``q_proj``, ``v_proj`` ...) in proportion to their cost, as OPF picked matrices per type.
         interval: dynamic: re-allocate every this many optimizer steps ...
         warmup_steps: ... from this step on (importance needs a few steps to settle) ...
         final_steps: ... and not in the last this many steps (the allocation freezes).
+            Each of the three is an integer (optimizer steps) or a float below 1: a fraction of the run's
+            ``max_steps``, resolved when training starts (as ``warmup_steps`` in transformers 5), so a recipe
+            fits any run length. The defaults are fractions: 10% warm-up (the sensitivity EMA, ``beta1=0.85``,
+            needs about ten updates to forget its start), a re-allocation every 5% (at most ~14 in a run, each
+            about one step's cost), and the last 20% frozen (the final choice trains on, as AdaLoRA's
+            ``tfinal``).
         beta1, beta2: dynamic: EMA factors of the sensitivity and of its uncertainty (AdaLoRA's symbols).
         uncertainty: score = EMA sensitivity x EMA uncertainty (AdaLoRA) instead of the sensitivity alone.
         collapse_on_train_end: the callback collapses at ``on_train_end``, so ``trainer.save_model()``
@@ -150,9 +195,9 @@ class LoraOverConfig:
     budget: int | None = None
     budget_ratio: float | None = None
     scope: str = "global"
-    interval: int = 10
-    warmup_steps: int = 0
-    final_steps: int = 0
+    interval: int | float = 0.05
+    warmup_steps: int | float = 0.1
+    final_steps: int | float = 0.2
     beta1: float = 0.85
     beta2: float = 0.85
     uncertainty: bool = True
@@ -171,7 +216,7 @@ class LoraOverConfig:
             problems += rule.problems(f"rules[{i}]")
             rules.append(rule)
         self.rules = rules
-        if not isinstance(self.capacity, (int, float)) or self.capacity < 0:
+        if not _is_number(self.capacity) or self.capacity < 0:
             problems.append(f"`capacity` must be a number >= 0, got {self.capacity!r}")
         if self.factors not in _FACTORS:
             problems.append(f"`factors` must be one of {_FACTORS}, got {self.factors!r}")
@@ -179,9 +224,9 @@ class LoraOverConfig:
             problems.append(f"`num_cores` must be an integer >= 2, got {self.num_cores!r}")
         if not isinstance(self.aux_core_size, int) or self.aux_core_size < 1:
             problems.append(f"`aux_core_size` must be an integer >= 1, got {self.aux_core_size!r}")
-        if self.aux_lr is not None and not self.aux_lr > 0:
+        if self.aux_lr is not None and not (_is_number(self.aux_lr) and self.aux_lr > 0):
             problems.append(f"`aux_lr` must be > 0 or None, got {self.aux_lr!r}")
-        if self.init_std is not None and not self.init_std > 0:
+        if self.init_std is not None and not (_is_number(self.init_std) and self.init_std > 0):
             problems.append(f"`init_std` must be > 0 or None, got {self.init_std!r}")
         if self.schedule not in _SCHEDULES:
             problems.append(f"`schedule` must be one of {_SCHEDULES}, got {self.schedule!r}")
@@ -189,26 +234,33 @@ class LoraOverConfig:
             problems.append(f"`scope` must be one of {_SCOPES}, got {self.scope!r}")
         if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
             problems.append(f"`budget` must be an integer >= 1 (auxiliary parameters) or None, got {self.budget!r}")
-        if self.budget_ratio is not None and not self.budget_ratio > 0:
+        if self.budget_ratio is not None and not (_is_number(self.budget_ratio) and self.budget_ratio > 0):
             problems.append(f"`budget_ratio` must be > 0 or None, got {self.budget_ratio!r}")
         if self.budget is not None and self.budget_ratio is not None:
             problems.append("set `budget` or `budget_ratio`, not both")
-        if self.schedule in ("prepass", "dynamic") and self.budget is None and self.budget_ratio is None:
-            problems.append(f"`schedule={self.schedule!r}` needs `budget` or `budget_ratio` (what modules compete for)")
         if not isinstance(self.prepass_batches, int) or self.prepass_batches < 1:
             problems.append(f"`prepass_batches` must be an integer >= 1, got {self.prepass_batches!r}")
         if not isinstance(self.levels, int) or self.levels < 1:
             problems.append(f"`levels` must be an integer >= 1, got {self.levels!r}")
         elif self.levels > 1 and self.schedule == "static":
             problems.append("`levels` > 1 needs schedule 'prepass' or 'dynamic' (static capacities come from rules)")
-        if not isinstance(self.interval, int) or self.interval < 1:
-            problems.append(f"`interval` must be an integer >= 1, got {self.interval!r}")
-        for name in ("warmup_steps", "final_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                problems.append(f"`{name}` must be an integer >= 0, got {getattr(self, name)!r}")
+        problems += phase_problems("interval", self.interval, minimum=1)
+        problems += phase_problems("warmup_steps", self.warmup_steps, minimum=0)
+        problems += phase_problems("final_steps", self.final_steps, minimum=0)
+        fractions = [v for v in (self.warmup_steps, self.final_steps) if _is_fraction(v)]
+        if len(fractions) == 2 and sum(fractions) >= 1:
+            problems.append(
+                f"`warmup_steps` + `final_steps` ({self.warmup_steps} + {self.final_steps} of the run) must stay "
+                "below 1: no step would be left to re-allocate"
+            )
         for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                problems.append(f"`{name}` must be in [0, 1), got {getattr(self, name)!r}")
+            if not _is_number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
+                problems.append(f"`{name}` must be a number in [0, 1), got {getattr(self, name)!r}")
+        for name in ("uncertainty", "collapse_on_train_end"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"`{name}` must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            problems.append(f"`seed` must be an integer >= 0, got {self.seed!r}")
         if self.target_modules is not None and not self.target_modules:
             problems.append("`target_modules` is empty: use None for every LoRA module")
         if problems:
@@ -246,7 +298,10 @@ class ClaConfig:
 
     Args:
         method: ``"cla"``, ``"rcla"``, ``"c3la"`` or ``"rc3la"``.
-        chain_interval: c3la/rc3la: optimizer steps (or epochs, see ``chain_unit``) per window.
+        chain_interval: c3la/rc3la: optimizer steps (or epochs, see ``chain_unit``) per window; a float below 1
+            is a fraction of the run (its ``max_steps``, or its epochs), resolved when training starts. The
+            default, a quarter of the run, visits four windows: a collapsed adapter of rank ``4 r``, where a fixed
+            step count would make the rank grow with the run's length.
         chain_unit: ``"steps"`` or ``"epochs"``.
         seed: seed of the random offsets (rcla) and window orders (rc3la); every process agrees.
         adapter_name: the PEFT adapter to turn into cLA.
@@ -257,7 +312,7 @@ class ClaConfig:
     """
 
     method: str = "cla"
-    chain_interval: int = 100
+    chain_interval: int | float = 0.25
     chain_unit: str = "steps"
     seed: int = 0
     adapter_name: str = "default"
@@ -267,8 +322,9 @@ class ClaConfig:
         problems = []
         if self.method not in _CLA_METHODS:
             problems.append(f"`method` must be one of {_CLA_METHODS}, got {self.method!r}")
-        if not isinstance(self.chain_interval, int) or self.chain_interval < 1:
-            problems.append(f"`chain_interval` must be an integer >= 1, got {self.chain_interval!r}")
+        problems += phase_problems("chain_interval", self.chain_interval, minimum=1)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            problems.append(f"`seed` must be an integer >= 0, got {self.seed!r}")
         if self.chain_unit not in _CHAIN_UNITS:
             problems.append(f"`chain_unit` must be one of {_CHAIN_UNITS}, got {self.chain_unit!r}")
         if problems:

@@ -30,7 +30,11 @@ class DataError(ValueError):
 
 
 def load_local_or_hub(name: str, config: str | None = None, split: str = "train") -> Any:
-    """One split of a hub dataset (``name``, ``config``), a local data file, or a local dataset folder."""
+    """One split of a hub dataset (``name``, ``config``), a local data file, or a local dataset folder.
+
+    A local file is read as the split the recipe names, so a hub recipe's ``dataset_train_split`` (a name and
+    an optional slice such as ``train_sft[:20000]``) also works on a local copy of that split.
+    """
     from datasets import load_dataset
 
     path = Path(name)
@@ -39,14 +43,23 @@ def load_local_or_hub(name: str, config: str | None = None, split: str = "train"
             builder = LOCAL_BUILDERS.get(path.suffix)
             if builder is None:
                 raise DataError(f"dataset_name: {name} is not one of {sorted(LOCAL_BUILDERS)}")
-            return load_dataset(builder, data_files=str(path), split=split)
-        if not path.exists() and (name.startswith((".", "/")) or path.suffix in LOCAL_BUILDERS):
-            raise DataError(f"dataset_name: no such file or folder: {name}")
-        return load_dataset(name, name=config, split=split)
+            if path.stat().st_size == 0:
+                raise DataError(f"dataset_name: {name} is empty; give a file with at least one row")
+            # a local file holds one split, named as the recipe's (`train_sft[:20000]` reads it as `train_sft`)
+            dataset = load_dataset(builder, data_files={split.split("[")[0]: str(path)}, split=split)
+        else:
+            if not path.exists() and (name.startswith((".", "/")) or path.suffix in LOCAL_BUILDERS):
+                raise DataError(f"dataset_name: no such file or folder: {name}")
+            dataset = load_dataset(name, name=config, split=split)
     except DataError:
         raise
     except Exception as err:  # hub/offline/format errors from `datasets`: report them in one line
+        if "corresponds to no data" in str(err):  # datasets' words for a file of blank lines
+            raise DataError(f"dataset_name: {name!r} (split {split!r}) has no rows") from err
         raise DataError(f"dataset_name: cannot load {name!r} (split {split!r}): {first_line(err)}") from err
+    if len(dataset) == 0:
+        raise DataError(f"dataset_name: {name!r} (split {split!r}) has no rows")
+    return dataset
 
 
 def map_columns(dataset: Any, mapping: dict[str, str]) -> Any:

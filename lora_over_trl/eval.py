@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from importlib import resources
@@ -204,6 +205,30 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], args: argparse.Nam
     (out / "results.md").write_text(table)
     print(table)
     return results["results"]
+
+
+def plain_lm_eval_command(pretrained: str, args: argparse.Namespace, peft: str | None = None) -> str:
+    """The ``lm_eval`` command line that scores a model folder (or a base plus ``peft`` adapter) as ``args`` asked.
+
+    Plain lm-eval loads ``pretrained`` in ``args.dtype`` without quantization: for a run trained on a 4-bit base
+    give it the run's ``merged/`` folder (the dequantized base plus the update, the trained function).
+    """
+    tasks, _ = check_args(args) if args.tasks else ([], False)
+    model_args = f"pretrained={pretrained}" + (f",peft={peft}" if peft else "") + f",dtype={args.dtype}"
+    parts = ["lm_eval", "--model", "hf", "--model_args", model_args, "--include_path", args.include_path]
+    parts += ["--tasks", ",".join(tasks), "--batch_size", str(args.batch_size)]
+    if args.device:
+        parts += ["--device", args.device]
+    for flag in ("num_fewshot", "limit", "gen_kwargs"):
+        value = getattr(args, flag)
+        if value is not None:
+            parts += [f"--{flag}", f"{value:g}" if isinstance(value, float) else str(value)]
+    if args.gsm8k_dir:
+        parts += ["--metadata", json.dumps({"gsm8k_dir": str(Path(args.gsm8k_dir).resolve())})]
+    for flag in ("apply_chat_template", "confirm_run_unsafe_code"):
+        if getattr(args, flag):
+            parts.append(f"--{flag}")
+    return shlex.join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

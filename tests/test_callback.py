@@ -18,6 +18,7 @@ from conftest import (
     logged_losses,
     logits,
     lora_config,
+    make_peft,
     make_sft_trainer,
     reference_contract,
     sft_args,
@@ -299,10 +300,24 @@ def test_plain_transformers_trainer(tiny_llama_dir, tokenizer, tmp_path):
     assert all(torch.isfinite(torch.tensor(list(losses(trainer).values()))))
 
 
+def test_dynamic_defaults_take_half_the_cost_and_fit_the_run(tiny_llama_dir, tokenizer, tmp_path):
+    """``LoraOverConfig(schedule="dynamic")`` as is: the budget is half of what every module at ``capacity`` needs
+    (read here off a static install, another path), and the fractional phases resolve against max_steps 10."""
+    from lora_over_trl import apply_lora_over
+
+    every_module = apply_lora_over(make_peft(tiny_llama_dir), LoraOverConfig(capacity=1.0)).aux_params
+    callback = LoraOverCallback(LoraOverConfig(schedule="dynamic"))
+    trainer = make_sft_trainer(tiny_llama_dir, tokenizer, tmp_path, callback, save_steps=100)
+    trainer.train()
+    assert callback.budget == every_module // 2 > 0
+    # warm-up 10% (step 1), every 5% (at least 1 step), the last 20% (steps 8, 9, 10) frozen
+    assert callback.phases == (1, 1, 8)
+    assert [h["step"] for h in callback.history if h["event"] == "reallocate"] == list(range(1, 8))
+    assert all(0 < h["aux_params"] <= callback.budget for h in callback.history if h["event"] != "collapse")
+
+
 def test_bad_schedules_fail_before_any_step(tiny_llama_dir, tokenizer, tmp_path):
-    with pytest.raises(ValueError, match="needs `budget` or `budget_ratio`"):
-        LoraOverConfig(schedule="dynamic")
-    with pytest.raises(ValueError, match="`interval` must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"`interval` must be an integer >= 1 \(steps\) or a fraction"):
         LoraOverConfig(schedule="dynamic", budget=10, interval=0)
     with pytest.raises(ValueError, match="holds no module"):
         make_trainer(tiny_llama_dir, tokenizer, tmp_path / "a", LoraOverConfig(schedule="dynamic", budget=5))

@@ -71,3 +71,31 @@ def test_dict_round_trip_and_unknown_keys():
     assert LoraOverConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match=r"unknown LoraOverConfig keys: 'capcity' \(did you mean 'capacity'\?\)"):
         LoraOverConfig.from_dict({"capcity": 1.0})
+
+
+def test_schedule_phases_are_steps_or_fractions_of_the_run():
+    from lora_over_trl import ClaConfig
+    from lora_over_trl.config import resolve_phase
+
+    config = LoraOverConfig(schedule="dynamic", warmup_steps=0.125, interval=4, final_steps=0.25)
+    assert config.budget is None and config.budget_ratio is None  # the default budget is the callback's (tested)
+    assert [resolve_phase(v, 32) for v in (0.125, 4, 0.25)] == [4, 4, 8]
+    assert [resolve_phase(v, 3) for v in (0.125, 4, 0.25)] == [0, 4, 0]  # fractions round down; steps stay
+    assert resolve_phase(0.05, 10, minimum=1) == 1 and resolve_phase(0.0, 10) == 0
+    assert ClaConfig(method="c3la").chain_interval == 0.25 and ClaConfig(chain_interval=3).chain_interval == 3
+    bad = [
+        ({"interval": 0.0}, "`interval` must be an integer >= 1 (steps) or a fraction of the run in (0, 1), got 0.0"),
+        ({"interval": 1.5}, "`interval` must be an integer >= 1 (steps) or a fraction of the run in (0, 1), got 1.5"),
+        ({"warmup_steps": -1}, "`warmup_steps` must be an integer >= 0 (steps) or a fraction of the run in [0, 1)"),
+        ({"final_steps": "10%"}, "`final_steps` must be an integer >= 0 (steps) or a fraction of the run in [0, 1)"),
+        ({"warmup_steps": 0.6, "final_steps": 0.4}, "`warmup_steps` + `final_steps` (0.6 + 0.4 of the run)"),
+        ({"beta1": "high"}, "`beta1` must be a number in [0, 1), got 'high'"),
+        ({"uncertainty": "yes"}, "`uncertainty` must be true or false, got 'yes'"),
+        ({"seed": -1}, "`seed` must be an integer >= 0, got -1"),
+    ]
+    for values, message in bad:
+        with pytest.raises(ValueError) as info:
+            LoraOverConfig(schedule="dynamic", **values)
+        assert message in str(info.value)
+    with pytest.raises(ValueError, match=r"`chain_interval` must be an integer >= 1 \(steps\) or a fraction"):
+        ClaConfig(method="c3la", chain_interval=2.5)

@@ -14,10 +14,9 @@ import yaml
 from conftest import gsm8k_rows, load_base, logits, save_tiny_llama
 from safetensors.torch import load_file
 
-from lora_over_trl.sft import main, parse_recipe
+from lora_over_trl.sft import main
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +191,7 @@ def test_chained_cla_through_the_command_on_a_4bit_base(workspace, tmp_path, gsm
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["method"] == "c3la" and summary["cla"] == {"rank": 24, "windows": 3}  # steps 3 and 6 of 8
+    assert summary["method"] == "c3la" and summary["cla"] == {"rank": 24, "windows": 3, "chain_every": 3}  # 3, 6
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 24 and config["lora_alpha"] / config["r"] == 16 / 8  # rank 3 r, same scaling
     keys = load_file(run / "adapter" / "adapter_model.safetensors")
@@ -258,6 +257,28 @@ BAD_INPUT = [
     ({"eval_tasks": "gsm9k"}, [], "eval_tasks/eval_args: unknown task(s) ['gsm9k']"),
     ({"eval_tasks": "gsm8k", "eval_args": "--bogus 1"}, [], "eval_tasks/eval_args: unknown flag --bogus"),
     ({"lora_over": {"schedule": "dynamic", "budget": 1}}, [], "lora_over: LoraOverCallback: a budget of 1"),
+    # values TRL, transformers or PEFT would take and then fail on deep inside (or silently train nothing with)
+    ({"learning_rate": -1}, [], "learning_rate: -1 is not allowed; use a number > 0"),
+    ({}, ["--learning_rate", "0"], "learning_rate: 0.0 is not allowed"),
+    ({"per_device_train_batch_size": 0}, [], "per_device_train_batch_size: 0 is not allowed; use an integer >= 1"),
+    ({"gradient_accumulation_steps": 0}, [], "gradient_accumulation_steps: 0 is not allowed"),
+    ({"max_steps": 0}, [], "max_steps: 0 is not allowed; use an integer >= 1, or -1 for epochs"),
+    ({"max_steps": -1, "num_train_epochs": 0}, [], "num_train_epochs: 0 is not allowed"),
+    ({"save_steps": 0}, [], "save_steps: 0 is not allowed"),
+    ({"max_length": 0}, [], "max_length: 0 is not allowed"),
+    ({"max_grad_norm": -1}, [], "max_grad_norm: -1 is not allowed"),
+    ({"dtype": "float17"}, [], "dtype: 'float17' is not allowed; use one of ['auto', 'float32', 'bfloat16'"),
+    ({"lora_alpha": 0}, [], "lora_alpha: 0 is not allowed"),
+    ({"lora_r": 0}, [], "lora_r: `r` should be a positive integer"),
+    ({"lora_dropout": 1.5}, [], "lora_dropout: dropout probability has to be between 0 and 1"),
+    ({"load_in_4bit": True, "bnb_4bit_quant_type": "nf5"}, [], "bnb_4bit_quant_type: 'nf5' is not allowed"),
+    ({"lr_scheduler_type": "cosinus"}, [], "lr_scheduler_type: cosinus is not a valid SchedulerType"),
+    ({"report_to": "tensorbored"}, [], "report_to: 'tensorbored' is not an integration"),
+    ({"chat_template_path": "missing.jinja"}, [], "chat_template_path: 'missing.jinja' is not a file"),
+    ({"output_dir": "/proc/no/run"}, [], "output_dir: '/proc/no/run' cannot be created in /proc"),
+    ({"lora_over": {"beta1": "high"}}, [], "lora_over: invalid LoraOverConfig: `beta1` must be a number in [0, 1)"),
+    ({"learning_rate": -1, "dtype": "float17"}, ["--lora_over.capacity", "-1"], "3 problems: learning_rate: -1"),
+    ({"lora_over": {"warmup_steps": 4, "final_steps": 8, "schedule": "dynamic"}}, [], "leaves no re-allocation"),
 ]
 
 
@@ -268,6 +289,16 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(workspace, tmp_path, ca
     err = capsys.readouterr().err.strip()
     last = err.splitlines()[-1]  # progress bars may come first, on stderr too
     assert last.startswith("error: ") and message in last and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_data_is_named_before_anything_is_written(workspace, tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    assert main([str(write_recipe(workspace, tmp_path, dataset_name=str(tmp_path / "empty.jsonl")))]) == 2
+    assert f"dataset_name: {tmp_path / 'empty.jsonl'} is empty" in capsys.readouterr().err
+    (tmp_path / "blank.jsonl").write_text("\n")
+    assert main([str(write_recipe(workspace, tmp_path, dataset_name=str(tmp_path / "blank.jsonl")))]) == 2
+    assert "has no rows" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
@@ -293,17 +324,6 @@ def test_load_in_4bit_without_a_working_bitsandbytes(workspace, tmp_path, capsys
     assert main([str(write_recipe(workspace, tmp_path, load_in_4bit=True))]) == 2
     assert "load_in_4bit: bitsandbytes cannot run here" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
-def test_shipped_recipes_parse(recipe):
-    # the GPU recipes ask for bf16, which SFTConfig refuses on this CPU machine: the flags override it
-    parsed = parse_recipe([str(recipe), "--bf16", "false", "--use_cpu", "true"])
-    script_args, training_args, model_args, dataset_args, run_args, lora_over_config = parsed
-    assert (lora_over_config is None) == (run_args.method != "lora_over")
-    assert training_args.use_cpu and not training_args.bf16
-    if training_args.chat_template_path:
-        assert (ROOT / training_args.chat_template_path).is_file()
 
 
 def test_llama2_chat_template_marks_only_assistant_turns(tokenizer):

@@ -15,13 +15,15 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from ..callback import ScheduleSetupError, restore_before_load
-from ..config import ClaConfig
+from ..config import ClaConfig, resolve_phase
 from ..patch import lora_modules
 from .cla import collapse_cla, install_cla, next_window, restore_chain
 
@@ -29,6 +31,7 @@ __all__ = ["ClaCallback", "CHAIN_FILE", "CHAIN_TENSORS"]
 
 CHAIN_FILE = "cla_chain.json"
 CHAIN_TENSORS = "cla_chain.safetensors"
+logger = logging.getLogger(__name__)
 
 
 class ClaCallback(TrainerCallback):
@@ -48,6 +51,7 @@ class ClaCallback(TrainerCallback):
         self.rank: int | None = None  # adapter rank after the collapse
         self.model = None
         self.optimizer = None
+        self.every: int | None = None  # chain_interval in steps or epochs, resolved against the run at its start
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if not lora_modules(model, self.config.adapter_name):
@@ -60,17 +64,30 @@ class ClaCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self.optimizer = optimizer
+        config = self.config
+        if config.chained:
+            total = state.max_steps if config.chain_unit == "steps" else math.ceil(state.num_train_epochs)
+            self.every = resolve_phase(config.chain_interval, total, minimum=1)
+            logger.info(
+                "%s: a new window every %d %s (chain_interval %s of %d %s)",
+                config.method,
+                self.every,
+                config.chain_unit,
+                config.chain_interval,
+                total,
+                config.chain_unit,
+            )
 
     def on_step_end(self, args, state, control, **kwargs):
         config = self.config
         if config.chained and config.chain_unit == "steps" and state.global_step < state.max_steps:
-            if state.global_step % config.chain_interval == 0:
+            if state.global_step % self.every == 0:
                 self._advance()
 
     def on_epoch_end(self, args, state, control, **kwargs):
         config = self.config
         if config.chained and config.chain_unit == "epochs" and state.global_step < state.max_steps:
-            if round(state.epoch) % config.chain_interval == 0:
+            if round(state.epoch) % self.every == 0:
                 self._advance()
 
     def on_save(self, args, state, control, **kwargs):
