@@ -178,8 +178,13 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], args: argparse.Namespace, out: Path) -> dict:
+    import logging
+
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+
+    # lm-eval narrates every phase at INFO (tasks selected, contexts built, seeds set); its warnings stay
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
 

@@ -681,6 +681,19 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     os.replace(staging, path)
 
 
+def _quiet_library_notices() -> None:
+    """Silence notices about the libraries' own internals that no recipe setting can prevent.
+
+    bitsandbytes logs at import, on every CPU run, that its optional `kernels` package is missing (its CPU 4-bit
+    path works without it); PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` whenever it
+    wraps a model. Our own warnings and the libraries' other ones stay.
+    """
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -688,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         make_parser().print_help()
         return 0
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    _quiet_library_notices()
     try:
         parsed = parse_recipe(argv)
         train(parsed)

@@ -1,12 +1,13 @@
 """The package as users install it: a wheel built from the checkout, installed into a fresh venv (``--no-deps``,
 on top of this environment's dependencies), used from a folder outside the checkout: every command's help, a
-2-step SFT run, the eval command with the shipped GSM8K wrapper, the analysis, and plain ``lm_eval`` with the
-wrappers' folder that the package prints."""
+2-step SFT run on a 4-bit base scored at its end with the shipped GSM8K wrapper, the analysis, and the plain
+``lm_eval`` line the run prints, which must give the same answers on ``merged/``."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import site
 import subprocess
@@ -65,31 +66,39 @@ def test_the_wheel_trains_evaluates_and_analyzes_outside_the_checkout(venv, tmp_
     tasks_dir = Path(run([command, "eval", "--tasks_dir"], cwd=elsewhere))
     assert tasks_dir.is_relative_to(venv) and (tasks_dir / "gsm8k_local" / "gsm8k_local.yaml").is_file()
 
-    # a 2-step run on a tiny Llama with a local data file, then the eval command with the shipped GSM8K wrapper
+    # a 2-step run on a 4-bit tiny Llama with a local data file, scored by the shipped GSM8K wrapper at its end
     workspace = tmp_path / "workspace"
     tokenizer.save_pretrained(save_tiny_llama(workspace / "model", hidden_size=64, max_positions=1024))
     with (workspace / "train.jsonl").open("w") as handle:
         handle.writelines(json.dumps(r) + "\n" for r in gsm8k_rows(16))
-    recipe = write_recipe(workspace, tmp_path, max_steps=2, save_steps=100, lora_over={"capacity": 1.0})
-    run([command, "sft", str(recipe)], cwd=elsewhere)
-    adapter = tmp_path / "run" / "adapter"
-    assert (adapter / "adapter_model.safetensors").is_file()
-    short = ["--limit", "2", "--num_fewshot", "1", "--gen_kwargs", "max_gen_toks=8", "--device", "cpu"]
-    scored = tmp_path / "scored"
-    run([command, "eval", str(tmp_path / "run"), "--tasks", "gsm8k", "--gsm8k_dir", str(GSM8K_DIR), *short,
-         "--output", str(scored)], cwd=elsewhere)  # fmt: skip
-    ours = json.loads((scored / "results.json").read_text())["results"]["gsm8k_local"]
-    run([command, "analyze", "spectrum", str(tmp_path / "run"), "--output", str(tmp_path / "spectrum")], cwd=elsewhere)
+    scoring = f"--gsm8k_dir {GSM8K_DIR} --limit 2 --num_fewshot 1 --gen_kwargs max_gen_toks=8"
+    recipe = write_recipe(
+        workspace, tmp_path, max_steps=2, save_steps=100, lora_over={"capacity": 1.0}, load_in_4bit=True,
+        merge=True, eval_tasks="gsm8k", eval_args=scoring,
+    )  # fmt: skip
+    printed = run([command, "sft", str(recipe)], cwd=elsewhere)
+    run_dir = tmp_path / "run"
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert f"{run_dir / 'merged'}  the base with the update merged in" in printed
+    assert "scores:   adapter  task, metric (filter)" in printed
+    run([command, "analyze", "spectrum", str(run_dir), "--output", str(tmp_path / "spectrum")], cwd=elsewhere)
     assert json.loads((tmp_path / "spectrum" / "spectrum.json").read_text())
 
-    # plain lm_eval with the printed folder scores the collapsed adapter as the eval command did
+    # the plain lm_eval line the run printed (on merged/: lm-eval cannot load a 4-bit base) reproduces the run's own
+    # evaluation on the 4-bit base: the same greedy answers, document by document, and so the same scores
+    line = next(row.strip() for row in printed.splitlines() if row.strip().startswith("lm_eval "))
+    assert f"pretrained={run_dir / 'merged'},dtype=float32" in line and str(tasks_dir) in line
     out = tmp_path / "lm_eval"
-    run([python, "-m", "lm_eval", "--model", "hf", "--model_args",
-         f"pretrained={workspace / 'model'},peft={adapter},dtype=float32", "--include_path", str(tasks_dir),
-         "--tasks", "gsm8k_local", *short, "--metadata", json.dumps({"gsm8k_dir": str(GSM8K_DIR)}),
-         "--output_path", str(out), "--log_samples"], cwd=elsewhere)  # fmt: skip
+    run([python, "-m", "lm_eval", *shlex.split(line)[1:], "--output_path", str(out), "--log_samples"], cwd=elsewhere)
     plain = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["gsm8k_local"]
-    samples = [json.loads(line) for line in next(out.rglob("samples_gsm8k_local_*.jsonl")).read_text().splitlines()]
-    assert {s["doc_id"] for s in samples} == {0, 1}
+    ours = json.loads((run_dir / "eval" / "results.json").read_text())["results"]["gsm8k_local"]
+
+    def answers(path: Path) -> dict:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        return {(r["doc_id"], r["filter"]): r["resps"] for r in rows}
+
+    theirs = answers(next(out.rglob("samples_gsm8k_local_*.jsonl")))
+    assert {doc for doc, _ in theirs} == {0, 1}
+    assert theirs == answers(run_dir / "eval" / "samples_gsm8k_local.jsonl")
     for metric in ("exact_match,strict-match", "exact_match,flexible-extract"):
         assert plain[metric] == ours[metric]
