@@ -46,7 +46,9 @@ def method_callback(arm: str):
     if arm == "lora-over":
         return LoraOverCallback(LoraOverConfig(capacity=1.0))
     if arm == "lora-over-dynamic":
-        config = LoraOverConfig(capacity=1.0, schedule="dynamic", budget_ratio=0.5, interval=4, warmup_steps=2)
+        config = LoraOverConfig(
+            capacity=1.0, schedule="dynamic", budget_ratio=0.5, interval=4, warmup_steps=2, final_steps=0
+        )
         return LoraOverCallback(config)
     if arm in ("cla", "c3la"):
         return ClaCallback(ClaConfig(method=arm, chain_interval=4))

@@ -71,6 +71,7 @@ def worker(schedule: str, steps: int, interval: int, budget_ratio: float) -> dic
         budget_ratio=budget_ratio,
         interval=interval,
         warmup_steps=2,
+        final_steps=0,  # re-allocate to the end, as the recorded tables did (the default freezes the last 20%)
         prepass_batches=2,
         levels=int(levels or 1),
     )

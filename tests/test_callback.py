@@ -111,6 +111,7 @@ def test_dynamic_schedule_keeps_budget_and_optimizer_consistent(
         budget_ratio=0.3,
         interval=2,
         warmup_steps=2,
+        final_steps=0,  # re-allocate up to the last step (the default keeps the last 20% fixed)
         collapse_on_train_end=False,
         levels=levels,
         aux_lr=2e-2 if kind == "nf4" else None,  # the shipped Llama-3 recipes' setting
