@@ -45,6 +45,7 @@ from .checkpoint import (
     write_layout_file,
 )
 from .config import LoraOverConfig, resolve_phase
+from .distributed import launch_mode, refusal
 from .optim import group_index, sync_optimizer
 from .patch import (
     FACTOR_NAMES,
@@ -67,6 +68,7 @@ DEFAULT_BUDGET_SHARE = 0.5  # prepass/dynamic without a budget: this share of ev
 SCHEDULER_FILE = "lora_over_scheduler.json"
 HISTORY_FILE = "lora_over_history.json"
 PICTURE_FILE = "lora_over_allocation.png"
+FSDP_MODEL_FILE = "pytorch_model_fsdp.bin"  # accelerate's model file under FSDP with FULL_STATE_DICT
 
 
 class ScheduleSetupError(ValueError):
@@ -81,8 +83,9 @@ class LoraOverCallback(TrainerCallback):
 
     Raises:
         ScheduleSetupError: at ``on_init_end`` (no LoRA layers, rules matching nothing, a budget that holds no
-            module or that static rules exceed) or ``on_train_begin`` (warm-up beyond the run), before
-            any training step.
+            module or that static rules exceed, a schedule the run's FSDP/DeepSpeed cannot carry:
+            :func:`lora_over_trl.distributed.refusal`) or ``on_train_begin`` (warm-up beyond the run), before any
+            training step.
     """
 
     def __init__(self, config: LoraOverConfig) -> None:
@@ -107,11 +110,15 @@ class LoraOverCallback(TrainerCallback):
         self._group_grads: dict[tuple[str, ...], torch.Tensor] = {}
         self._micro_batch, self._micro_batches = 0, 1
         self.phases = (0, 1, 0)  # dynamic: (first step, interval, step it stops before), resolved at on_train_begin
+        self._schedule_restored = False  # a checkpoint's scheduler state was read (resume)
 
     # ---- events -------------------------------------------------------------------------------------
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         config = self.config
+        refused = refusal("lora_over", config.schedule, launch_mode(args))
+        if refused:  # before anything is installed: FSDP/DeepSpeed wrap the model after this event
+            raise ScheduleSetupError(f"LoraOverCallback: {refused}")
         layers = lora_modules(model, config.adapter_name)
         if not layers:
             raise ScheduleSetupError(
@@ -193,6 +200,13 @@ class LoraOverCallback(TrainerCallback):
                 "`ddp_find_unused_parameters=True` in the training arguments"
             )
         self.optimizer = optimizer
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.global_step > 0 and not self._schedule_restored and (folder / SCHEDULER_FILE).is_file():
+            # Under FSDP the Trainer resumes through accelerate's loader, not `load_adapter`, so the hook that
+            # rebuilds the checkpoint's state never ran. The layouts are those of on_init_end (only static runs
+            # there), but the schedule's state is not: without it every factor's Adam moments, just loaded, would
+            # be re-seeded at the next step as if new.
+            _restore_schedule(self, folder)
         if config.schedule == "prepass" and state.global_step == 0:  # a resumed run got its layouts from disk
             scores = self._fisher(model, kwargs["train_dataloader"])
             self._move_capacity(self._choose(scores), step=0, event="prepass")
@@ -266,6 +280,7 @@ class LoraOverCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        _keep_only_parameters(self.model, folder / FSDP_MODEL_FILE)
         write_bank_file(tensors, folder)
         write_layout_file(self.model, folder)
         fresh = {part: bank.fresh for part, bank in banks(self.model, self.config.adapter_name).items()}
@@ -420,6 +435,24 @@ class LoraOverCallback(TrainerCallback):
         return found
 
 
+def _keep_only_parameters(model: nn.Module, path: Path) -> None:
+    """Drop the banked factors' weights from accelerate's FSDP model file (``FULL_STATE_DICT``), keeping the rest.
+
+    A banked factor's ``weight`` is no parameter (the bank's storage, saved in the same file, defines it), yet its
+    ``state_dict`` entry is there so that the adapter file is a standard one. FSDP2's resume broadcasts the file
+    into the model's own parameters and fails on a key it has none for. Under PEFT the file holds the adapter only.
+    """
+    if not path.is_file():  # not an FSDP run, or a sharded state dict (a folder)
+        return
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    kept = {key: value for key, value in saved.items() if key in names}
+    if len(kept) < len(saved):
+        staging = path.with_name(f".{path.name}.tmp")
+        torch.save(kept, staging)
+        staging.replace(path)
+
+
 def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
 
@@ -558,6 +591,12 @@ def _restore_layouts(callback: LoraOverCallback, folder: Path) -> None:
     check_resumable(folder)
     restore_layouts(callback.model, folder)
     callback._observe_gradients()
+    _restore_schedule(callback, folder)
+
+
+def _restore_schedule(callback: LoraOverCallback, folder: Path) -> None:
+    """The scheduler's state of a checkpoint: tracker, history, and the storage whose moments are still to seed."""
+    callback._schedule_restored = True
     scheduler_file = folder / SCHEDULER_FILE
     if scheduler_file.is_file():
         state = json.loads(scheduler_file.read_text())

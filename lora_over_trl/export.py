@@ -34,6 +34,7 @@ def export_merged(
     adapter_name: str = "default",
     overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
+    adapter_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a merged model folder that plain ``AutoModelForCausalLM.from_pretrained`` loads.
 
@@ -47,6 +48,8 @@ def export_merged(
         overwrite: replace an existing non-empty ``output_dir``.
         dtype: the weights' dtype on disk; the merge itself runs in float32 (bfloat16 halves a 7B's folder, at
             bfloat16's rounding of the merged weights).
+        adapter_state: the LoRA weights to merge, whole, when the model's own are FSDP2 shards (the SFT command
+            gathers them on every process first); default: the model's.
 
     Returns:
         The output folder.
@@ -63,7 +66,7 @@ def export_merged(
     base_class = type(model.get_base_model())
     quantization = getattr(model.get_base_model().config, "quantization_config", None)
     with staged_directory(output_dir, overwrite=overwrite) as staging, tempfile.TemporaryDirectory() as scratch:
-        model.save_pretrained(scratch, selected_adapters=[adapter_name])
+        model.save_pretrained(scratch, selected_adapters=[adapter_name], state_dict=adapter_state)
         adapter_dir = scratch if adapter_name == "default" else os.path.join(scratch, adapter_name)
         base = _load_base(base_class, base_path, quantization)
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().to(dtype)

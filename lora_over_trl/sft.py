@@ -146,6 +146,12 @@ def parse_recipe(argv: list[str]) -> tuple[Any, ...]:
         method_config = _method_config(run_args, section_flags)
     except RecipeError as err:
         problems.append(str(err))
+    else:
+        from .distributed import launch_mode, refusal
+
+        refused = refusal(run_args.method, getattr(method_config, "schedule", None), launch_mode(training_args))
+        if refused:
+            problems.append(refused)
     if problems:
         count = f"{len(problems)} problems: " if len(problems) > 1 else ""
         raise RecipeError(count + "; ".join(problems))
@@ -399,11 +405,38 @@ def build_trainer(model, tokenizer, train, test, training_args, model_args, meth
     return trainer, (callbacks[0] if callbacks else None)
 
 
-def save_outputs(trainer, tokenizer, output_dir: Path, run_args: RunArguments, model_args: Any) -> None:
+def gathered_adapter_state(model) -> dict[str, Any] | None:
+    """The LoRA weights as whole tensors when FSDP2 shards them (``None`` otherwise: save as usual).
+
+    Under FSDP2 a LoRA weight in a decoder layer is a DTensor holding this process's shard; PEFT's
+    ``save_pretrained`` on the main process alone would write (or fail on) a shard. Gathering is a collective:
+    every process calls this, in the same order.
+    """
+    import torch
+
+    weights = {name: tensor for name, tensor in model.state_dict().items() if "lora_" in name}
+    if not any(hasattr(tensor, "full_tensor") for tensor in weights.values()):
+        return None
+    with torch.no_grad():
+        return {
+            name: (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().cpu()
+            for name, tensor in weights.items()
+        }
+
+
+def save_outputs(
+    trainer,
+    tokenizer,
+    output_dir: Path,
+    run_args: RunArguments,
+    model_args: Any,
+    adapter_state: dict[str, Any] | None = None,
+) -> None:
     """``adapter/`` (and ``merged/``), each staged and renamed into place.
 
-    GLoRA: ``merged/`` always (its re-parameterized model), ``adapter/`` only where the chosen configuration is
-    plain LoRA."""
+    ``adapter_state``: the LoRA weights gathered from FSDP2 shards (:func:`gathered_adapter_state`), saved instead
+    of the model's own. GLoRA: ``merged/`` always (its re-parameterized model), ``adapter/`` only where the chosen
+    configuration is plain LoRA."""
     from .atomic import staged_directory
     from .export import export_merged
     from .methods import export_glora, export_glora_lora
@@ -413,11 +446,16 @@ def save_outputs(trainer, tokenizer, output_dir: Path, run_args: RunArguments, m
         export_glora_lora(trainer.model, output_dir / "adapter", tokenizer=tokenizer, overwrite=True)
         return
     with staged_directory(output_dir / "adapter", overwrite=True) as staging:
-        trainer.model.save_pretrained(staging)
+        trainer.model.save_pretrained(staging, state_dict=adapter_state)
         tokenizer.save_pretrained(staging)
     if run_args.merge:
         export_merged(
-            trainer.model, output_dir / "merged", tokenizer=tokenizer, overwrite=True, dtype=_merged_dtype(model_args)
+            trainer.model,
+            output_dir / "merged",
+            tokenizer=tokenizer,
+            overwrite=True,
+            dtype=_merged_dtype(model_args),
+            adapter_state=adapter_state,
         )
 
 
@@ -450,6 +488,13 @@ def run_summary(trainer, callback, started: float, run_args: RunArguments, model
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "world_size": trainer.args.world_size,
     }
+    from .distributed import launch_mode, sharding_report
+
+    mode = launch_mode(trainer.args)
+    if mode is not None:
+        summary["distributed"] = {"mode": mode.label, "accelerate": str(trainer.accelerator.distributed_type)}
+        if trainer.is_fsdp_enabled:  # what this process holds of the base (4-bit weights apart): shards or all
+            summary["distributed"]["sharding"] = sharding_report(trainer.model)
     from .methods import ClaCallback, GloraCallback
 
     if isinstance(callback, ClaCallback):
@@ -562,6 +607,7 @@ def train(parsed: tuple[Any, ...]) -> Path:
         trainer, callback = build_trainer(
             model, tokenizer, train_data, eval_data, training_args, model_args, method_config
         )
+        _warn_if_not_sharded(trainer)
         if run_args.method == "glora" and len(trainer.eval_dataset) == 0:
             raise ScheduleSetupError(
                 "no held-out row left for the search after SFT preparation (rows whose completion max_length "
@@ -579,12 +625,13 @@ def train(parsed: tuple[Any, ...]) -> Path:
 
         raise RecipeError(name_the_field(one_line(err))) from err
 
+    adapter_state = gathered_adapter_state(trainer.model)  # every process: FSDP2 gathers the shards collectively
     if state.is_main_process:
         if run_args.method == "glora":
             from .methods import search_glora
 
             search_glora(trainer, output_dir=output_dir)
-        save_outputs(trainer, tokenizer, output_dir, run_args, model_args)
+        save_outputs(trainer, tokenizer, output_dir, run_args, model_args, adapter_state)
         summary = run_summary(trainer, callback, started, run_args, model_args)
         summary["resumed_from"] = resume
         _write_json(output_dir / SUMMARY_FILE, summary)
@@ -598,6 +645,26 @@ def train(parsed: tuple[Any, ...]) -> Path:
     if state.is_main_process:
         print(final_report(output_dir, summary, run_args, model_args, training_args))
     return output_dir
+
+
+def _warn_if_not_sharded(trainer) -> None:
+    """The launcher asked for FSDP or DeepSpeed and the accelerator runs neither: accelerate (1.16) switches them on
+    only for GPU process groups, and a CPU run trains as DDP, every process with the whole model. Said once, since
+    the run itself still works."""
+    from accelerate.utils import DistributedType
+
+    from .distributed import launch_mode
+
+    mode = launch_mode(trainer.args)
+    running = trainer.accelerator.distributed_type
+    if mode is not None and running not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        if trainer.accelerator.is_main_process:
+            logger.warning(
+                "the launcher asked for %s, but accelerate runs it only on GPUs: this run trains as %s (every "
+                "process holds the whole model)",
+                mode.label,
+                "DDP" if trainer.args.world_size > 1 else "one process",
+            )
 
 
 def final_report(output_dir: Path, summary: dict[str, Any], run_args: RunArguments, model_args, training_args) -> str:

@@ -22,7 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tokenizer):
     """A tiny Llama folder with its tokenizer, and real GSM8K rows as a local jsonl file."""
-    root = tmp_path_factory.mktemp("sft")
+    return make_workspace(tmp_path_factory.mktemp("sft"), tokenizer)
+
+
+def make_workspace(root: Path, tokenizer) -> Path:
+    """The ``workspace`` fixture's folder, made in ``root`` (for other test modules' fixtures)."""
     model = save_tiny_llama(root / "model")
     tokenizer.save_pretrained(model)
     with (root / "train.jsonl").open("w") as handle:
@@ -133,10 +137,11 @@ def test_resume_continues_to_the_same_adapter(workspace, tmp_path):
 
 
 def test_two_processes_through_accelerate(workspace, tmp_path, gsm8k_batch):
-    # On CPU `accelerate launch --cpu` runs one process; `--multi_gpu` is the torchrun launcher, and
-    # `use_cpu: true` makes the Trainer use gloo.
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    # The shipped DDP config as GPU users run it: on CPU `accelerate launch --cpu` would run one process; its
+    # `distributed_type: MULTI_GPU` is the torchrun launcher, and the recipe's `use_cpu: true` makes the Trainer use
+    # gloo.
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    launcher += [str(ROOT / "examples" / "accelerate" / "ddp.yaml"), "--num_processes", "2"]
     done = run_command(str(write_recipe(workspace, tmp_path)), launcher=launcher)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 
 from ..callback import ScheduleSetupError, restore_before_load
 from ..config import ClaConfig, resolve_phase
+from ..distributed import launch_mode, refusal
 from ..patch import lora_modules
 from .cla import collapse_cla, install_cla, next_window, restore_chain
 
@@ -41,7 +42,8 @@ class ClaCallback(TrainerCallback):
         config: the :class:`ClaConfig`.
 
     Raises:
-        ScheduleSetupError: at ``on_init_end`` when the model has no LoRA layers.
+        ScheduleSetupError: at ``on_init_end`` when the model has no LoRA layers, or the run is sharded in a way
+            the method cannot train under (:func:`lora_over_trl.distributed.refusal`).
     """
 
     def __init__(self, config: ClaConfig) -> None:
@@ -54,6 +56,9 @@ class ClaCallback(TrainerCallback):
         self.every: int | None = None  # chain_interval in steps or epochs, resolved against the run at its start
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
+        refused = refusal(self.config.method, None, launch_mode(args))
+        if refused:
+            raise ScheduleSetupError(f"ClaCallback: {refused}")
         if not lora_modules(model, self.config.adapter_name):
             raise ScheduleSetupError(
                 "ClaCallback: the model has no LoRA layers; pass peft_config=LoraConfig(...) to the trainer"

@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 
 from ..callback import ScheduleSetupError
 from ..config import GloraConfig
+from ..distributed import launch_mode, refusal
 from ..patch import lora_modules
 from .glora import Choice, choice_params, fix_choices, glora_modules, install_glora, sample_choices
 from .glora_search import SearchResult, evolutionary_search
@@ -44,7 +45,8 @@ class GloraCallback(TrainerCallback):
 
     Raises:
         ScheduleSetupError: at ``on_init_end`` when the model has no LoRA layers, a rank is out of range, or a
-            multi-process run lacks ``ddp_find_unused_parameters=True`` (a step's choice leaves weights unused).
+            multi-process run lacks ``ddp_find_unused_parameters=True`` (a step's choice leaves weights unused), or
+            the run is sharded (FSDP, DeepSpeed: :func:`lora_over_trl.distributed.refusal`).
     """
 
     def __init__(self, config: GloraConfig) -> None:
@@ -55,6 +57,9 @@ class GloraCallback(TrainerCallback):
         self.model = None
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
+        refused = refusal("glora", None, launch_mode(args))
+        if refused:
+            raise ScheduleSetupError(f"GloraCallback: {refused}")
         if not lora_modules(model, self.config.adapter_name):
             raise ScheduleSetupError(
                 "GloraCallback: the model has no LoRA layers; pass peft_config=LoraConfig(...) to the trainer"

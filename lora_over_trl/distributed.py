@@ -1,0 +1,166 @@
+"""Beyond data parallel: which sharded mode a run is in, which methods run there, and what FSDP2 sharded.
+
+``accelerate launch --config_file`` tells the processes it starts through environment variables
+(``ACCELERATE_USE_FSDP`` and ``FSDP_VERSION``; ``ACCELERATE_USE_DEEPSPEED`` and ``ACCELERATE_DEEPSPEED_ZERO_STAGE``);
+a script says it with ``TrainingArguments(fsdp=..., fsdp_config=...)`` or ``deepspeed=...``. Both are read here,
+before anything is loaded, so a combination that cannot work stops in one line instead of failing (or silently
+training something else) after the first steps.
+
+What runs where (README, "Several processes", has the table with the tests):
+
+- FSDP2: plain LoRA and LoRA-Over's ``static`` schedule. The bank is the root unit's parameter and every
+  factor is in it before accelerate shards the model. ``prepass`` and ``dynamic`` are refused: a module that
+  enters the bank mid-run turns plain LoRA weights, which FSDP2 already sharded with their decoder layer, into
+  banked ones (the sharded weight stays registered in the layer's FSDP group, which writes it back at every
+  unshard). cLA's windows and chain and GLoRA's supernet edit LoRA weights in place outside a forward, and
+  GLoRA's search runs forwards on one process; all refused.
+- FSDP1 (flat parameters): refused for every method with a callback; they read and rewrite parameters by module.
+- DeepSpeed: ZeRO keeps Adam's moments in its own flat partitions and copies its master weights over the
+  parameters after each step, so whatever rewrites parameters or moves optimizer state between steps (LoRA-Over's
+  re-allocation, c3LA's chain) is refused; ZeRO-3 also empties every parameter outside its module's forward, which
+  the bank's contraction, collapse and checkpoints read, so LoRA-Over, cLA and GLoRA are refused there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+__all__ = ["ShardedMode", "launch_mode", "refusal", "sharding_report"]
+
+DDP_CONFIG = "examples/accelerate/ddp.yaml"
+
+
+@dataclass(frozen=True)
+class ShardedMode:
+    """A sharded training mode: ``kind`` is ``"fsdp"`` or ``"deepspeed"``; ``level`` the FSDP version or ZeRO stage."""
+
+    kind: str
+    level: int
+
+    @property
+    def label(self) -> str:
+        return f"FSDP{self.level}" if self.kind == "fsdp" else f"DeepSpeed ZeRO-{self.level}"
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def launch_mode(training_args: Any = None) -> ShardedMode | None:
+    """The sharded mode the launcher (environment) or the training arguments ask for; ``None`` for DDP or one process.
+
+    Args:
+        training_args: ``TrainingArguments``/``SFTConfig``, read for ``fsdp``/``fsdp_config`` and ``deepspeed``.
+
+    Returns:
+        A :class:`ShardedMode`, or ``None``.
+    """
+    fsdp = getattr(training_args, "fsdp", None)
+    if _env_true("ACCELERATE_USE_FSDP") or fsdp:
+        config = getattr(training_args, "fsdp_config", None) or {}
+        version = os.environ.get("FSDP_VERSION") or config.get("version") or config.get("fsdp_version") or 1
+        return ShardedMode("fsdp", int(version))
+    deepspeed = getattr(training_args, "deepspeed", None)
+    if _env_true("ACCELERATE_USE_DEEPSPEED") or deepspeed:
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        if stage is None and deepspeed:
+            config = deepspeed if isinstance(deepspeed, dict) else _read_json(deepspeed)
+            stage = (config.get("zero_optimization") or {}).get("stage", 0)
+        return ShardedMode("deepspeed", int(stage or 0))
+    return None
+
+
+def _read_json(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}  # TrainingArguments reports a bad DeepSpeed config itself
+
+
+def refusal(method: str, schedule: str | None, mode: ShardedMode | None) -> str | None:
+    """Why ``method`` (LoRA-Over: with ``schedule``) cannot train under ``mode``, and the alternative; else ``None``.
+
+    The message starts with the recipe key it is about (``method`` or ``lora_over.schedule``).
+    """
+    if mode is None or method == "lora":
+        return None
+    use_ddp = f"launch with {DDP_CONFIG} (DDP) instead"
+    if mode.kind == "fsdp" and mode.level != 2:
+        return f"method: {method!r} under FSDP{mode.level} is not supported; set fsdp_version: 2, or {use_ddp}"
+    if mode.kind == "deepspeed" and mode.level >= 3:
+        return (
+            f"method: {method!r} under {mode.label} is not supported: ZeRO-3 empties every parameter outside its "
+            f"module's forward, and this method reads and rewrites LoRA weights there; use ZeRO-2 "
+            f"(examples/accelerate/deepspeed_zero2.yaml) with plain LoRA or LoRA-Over's static schedule, or {use_ddp}"
+        )
+    if method == "lora_over":
+        if schedule == "static":
+            return None
+        why = (
+            "a module entering the bank mid-run turns LoRA weights that FSDP2 already sharded with their decoder "
+            "layer into banked ones"
+            if mode.kind == "fsdp"
+            else "a re-allocation moves the bank's values and Adam moments in place, and ZeRO keeps the moments in its "
+            "own partitions and copies its master weights back over the parameters after every step"
+        )
+        return (
+            f"lora_over.schedule: {schedule!r} under {mode.label} is not supported: {why}; use schedule: static, "
+            f"or {use_ddp}"
+        )
+    if method in ("cla", "rcla") and mode.kind == "deepspeed":
+        return None
+    what = {
+        "glora": "GLoRA's supernet rewrites the LoRA weights outside a forward and its search runs on one process",
+        "cla": "cLA's window and collapse rewrite the LoRA weights in place outside a forward",
+        "rcla": "cLA's window and collapse rewrite the LoRA weights in place outside a forward",
+    }.get(method, "the chain freezes and restarts B in place and resets its optimizer state between steps")
+    return f"method: {method!r} under {mode.label} is not supported: {what}; {use_ddp}"
+
+
+def sharding_report(model: nn.Module) -> dict[str, int]:
+    """What FSDP2 sharded, seen from this process: base weights (4-bit ones apart) that are DTensors, and sizes.
+
+    ``*_local_elements`` counts this process's shards, ``*_elements`` the whole tensors: with two processes the
+    local count of a sharded weight is about half of the whole. Elements are those of the stored tensor (a 4-bit
+    weight stores two values per byte in a ``bnb_4bit_quant_storage`` element of one or more bytes).
+    """
+    report = dict.fromkeys(
+        (
+            "base_weights",
+            "base_weights_sharded",
+            "base_elements",
+            "base_local_elements",
+            "quantized_weights",
+            "quantized_weights_sharded",
+            "quantized_elements",
+            "quantized_local_elements",
+        ),
+        0,
+    )
+    for name, param in model.named_parameters():
+        if "lora_" in name or "lora_over_bank" in name:
+            continue
+        local = param.to_local() if hasattr(param, "to_local") else param
+        quantized = type(local).__name__ == "Params4bit" or _is_4bit_module_weight(model, name)
+        for prefix in ("base", "quantized") if quantized else ("base",):
+            report[f"{prefix}_weights"] += 1
+            report[f"{prefix}_weights_sharded"] += int(hasattr(param, "to_local") and local.numel() < param.numel())
+            report[f"{prefix}_elements"] += param.numel()
+            report[f"{prefix}_local_elements"] += local.numel()
+    return report
+
+
+def _is_4bit_module_weight(model: nn.Module, name: str) -> bool:
+    """``name`` is the weight of a bitsandbytes ``Linear4bit`` (FSDP2 may have replaced its ``Params4bit``)."""
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return False
+    return attr == "weight" and type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4")

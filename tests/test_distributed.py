@@ -1,0 +1,200 @@
+"""Beyond data parallel: the SFT command under FSDP2 (QLoRA + FSDP) and DeepSpeed, through accelerate's real launcher
+and the shipped configs in examples/accelerate/, on two CPU processes (gloo) with test_sft's tiny Llama.
+
+accelerate 1.16 switches FSDP on only for GPU process groups: on CPU an FSDP launch silently trains as DDP. The
+FSDP tests put tests/cpu_fsdp/ on PYTHONPATH, whose sitecustomize makes the one assignment accelerate's GPU branch
+makes; the rest is accelerate's and torch's FSDP2 code. That FSDP really ran is checked on what it leaves behind:
+accelerate's FSDP checkpoint file and DTensor shards (summary.json's `distributed.sharding`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_base, logits
+from safetensors.torch import load_file
+from test_sft import make_workspace, run_command, stock_peft_logits, write_recipe
+
+from lora_over_trl.sft import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "examples" / "accelerate"
+CPU_FSDP = Path(__file__).parent / "cpu_fsdp"
+# Short runs that two processes and one see alike: 6 steps of a global batch of 4 stay inside the first epoch
+# (7 batches at max_length 96), so both see the same rows. Adam's eps sits above the smallest gradients: with 1e-8,
+# a summation-order difference that flips a near-zero gradient's sign becomes a whole lr-sized step (1e-2 apart).
+RUN = {"lora_r": 4, "max_steps": 6, "save_steps": 3, "adam_epsilon": 1e-3, "lora_over": {"schedule": "static"}}
+ADAPTER = "adapter/adapter_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tokenizer) -> Path:
+    """test_sft's tiny Llama, tokenizer and GSM8K rows."""
+    return make_workspace(tmp_path_factory.mktemp("distributed"), tokenizer)
+
+
+def launch(config: str, recipe: Path, *flags: str, processes: int = 2):
+    """``accelerate launch --config_file examples/accelerate/CONFIG -m lora_over_trl.sft RECIPE FLAGS``."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config)]
+    return run_command(str(recipe), *flags, launcher=[*launcher, "--num_processes", str(processes)])
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys() and a
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def fsdp2_equals_one_process(workspace: Path, tmp_path: Path, batch, *, kind: str, **recipe) -> Path:
+    """Train under the shipped FSDP2 config and in one process at the same global batch; the adapters (files, and
+    stock PEFT's logits with them) agree: in float32 1e-5 on the weights, 1e-4 on the logits. Returns the FSDP2 run's
+    folder."""
+    quantized = {"load_in_4bit": True, "bnb_4bit_quant_storage": "float32"} if kind == "nf4" else {}
+    settings = {**RUN, **quantized, **recipe}
+    sharded = launch("fsdp2_qlora.yaml", write_recipe(workspace, tmp_path / "fsdp", **settings))
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    single = run_command(str(write_recipe(workspace, tmp_path / "one", **settings, per_device_train_batch_size=4)))
+    assert single.returncode == 0, single.stderr[-3000:]
+    run, reference = tmp_path / "fsdp" / "run", tmp_path / "one" / "run"
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 6
+    assert summary["distributed"]["mode"] == "FSDP2" and summary["distributed"]["accelerate"] == "DistributedType.FSDP"
+    assert (run / "checkpoint-3" / "pytorch_model_fsdp.bin").is_file()  # accelerate's FSDP checkpoint, not DDP's
+    sharding = summary["distributed"]["sharding"]
+    assert sharding["base_weights_sharded"] == sharding["base_weights"] > 0
+    assert sharding["base_local_elements"] * 2 == sharding["base_elements"]  # each process holds half
+
+    ours, theirs = load_file(run / ADAPTER), load_file(reference / ADAPTER)
+    assert max(v.abs().max().item() for k, v in ours.items() if "lora_B" in k) > 0.05  # it trained
+    if kind == "nf4":
+        # TRL trains a 4-bit base's adapter in bfloat16; Adam carries its rounding on, so the two runs agree only to
+        # bfloat16's scale (measured 1.2e-2) and their logits do not compare at 1e-4
+        assert max_difference(ours, theirs) <= 3e-2
+        return run
+    assert max_difference(ours, theirs) <= 1e-5
+    model = str(workspace / "model")
+    expected = stock_peft_logits(model, reference / "adapter", kind, batch)
+    torch.testing.assert_close(stock_peft_logits(model, run / "adapter", kind, batch), expected, rtol=0, atol=1e-4)
+    assert (expected - logits(load_base(model, kind), *batch)).abs().max() > 1e-3  # the adapter moved them
+    return run
+
+
+def test_fsdp2_static_equals_one_process_and_resumes_exactly(workspace, tmp_path, gsm8k_batch, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(CPU_FSDP), os.environ.get("PYTHONPATH")])))
+    run = fsdp2_equals_one_process(workspace, tmp_path, gsm8k_batch, kind="fp32")
+    history = json.loads((run / "lora_over_history.json").read_text())
+    assert history[-1]["event"] == "collapse" and history[-1]["max_error"] <= 1e-6
+    uninterrupted = load_file(run / ADAPTER)
+    # an interruption after step 3: only checkpoint-3 (written under FSDP2) is left; a marker in its log history
+    # shows the resumed run started from it
+    for name in ("checkpoint-6", "adapter", "summary.json", "lora_over_history.json"):
+        path = run / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    state_file = run / "checkpoint-3" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["log_history"][0]["loss"] = 123.0
+    state_file.write_text(json.dumps(state))
+    again = launch("fsdp2_qlora.yaml", tmp_path / "fsdp" / "recipe.yaml", "--resume_from_checkpoint", "true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["losses"][0]["loss"] == 123.0 and summary["resumed_from"] == str(run / "checkpoint-3")
+    assert max_difference(load_file(run / ADAPTER), uninterrupted) <= 1e-6
+
+
+def test_fsdp2_qlora_shards_the_4bit_weights_and_equals_one_process(workspace, tmp_path, gsm8k_batch, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(CPU_FSDP), os.environ.get("PYTHONPATH")])))
+    run = fsdp2_equals_one_process(workspace, tmp_path, gsm8k_batch, kind="nf4")
+    # with bnb_4bit_quant_storage = the compute dtype, every 4-bit weight is a DTensor holding half of its storage
+    sharding = json.loads((run / "summary.json").read_text())["distributed"]["sharding"]
+    assert sharding["quantized_weights_sharded"] == sharding["quantized_weights"] == 14  # 7 linears x 2 layers
+    assert sharding["quantized_local_elements"] * 2 == sharding["quantized_elements"]
+
+
+def test_fsdp2_plain_lora_writes_the_whole_adapter_and_merged(workspace, tmp_path, gsm8k_batch, monkeypatch):
+    # plain LoRA keeps its weights sharded to the end: adapter/ and merged/ must hold them gathered, not a shard
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(CPU_FSDP), os.environ.get("PYTHONPATH")])))
+    run = fsdp2_equals_one_process(
+        workspace, tmp_path, gsm8k_batch, kind="fp32", method="lora", lora_over=None, merge=True
+    )
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged")
+    expected = stock_peft_logits(str(workspace / "model"), run / "adapter", "fp32", gsm8k_batch)
+    torch.testing.assert_close(logits(merged, *gsm8k_batch), expected, rtol=0, atol=1e-4)
+
+
+FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+ZERO2 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+ZERO3 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+REFUSED = [
+    (FSDP2, {"lora_over": {"schedule": "dynamic"}}, "lora_over.schedule: 'dynamic' under FSDP2 is not supported"),
+    (FSDP2, {"lora_over": {"schedule": "prepass"}}, "lora_over.schedule: 'prepass' under FSDP2 is not supported"),
+    (FSDP2, {"method": "cla", "lora_over": None}, "method: 'cla' under FSDP2 is not supported: cLA's window"),
+    (FSDP2, {"method": "c3la", "lora_over": None}, "method: 'c3la' under FSDP2 is not supported: the chain"),
+    (FSDP2, {"method": "glora", "lora_over": None}, "method: 'glora' under FSDP2 is not supported: GLoRA's"),
+    ({**FSDP2, "FSDP_VERSION": "1"}, {}, "method: 'lora_over' under FSDP1 is not supported; set fsdp_version: 2"),
+    (ZERO2, {"lora_over": {"schedule": "dynamic"}}, "'dynamic' under DeepSpeed ZeRO-2 is not supported: a re-alloc"),
+    (ZERO2, {"method": "rc3la", "lora_over": None}, "method: 'rc3la' under DeepSpeed ZeRO-2 is not supported"),
+    (ZERO3, {"lora_over": {"schedule": "static"}}, "method: 'lora_over' under DeepSpeed ZeRO-3 is not supported"),
+    (ZERO3, {"method": "glora", "lora_over": None}, "method: 'glora' under DeepSpeed ZeRO-3 is not supported"),
+]
+
+
+@pytest.mark.parametrize("env, overrides, message", REFUSED)
+def test_refused_before_anything_is_loaded(workspace, tmp_path, capsys, monkeypatch, env, overrides, message):
+    for key, value in env.items():  # what `accelerate launch --config_file` tells the processes it starts
+        monkeypatch.setenv(key, value)
+    assert main([str(write_recipe(workspace, tmp_path, **{**RUN, **overrides}))]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last and "examples/accelerate/" in last, last
+    assert not (tmp_path / "run").exists()
+
+
+def test_what_runs_is_not_refused(monkeypatch):
+    from lora_over_trl.distributed import ShardedMode, refusal
+
+    for mode in (None, ShardedMode("fsdp", 2), ShardedMode("deepspeed", 2)):
+        assert refusal("lora_over", "static", mode) is None and refusal("lora", None, mode) is None
+    assert refusal("lora", None, ShardedMode("deepspeed", 3)) is None
+    assert refusal("lora_over", "dynamic", None) is None and refusal("c3la", None, None) is None
+
+
+@pytest.mark.parametrize("config", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+def test_the_shipped_deepspeed_configs_refuse_through_the_launcher(workspace, tmp_path, config):
+    # the real launcher starts two processes with its DeepSpeed environment; both stop before DeepSpeed starts
+    schedule = "dynamic" if config == "deepspeed_zero2.yaml" else "static"
+    done = launch(config, write_recipe(workspace, tmp_path, **{**RUN, "lora_over": {"schedule": schedule}}))
+    # each process exits 2 with the one line; the traceback after it is the launcher's report of a failed child
+    assert done.returncode != 0 and "(exitcode: 2)" in done.stderr and "[rank0]: Traceback" not in done.stderr
+    stage = config[-6]
+    assert f"error: lora_over.schedule: 'dynamic' under DeepSpeed ZeRO-{stage}" in done.stderr or (
+        f"error: method: 'lora_over' under DeepSpeed ZeRO-{stage}" in done.stderr
+    ), done.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_callback_refuses_a_sharded_run_in_a_script(tiny_llama_dir, tokenizer, tmp_path, monkeypatch):
+    from conftest import make_sft_trainer
+
+    from lora_over_trl import LoraOverCallback, LoraOverConfig
+    from lora_over_trl.callback import ScheduleSetupError
+
+    for key, value in FSDP2.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ScheduleSetupError, match="LoraOverCallback: lora_over.schedule: 'dynamic' under FSDP2"):
+        make_sft_trainer(tiny_llama_dir, tokenizer, tmp_path, LoraOverCallback(LoraOverConfig(schedule="dynamic")))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_fsdp2_qlora_on_two_gpus_equals_one_gpu(workspace, tmp_path, gsm8k_batch):
+    # the shipped config as GPU users run it (no CPU gate to lift, NCCL); float32 so that the two runs can agree
+    run = fsdp2_equals_one_process(workspace, tmp_path, gsm8k_batch, kind="nf4", use_cpu=False)
+    sharding = json.loads((run / "summary.json").read_text())["distributed"]["sharding"]
+    assert sharding["quantized_weights_sharded"] == sharding["quantized_weights"] > 0
