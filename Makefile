@@ -43,11 +43,12 @@ bench-quality: bench-setup
 	$(BIN)/python benches/bench_quality_cls.py --jobs 2 --methods lora lora_over_static lora_over_dynamic cla c3la glora
 
 # Mutation testing of the core modules against the fast tests that cover them ([tool.mutmut] in pyproject.toml;
-# docs/testing.md has the scores). Not in CI: as configured, over two hours on 2 cores (docs/testing.md). Rerun to
-# continue an interrupted run; `mutmut run "lora_over_trl.mpo*"` runs one module.
+# docs/testing.md has the scores). Not in CI: about half an hour on 2 cores. The tests' stock-PEFT reloads run in
+# this process (LORA_OVER_TESTS_RELOAD_IN_PROCESS; a fresh process could not see a mutant anyway and costs 4 s of
+# imports per mutant). Rerun to continue an interrupted run; `mutmut run "lora_over_trl.mpo*"` runs one module.
 mutants: setup
 	$(BIN)/pip install -q mutmut==3.8.1
-	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2
+	LORA_OVER_TESTS_RELOAD_IN_PROCESS=1 OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2
 	$(BIN)/mutmut results --all true | $(BIN)/python scripts/mutation_scores.py
 
 # vLLM serving check (README "Serve with vLLM"): a few training steps per method in $(VENV), then each adapter/ and

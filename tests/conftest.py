@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +186,42 @@ def make_sft_trainer(base_dir: str, tokenizer, out, callback, kind: str = "fp32"
 def logged_losses(trainer) -> dict[int, float]:
     """Training loss per step from the trainer's log history."""
     return {row["step"]: row["loss"] for row in trainer.state.log_history if "loss" in row}
+
+
+# `make mutants` sets this: a mutant lives only in the process that imported it, so a fresh process (4 s of
+# imports per reload) cannot see it; the reload then runs here, still in stock PEFT on a freshly loaded base.
+RELOAD_IN_PROCESS = os.environ.get("LORA_OVER_TESTS_RELOAD_IN_PROCESS") == "1"
+
+
+def stock_peft_logits_in_fresh_process(
+    base_dir: str, adapter: Path, kind: str, batch, work: Path, *, autocast_adapter_dtype: bool = True
+) -> torch.Tensor:
+    """Logits (train mode, no grad) of ``adapter`` loaded by stock PEFT onto the base, in a process that never
+    imports this package (asserted there): what a user's own inference script gets from the file."""
+    if RELOAD_IN_PROCESS:
+        from peft import PeftModel
+
+        base = load_base(base_dir, kind)
+        model = PeftModel.from_pretrained(base, adapter, autocast_adapter_dtype=autocast_adapter_dtype)
+        return logits(model, *batch)
+    torch.save(batch, work / "batch.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        kwargs = dict(dtype=dict(fp32=torch.float32, nf4=torch.float32, bf16=torch.bfloat16)[{kind!r}])
+        if {kind!r} == "nf4":
+            kwargs.update(device_map="cpu", quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+        base = AutoModelForCausalLM.from_pretrained({base_dir!r}, **kwargs)
+        model = PeftModel.from_pretrained(base, {str(adapter)!r}, autocast_adapter_dtype={autocast_adapter_dtype!r})
+        ids, mask = torch.load({str(work / "batch.pt")!r})
+        model.train()  # on CPU an eval-mode forward repacks 4-bit weights (see README)
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask).logits.float()
+        assert not any(m.startswith("lora_over_trl") for m in sys.modules), "stock PEFT only"
+        torch.save(out, {str(work / "stock.pt")!r})
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return torch.load(work / "stock.pt")

@@ -3,14 +3,16 @@ factors' first Adam step is a fresh Adam's, and the slices are the cores' contra
 
 from __future__ import annotations
 
+import copy
 import math
 
+import pytest
 import torch
 from conftest import reference_contract
 from torch import nn
 
 from lora_over_trl import mpo
-from lora_over_trl.bank import BankedLinear, FactorBank
+from lora_over_trl.bank import BankedLinear, FactorBank, FactorHandle
 from lora_over_trl.patch import plan_layout
 
 SHAPES = {"a": (8, 48), "b": (48, 8), "c": (8, 48), "d": (8, 96)}
@@ -90,13 +92,20 @@ def test_repack_moves_values_and_moments_with_their_factors():
     assert big.storage is param and big.storage.numel() == FactorBank.numel(second.values())
 
 
-def test_a_new_factor_takes_a_fresh_adams_first_step():
+@pytest.mark.parametrize("wrapped", [False, True], ids=["torch", "accelerate"])
+def test_a_new_factor_takes_a_fresh_adams_first_step(wrapped, request):
     lins = linears(1)
     layouts = {k: plan_layout(SHAPES[k], 1.0) for k in SHAPES}
     bank = FactorBank(0, dtype=torch.float32, device="cpu")
     bank.repack({"a": layouts["a"]}, {"a": cores_of(lins["a"], layouts["a"], 0)})
     lr, eps = 1e-2, 1e-8
     optimizer = torch.optim.AdamW([bank.storage], lr=lr, eps=eps, weight_decay=0.0)
+    if wrapped:  # what the Trainer hands the callback: accelerate's wrapper, the torch optimizer inside
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+
+        optimizer = Accelerator(cpu=True).prepare_optimizer(optimizer)
+        request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))  # none left behind
     targets = {k: torch.randn(SHAPES[k]) for k in SHAPES}
     train(bank, optimizer, targets, steps=40)  # the storage's step count is 40 when "d" enters
     bank.repack({"a": layouts["a"], "d": layouts["d"]}, {"d": cores_of(lins["d"], layouts["d"], 2)}, optimizer)
@@ -137,3 +146,100 @@ def test_fsdp2_shards_the_bank_and_matches_one_process(tiny_llama_dir, tmp_path)
     for key, value in plain["state"].items():
         assert torch.equal(sharded["state"][key], value), key
     assert plain["max_error"] <= 1e-6
+
+
+def test_gradients_observer_usage_and_copies():
+    """What the callback and users read from a bank: each core's gradient (against autograd on the contraction
+    written out independently), the group gradients the sensitivity statistic observes, the space in use, the
+    repr, and a deep copy (the cached contraction and the observer stay behind)."""
+    lins = linears(2)
+    layouts = {k: plan_layout(SHAPES[k], 1.0) for k in ("a", "c", "d")}
+    bank = FactorBank(0, dtype=torch.float64, device="cpu", aux_scale=3.0)
+    bank.repack(layouts, {k: [c.double() for c in cores_of(lins[k], layouts[k], i)] for i, k in enumerate(layouts)})
+    handle = FactorHandle(bank, "d")
+    assert handle.core_grads() == [None] * layouts["d"].num_cores  # before any backward
+    assert bank.used() == sum(layout.num_params() for layout in layouts.values()) <= bank.storage.numel()
+    used, size = bank.used(), bank.storage.numel()
+    assert repr(bank) == f"FactorBank(factors=3, groups=2, used={used:,}/{size:,}, aux_scale=3)"
+    assert repr(FactorBank(0, dtype=torch.float32, device="cpu")) == "FactorBank(factors=0, groups=0, used=0/0)"
+
+    seen = []
+    bank.grad_observer = lambda keys, grad: seen.append((tuple(keys), grad.clone()))
+    targets = {k: torch.randn(SHAPES[k], dtype=torch.float64) for k in layouts}
+    bank.refresh()
+    sum((bank.weight_of(k) * t).sum() for k, t in targets.items()).backward()
+    # the loss is linear in each weight: the gradient of a group's contraction is its targets, stacked
+    assert sorted(keys for keys, _ in seen) == sorted(tuple(keys) for _, keys in bank.groups)
+    for keys, grad in seen:
+        assert torch.equal(grad, torch.stack([targets[k] for k in keys]))
+    # each core's gradient, against autograd through mpo.contract on leaf copies with aux_scale written out
+    leaves = [c.detach().clone().requires_grad_() for c in handle.cores]
+    central = layouts["d"].central
+    weight = mpo.contract([c if j == central else 3.0 * c for j, c in enumerate(leaves)])
+    expected = torch.autograd.grad((weight * targets["d"]).sum(), leaves)
+    for got, want, core in zip(handle.core_grads(), expected, handle.cores, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        assert not torch.equal(got, core)
+
+    twin = copy.deepcopy(bank)
+    assert twin.grad_observer is None and twin.storage is not bank.storage
+    twin.refresh()
+    for key in layouts:
+        torch.testing.assert_close(twin.weight_of(key), bank.weight_of(key).detach(), rtol=0, atol=0)
+
+
+def test_repeated_repacks_keep_every_factors_values_and_moments():
+    """Factors leave and enter in random order (so kept factors move in several separate runs), in a bank whose
+    plan sometimes outgrows its reservation, with an optimizer that has or has not stepped yet: every kept
+    factor keeps its stored cores and both Adam moments bit for bit, new ones hold their values and zero
+    moments, and a fresh bank is empty."""
+    empty = FactorBank(0, dtype=torch.bfloat16, device="cpu")
+    assert (empty.storage.numel(), empty.storage.dtype, empty.used(), empty.layouts, empty.groups) == (
+        0,
+        torch.bfloat16,
+        0,
+        {},
+        [],
+    )
+    with pytest.raises(ValueError) as caught:
+        FactorBank(0, dtype=torch.float32, device="cpu", aux_scale=0.0)
+    assert str(caught.value) == "FactorBank: `aux_scale` must be > 0, got 0.0"
+
+    shapes = {f"k{i}": (8, 48) if i % 3 else (48, 8) for i in range(9)}
+    layouts = {k: plan_layout(s, 1.0) for k, s in shapes.items()}
+    generator = torch.Generator().manual_seed(23)
+    bank = FactorBank(3_000, dtype=torch.float32, device="cpu", aux_scale=2.0)
+    optimizer = torch.optim.AdamW([bank.storage], lr=1e-2)
+    with pytest.raises(ValueError) as caught:
+        bank.repack({k: layouts[k] for k in ("k0", "k1", "k2", "k3")}, {})  # four: the message names three
+    assert str(caught.value) == "FactorBank.repack: no values for new or changed factors ['k0', 'k1', 'k2']"
+    held: set[str] = set()
+    for round_ in range(8):
+        kept = {k for k in held if torch.rand(1, generator=generator) < 0.6}
+        entering = {k for k in layouts if k not in held and torch.rand(1, generator=generator) < 0.5}
+        plan = {k: layouts[k] for k in sorted(kept | entering, key=lambda _: torch.rand(1, generator=generator))}
+        before = {k: [c.clone() for c in bank.stored_cores(k)] for k in kept}
+        state = optimizer.state.get(bank.storage, {})
+        moments = {
+            k: {m: [state[m][o : o + math.prod(s)].clone() for o, s in bank.chunks[k]] for m in state if m != "step"}
+            for k in kept
+        }
+        values = {k: [torch.randn(s, generator=generator) for s in layouts[k].core_shapes()] for k in entering}
+        bank.repack(plan, values, optimizer)
+        state = optimizer.state.get(bank.storage, {})
+        for key in kept:
+            assert all(torch.equal(x, y) for x, y in zip(bank.stored_cores(key), before[key], strict=True)), round_
+            for name, chunks in moments[key].items():
+                now = [state[name][o : o + math.prod(s)] for o, s in bank.chunks[key]]
+                assert all(torch.equal(x, y) for x, y in zip(now, chunks, strict=True)), (round_, name)
+        for key in entering:
+            torch.testing.assert_close(bank.effective_cores(key), values[key], rtol=0, atol=0)
+            for name in (m for m in state if m != "step"):
+                assert all(state[name][o : o + math.prod(s)].abs().max() == 0 for o, s in bank.chunks[key])
+        assert bank.used() == FactorBank.numel(plan.values()) <= bank.storage.numel()
+        held = set(plan)
+        if held:  # a step, so that the next round has moments to move
+            bank.refresh()
+            sum((bank.weight_of(k) ** 2).sum() for k in held).backward()
+            optimizer.step()
+            optimizer.zero_grad()

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import logged_losses, logits, make_sft_trainer
+from conftest import (
+    load_base,
+    logged_losses,
+    logits,
+    lora_config,
+    make_peft,
+    make_sft_trainer,
+    stock_peft_logits_in_fresh_process,
+)
+from safetensors.torch import load_file
 
 from lora_over_trl.config import ClaConfig
 from lora_over_trl.methods import ClaCallback
-from lora_over_trl.methods.cla import ChainedB, WindowSelect, collapse_cla, selector, window_offsets
+from lora_over_trl.methods.cla import ChainedB, WindowSelect, collapse_cla, selector, window_indices, window_offsets
 from lora_over_trl.patch import lora_modules
 
 
@@ -45,6 +51,66 @@ def test_window_is_a_gather_equal_to_the_dense_selector():
         assert torch.equal(select(x), expected)  # 0/1 weights: the matmul is exact, so equality is bitwise
         assert not select.weight.requires_grad
         assert select.weight.sum() == 8 and (select.weight.sum(dim=0) <= 1).all()
+
+
+def test_windows_of_any_shape_gather_their_columns_and_views_only_when_contiguous():
+    """The fast path (a view of the activations) is taken exactly when the visited columns are one run; every
+    other window (wrapping, strided, two columns apart) gathers, and all equal the dense selector."""
+    assert window_indices(3, 4, 10).tolist() == [3, 4, 5, 6]
+    assert window_indices(8, 4, 10).tolist() == [8, 9, 0, 1]
+    x = torch.randn(2, 5, 10, generator=torch.Generator().manual_seed(7))
+    cases = [  # (current, frozen, contiguous)
+        ([3, 4], [5, 6], True),
+        ([4], None, True),
+        ([9, 0], None, False),
+        ([0, 2, 4], None, False),
+        ([3, 4], [0, 1], False),
+        ([5, 7], None, False),
+    ]
+    for current, frozen, contiguous in cases:
+        select = WindowSelect(10, torch.tensor(current), dtype=torch.float32, device=torch.device("cpu"))
+        if frozen is not None:
+            select.set_window(torch.tensor(current), torch.tensor(frozen))
+        out = select(x)
+        assert torch.equal(out, x[..., current + (frozen or [])]), (current, frozen)
+        assert (out._base is x) == contiguous, (current, frozen)
+        assert torch.equal(x @ select.weight.T, x[..., current])  # weight: the current window's selector
+
+
+def test_collapse_keeps_rslora_scaling_and_pieces_report_their_shape(tiny_llama_dir, gsm8k_batch, tmp_path):
+    """A chain of three windows collapses to rank 3r with rsLoRA's scaling kept (alpha / sqrt(r)), so stock PEFT
+    reloads the same function; the chained B's declared shape is the trained B's."""
+    from peft import PeftModel
+
+    from lora_over_trl.methods.cla import install_cla, next_window
+
+    model = make_peft(tiny_llama_dir, "fp32", use_rslora=True)
+    config = ClaConfig(method="c3la")
+    offsets = install_cla(model, config)
+    generator = torch.Generator().manual_seed(11)
+    layers = lora_modules(model)
+    for step in range(1, 3):  # two chain steps with non-zero B's: three windows
+        for name, layer in layers.items():
+            with torch.no_grad():
+                layer.lora_B["default"].weight.copy_(
+                    0.05 * torch.randn(layer.lora_B["default"].weight.shape, generator=generator)
+                )
+            next_window(layer, "default", offsets[name][step])
+    for layer in layers.values():
+        chained, weight = layer.lora_B["default"], layer.lora_B["default"].weight
+        assert (chained.in_features, chained.out_features) == (weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            weight.copy_(0.05 * torch.randn(weight.shape, generator=generator))
+    trained = logits(model, *gsm8k_batch)
+    scaling = 16 / 8**0.5
+    assert collapse_cla(model) == 24
+    assert model.peft_config["default"].lora_alpha == pytest.approx(scaling * 24**0.5, rel=1e-12)
+    assert all(layer.r["default"] == 24 for layer in layers.values())
+    assert all(layer.lora_alpha["default"] == model.peft_config["default"].lora_alpha for layer in layers.values())
+    assert (logits(model, *gsm8k_batch) - trained).abs().max() <= 1e-5
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(load_base(tiny_llama_dir, "fp32"), tmp_path / "adapter")
+    assert (logits(reloaded, *gsm8k_batch) - trained).abs().max() <= 1e-5
 
 
 def test_window_orders_are_seeded_and_cover_every_window():
@@ -100,31 +166,13 @@ def test_trains_only_b_and_collapses_to_a_standard_adapter(
     trainer.model.save_pretrained(tmp_path / "adapter")
     config_file = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config_file["r"] == rank and config_file["lora_alpha"] / rank == 16 / 8  # the same scaling
-    torch.save(gsm8k_batch, tmp_path / "batch.pt")
-    torch.save(trained, tmp_path / "trained.pt")
-    # stock PEFT, in a process that never imports this package, reproduces the trained function
-    script = textwrap.dedent(f"""
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-        kwargs = {{}}
-        if {kind!r} == "nf4":
-            kwargs = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                          bnb_4bit_compute_dtype=torch.float32), device_map="cpu")
-        base = AutoModelForCausalLM.from_pretrained({tiny_llama_dir!r}, dtype=torch.float32, **kwargs)
-        # TRL trained the 4-bit run's B in bfloat16: keep the adapter's dtype (PEFT would upcast it to float32,
-        # skipping the bfloat16 rounding of the activations that the trained function has)
-        path = {str(tmp_path / "adapter")!r}
-        model = PeftModel.from_pretrained(base, path, autocast_adapter_dtype=False).train()
-        ids, mask = torch.load({str(tmp_path / "batch.pt")!r})
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask).logits.float()
-        assert "lora_over_trl" not in __import__("sys").modules
-        print((out - torch.load({str(tmp_path / "trained.pt")!r})).abs().max().item())
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert float(done.stdout.strip().splitlines()[-1]) <= tolerance
+    # stock PEFT, in a process that never imports this package, reproduces the trained function. TRL trained the
+    # 4-bit run's B in bfloat16: keep the adapter's dtype (PEFT would upcast it to float32, skipping the bfloat16
+    # rounding of the activations that the trained function has)
+    stock = stock_peft_logits_in_fresh_process(
+        tiny_llama_dir, tmp_path / "adapter", kind, gsm8k_batch, tmp_path, autocast_adapter_dtype=False
+    )
+    assert (stock - trained).abs().max() <= tolerance
 
 
 def test_resume_in_the_middle_of_a_chain_matches_an_uninterrupted_run(tiny_llama_dir, tokenizer, tmp_path):
@@ -140,3 +188,154 @@ def test_resume_in_the_middle_of_a_chain_matches_an_uninterrupted_run(tiny_llama
         assert got[step] == pytest.approx(expected[step], abs=1e-5), step
     for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_callback_events_chain_by_steps_or_epochs_reset_b_and_save_on_rank_zero(
+    tiny_llama_dir, tmp_path, caplog, monkeypatch
+):
+    """The callback driven event by event, as the Trainer drives it: the chain interval resolved from a fraction
+    (and logged), a new window at every interval but not at the run's last step, B's Adam moments dropped at each
+    chain step, chain files written by rank zero only, a checkpoint of another chain refused, and the collapse's
+    rank kept."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from lora_over_trl.callback import ScheduleSetupError
+    from lora_over_trl.methods.cla_callback import CHAIN_FILE
+
+    control = TrainerControl()
+    with pytest.raises(ScheduleSetupError) as caught:
+        ClaCallback(ClaConfig(method="c3la")).on_init_end(
+            None, TrainerState(), control, model=load_base(tiny_llama_dir, "fp32")
+        )
+    assert str(caught.value) == (
+        "ClaCallback: the model has no LoRA layers; pass peft_config=LoraConfig(...) to the trainer"
+    )
+
+    def started(unit: str, interval: float, max_steps: int, epochs: float):
+        model = make_peft(tiny_llama_dir, "fp32")
+        callback = ClaCallback(ClaConfig(method="c3la", chain_unit=unit, chain_interval=interval))
+        state = TrainerState(max_steps=max_steps, num_train_epochs=epochs)
+        callback.on_init_end(None, state, control, model=model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        with caplog.at_level("INFO", logger="lora_over_trl.methods.cla_callback"):
+            callback.on_train_begin(None, state, control, optimizer=optimizer)
+        return model, callback, state, optimizer
+
+    caplog.clear()
+    model, callback, state, optimizer = started("steps", 0.25, 40, 1.0)
+    assert callback.every == 10 and callback.optimizer is optimizer
+    assert "c3la: a new window every 10 steps (chain_interval 0.25 of 40 steps)" in caplog.messages
+    b_weights = [layer.lora_B["default"].weight for layer in lora_modules(model).values()]
+    for weight in b_weights:
+        weight.grad = torch.randn_like(weight)
+    optimizer.step()
+    assert all(weight in optimizer.state for weight in b_weights)
+    for step in (9, 10, 11):
+        state.global_step = step
+        callback.on_step_end(None, state, control)
+    assert callback.position == 1 and not any(weight in optimizer.state for weight in b_weights)
+    assert all(weight.abs().max() == 0 for weight in b_weights)  # B restarts at zero in the new window
+    state.global_step, state.epoch = 20, 1.0
+    callback.on_epoch_end(None, state, control)  # a steps chain ignores epochs
+    assert callback.position == 1
+    state.global_step = 40  # the last step: no new window that nothing would train
+    callback.on_step_end(None, state, control)
+    assert callback.position == 1
+
+    folder = tmp_path / "checkpoint-40"
+    folder.mkdir()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    callback.on_save(args, TrainerState(global_step=40, is_world_process_zero=False), control)
+    assert not (folder / CHAIN_FILE).exists()  # other ranks write nothing
+    callback.on_save(args, TrainerState(global_step=40), control)
+    assert json.loads((folder / CHAIN_FILE).read_text()) == {"method": "c3la", "position": 1}
+    other = ClaCallback(ClaConfig(method="rc3la"))
+    other.on_init_end(None, TrainerState(), control, model=make_peft(tiny_llama_dir, "fp32"))
+    with pytest.raises(ValueError) as caught:
+        other._restore_chain(folder)
+    assert str(caught.value) == f"{folder} holds a c3la chain, not rc3la"
+    callback.on_train_end(None, state, control)
+    assert callback.rank == 16 and all(layer.r["default"] == 16 for layer in lora_modules(model).values())
+
+    caplog.clear()
+    model, callback, state, optimizer = started("epochs", 0.01, 100, 2.5)  # 0.01 of 3 epochs: at least one
+    assert callback.every == 1
+    assert "c3la: a new window every 1 epochs (chain_interval 0.01 of 3 epochs)" in caplog.messages
+    state.epoch, state.global_step = 3.0, 100  # the run's end: no new window
+    callback.on_epoch_end(None, state, control)
+    assert callback.position == 0
+    model, callback, state, optimizer = started("epochs", 0.7, 100, 2.5)  # 0.7 of 3 epochs: 2
+    positions = []
+    for epoch, step in ((1.0, 30), (2.0, 60), (3.0, 90)):
+        state.epoch, state.global_step = epoch, step
+        callback.on_epoch_end(None, state, control)
+        callback.on_step_end(None, state, control)  # an epochs chain ignores steps
+        positions.append(callback.position)
+    assert callback.every == 2 and positions == [0, 1, 1]  # after every second epoch
+
+    for key, value in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ScheduleSetupError) as caught:
+        ClaCallback(ClaConfig(method="c3la")).on_init_end(None, TrainerState(), control, model=model)
+    assert str(caught.value).startswith("ClaCallback: method: 'c3la' under FSDP2 is not supported: the chain")
+
+
+def test_restoring_a_chain_position_rebuilds_the_windows_it_visited(tiny_llama_dir):
+    """Resume: position p has the windows of offsets p-1, ..., 0 frozen (most recent first) and B's frozen part in
+    the adapter's dtype; position 0 has none."""
+    from lora_over_trl.methods.cla import install_cla, restore_chain
+
+    model = make_peft(tiny_llama_dir, "fp32")
+    offsets = install_cla(model, ClaConfig(method="c3la"))
+    name, layer = next(iter(lora_modules(model).items()))
+    select, chained = layer.lora_A["default"], layer.lora_B["default"]
+    r, n = len(select.current_indices), select.in_features
+    frozen_b = torch.randn(chained.out_features, 3 * r, dtype=torch.float64)
+    restore_chain(layer, "default", offsets[name], 3, frozen_b)
+    visited = [window_indices(offsets[name][p % len(offsets[name])], r, n) for p in (2, 1, 0)]
+    assert torch.equal(select.frozen_indices, torch.cat(visited))
+    assert torch.equal(select.current_indices, window_indices(offsets[name][3 % len(offsets[name])], r, n))
+    assert chained.frozen.dtype == torch.float32 and torch.equal(chained.frozen, frozen_b.float())
+    restore_chain(layer, "default", offsets[name], 0, frozen_b[:, :0])
+    assert select.frozen_indices.numel() == 0 and select.frozen_indices.dtype == torch.long
+    assert torch.equal(select.all_indices, window_indices(offsets[name][0], r, n))
+
+
+def test_a_named_adapter_chains_saves_and_collapses(tiny_llama_dir, tmp_path):
+    """An adapter not named "default", through the callback's install, chain step, save and collapse."""
+    from peft import get_peft_model
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from lora_over_trl.methods.cla_callback import CHAIN_TENSORS
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_base(tiny_llama_dir, "fp32"), lora_config(), adapter_name="other")
+    callback, control = ClaCallback(ClaConfig(method="c3la", adapter_name="other", chain_interval=2)), TrainerControl()
+    state = TrainerState(max_steps=8, num_train_epochs=1)
+    callback.on_init_end(None, state, control, model=model)
+    layers = lora_modules(model, "other")
+    assert layers and all(isinstance(layer.lora_A["other"], WindowSelect) for layer in layers.values())
+    callback.on_train_begin(None, state, control, optimizer=None)
+    for layer in layers.values():
+        with torch.no_grad():
+            layer.lora_B["other"].weight.fill_(0.5)
+    state.global_step = 2
+    callback.on_step_end(None, state, control)
+    assert callback.position == 1 and all(layer.lora_B["other"].frozen.shape[1] == 8 for layer in layers.values())
+    (tmp_path / "checkpoint-2").mkdir()
+    callback.on_save(TrainingArguments(output_dir=str(tmp_path), report_to=[]), state, control)
+    assert set(load_file(tmp_path / "checkpoint-2" / CHAIN_TENSORS)) == set(layers)
+    resumed = ClaCallback(ClaConfig(method="c3la", adapter_name="other", chain_interval=2))
+    torch.manual_seed(0)
+    twin = get_peft_model(load_base(tiny_llama_dir, "fp32"), lora_config(), adapter_name="other")
+    resumed.on_init_end(None, TrainerState(), control, model=twin)
+    resumed._restore_chain(tmp_path / "checkpoint-2")  # what loading the checkpoint's adapter triggers
+    assert resumed.position == 1
+    for name, layer in lora_modules(twin, "other").items():
+        assert torch.equal(layer.lora_B["other"].frozen, layers[name].lora_B["other"].frozen)
+    callback.on_train_end(None, state, control)
+    assert callback.rank == 16 and model.peft_config["other"].r == 16
+    assert all(layer.lora_alpha["other"] == model.peft_config["other"].lora_alpha == 32 for layer in layers.values())
+    assert all(layer.r["other"] == 16 and layer.lora_A["other"].weight.shape[0] == 16 for layer in layers.values())
+    plain = make_peft(tiny_llama_dir, "fp32")  # no cLA installed: nothing to collapse, the config stays
+    assert collapse_cla(plain) == 8 and plain.peft_config["default"].r == 8

@@ -80,6 +80,20 @@ def test_grow_keeps_the_function_and_truncate_undoes_it():
         assert error < 1e-12 and independent < 1e-12
 
 
+def test_truncate_works_in_float64_and_returns_the_input_dtype():
+    """Random float32 cores with bonds above the exact ones, truncated to the exact ones: nothing is lost, and in
+    float64 (the old and the new contraction alike) the error is ~1e-16, where float32 arithmetic would leave
+    ~1e-7; the cores come back in float32."""
+    gen = torch.Generator().manual_seed(5)
+    for p, q, k, aux in random_cases(6, 5):
+        exact = mpo.choose_layout(p, q, num_cores=k, aux_size=aux)
+        bigger = mpo.MpoLayout(exact.rows, exact.cols, tuple(b + 3 for b in exact.bonds), exact.central)
+        grown = [torch.randn(shape, generator=gen) for shape in bigger.core_shapes()]  # float32, full bonds
+        back, error = mpo.truncate(grown, exact, std=0.5, generator=gen)  # the exact bonds lose nothing
+        assert all(c.dtype == torch.float32 for c in back)
+        assert error < 1e-12
+
+
 def unfolding(matrix: torch.Tensor, layout: mpo.MpoLayout) -> np.ndarray:
     """The (p_1 q_1) x (p_2 q_2) unfolding of a two-core layout, built from the matrix alone."""
     (p1, p2), (q1, q2) = layout.rows, layout.cols
@@ -136,6 +150,110 @@ def test_fit_bonds_respects_the_budget_and_is_maximal():
             assert one_more.aux_params() > budget
 
 
+def test_the_default_auxiliary_size_is_16():
+    # 17 x 64: with 16 the auxiliary core takes 1 x 16 columns; with 17 it would take the prime 17 rows
+    assert mpo.choose_layout(17, 64) == mpo.MpoLayout((1, 17), (16, 4), (16,), 1)
+
+
+def test_layout_checks_name_each_problem():
+    assert mpo.MpoLayout((4,), (6,), (), 0).shape == (4, 6)  # one core: no bond, central 0
+    cases = [
+        (((2, 2), (3,), (4,), 0), "rows and cols need the same positive length, got (2, 2) and (3,)"),
+        (((), (), (), 0), "rows and cols need the same positive length, got () and ()"),
+        (((4,), (6,), (2,), 0), "1 cores need 0 bonds, got (2,)"),
+        (((4,), (6,), (), 1), "`central` must index one of the 1 cores, got 1"),
+        (((2, 2), (3, 3), (4,), 2), "`central` must index one of the 2 cores, got 2"),
+        (((2, 2), (3, 3), (4,), -1), "`central` must index one of the 2 cores, got -1"),
+        (
+            ((2, 2), (3, 3), (), 5),
+            "2 cores need 1 bonds, got (); `central` must index one of the 2 cores, got 5",  # every problem, joined
+        ),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError) as caught:
+            mpo.MpoLayout(*args)
+        assert str(caught.value) == "invalid MPO layout: " + message
+
+
+def test_fit_bonds_takes_a_budget_met_exactly():
+    exact = mpo.choose_layout(16, 4096, num_cores=3)
+    assert mpo.fit_bonds(exact, exact.aux_params()) == exact
+    assert mpo.fit_bonds(exact, exact.aux_params() - 1) is None
+    # a budget equal to what bonds of 1.5x the exact ones cost is met exactly (not one step below)
+    middle = mpo.MpoLayout(exact.rows, exact.cols, tuple(math.ceil(1.5 * b) for b in exact.bonds), exact.central)
+    fitted = mpo.fit_bonds(exact, middle.aux_params())
+    assert fitted.aux_params() == middle.aux_params() and fitted.bonds == middle.bonds
+
+
+def tt_svd_error(matrix: np.ndarray, layout: mpo.MpoLayout) -> float:
+    """Relative error of the TT-SVD of ``matrix`` to ``layout.bonds`` (sequential truncated SVDs of the full
+    tensor's unfoldings, Oseledets 2011), computed from the dense matrix alone."""
+    rows, cols, k = layout.rows, layout.cols, layout.num_cores
+    tensor = matrix.reshape(*rows, *cols).transpose([i for j in range(k) for i in (j, k + j)])
+    approx, rest, left = [], tensor.reshape(1, -1), 1
+    for j in range(k - 1):
+        u, s, vh = np.linalg.svd(rest.reshape(left * rows[j] * cols[j], -1), full_matrices=False)
+        keep = min(layout.bonds[j], s.size)
+        approx.append(u[:, :keep])
+        rest, left = s[:keep, None] * vh[:keep], keep
+    result = approx[0]
+    for factor in approx[1:]:
+        result = (result @ factor.reshape(result.shape[1], -1)).reshape(-1, factor.shape[1])
+    result = (result @ rest).reshape(tensor.shape)
+    inverse = np.argsort([i for j in range(k) for i in (j, k + j)])
+    dense = result.transpose(inverse).reshape(matrix.shape)
+    return float(np.linalg.norm(dense - matrix) / np.linalg.norm(matrix))
+
+
+def test_truncate_of_three_cores_is_the_tt_svd_of_the_matrix():
+    """TT-rounding (orthogonalize right to left, then truncated SVDs) of an exact MPO gives what TT-SVD gives on
+    the dense matrix: the same error to 1e-9, for every smaller pair of bonds."""
+    gen = torch.Generator().manual_seed(13)
+    exact = mpo.choose_layout(16, 96, num_cores=3, aux_size=16)
+    matrix = torch.randn(16, 96, generator=gen, dtype=torch.float64)
+    cores = mpo.decompose(matrix, exact, std=0.1, generator=gen)
+    for bonds in [(b1, b2) for b1 in range(1, exact.bonds[0]) for b2 in (1, exact.bonds[1] // 2, exact.bonds[1])]:
+        small = mpo.MpoLayout(exact.rows, exact.cols, bonds, exact.central)
+        new, error = mpo.truncate(cores, small, std=0.1, generator=gen)
+        expected = tt_svd_error(matrix.numpy(), small)
+        measured = np.linalg.norm(reference_contract(new) - matrix.numpy()) / np.linalg.norm(matrix.numpy())
+        assert error == pytest.approx(expected, rel=1e-9, abs=1e-12), bonds
+        assert measured == pytest.approx(error, rel=1e-9, abs=1e-12)
+
+
+def test_truncate_error_is_relative_and_absolute_for_zero():
+    gen = torch.Generator().manual_seed(17)
+    exact = mpo.choose_layout(8, 32)
+    small = mpo.MpoLayout(exact.rows, exact.cols, (1,), exact.central)
+    matrix = torch.randn(8, 32, generator=gen, dtype=torch.float64)
+    errors = [mpo.truncate(mpo.decompose(m, exact, std=0.1), small, std=0.1)[1] for m in (matrix, 1e-3 * matrix)]
+    assert errors[0] == pytest.approx(errors[1], rel=1e-9) and errors[0] > 0.1  # relative: the scale cancels
+    zero = mpo.decompose(torch.zeros(8, 32, dtype=torch.float64), exact, std=0.1)
+    assert mpo.truncate(zero, small, std=0.1)[1] == 0.0  # nothing to lose: absolute, not 0 / 0
+
+
+def test_truncate_to_larger_bonds_pads_like_grow():
+    """Bonds above what the unfolding needs are padded as ``grow`` pads: seeded by the generator, scaled by
+    ``std``, and the function is unchanged."""
+    exact = mpo.choose_layout(8, 32)
+    matrix = torch.randn(8, 32, generator=torch.Generator().manual_seed(19), dtype=torch.float64)
+    cores = mpo.decompose(matrix, exact, std=0.1)
+    bigger = mpo.MpoLayout(exact.rows, exact.cols, (exact.bonds[0] + 4,), exact.central)
+
+    def padded(seed: int, std: float) -> list[torch.Tensor]:
+        new, error = mpo.truncate(cores, bigger, std=std, generator=torch.Generator().manual_seed(seed))
+        assert error < 1e-12 and [tuple(c.shape) for c in new] == bigger.core_shapes()
+        return new
+
+    first, again, other, wider = padded(1, 0.5), padded(1, 0.5), padded(2, 0.5), padded(1, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+    # the new slots sit in the central core's leading bond (the outer core's side is zero): N(0, std^2) draws
+    kept = exact.bonds[0]
+    assert first[0][..., kept:].abs().max() == 0 and first[1][kept:].abs().min() > 0
+    assert torch.equal(wider[1][kept:], 2 * first[1][kept:]) and torch.equal(wider[1][:kept], first[1][:kept])
+
+
 def test_invalid_layouts_and_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="2 cores need 1 bonds"):
         mpo.MpoLayout((2, 2), (3, 3), (), 1)
@@ -158,6 +276,8 @@ PINNED_LAYOUTS = {  # (p, q, num_cores, aux_size): the layout DESIGN.md's rule g
     (8, 576, 4, 4): ((1, 1, 4, 2), (2, 2, 72, 2), (2, 4, 4), 2),
     (64, 1536, 3, 64): ((4, 2, 8), (8, 32, 6), (32, 48), 1),
     (7, 7, 2, 16): ((1, 7), (7, 1), (7,), 1),
+    # two cores on the left share 8: the outer one (filled first) gets sqrt(8) -> 2, the inner one what is left, 4
+    (16, 4096, 4, 8): ((1, 2, 4, 2), (2, 2, 256, 4), (2, 8, 8), 2),
 }
 
 

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-import textwrap
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from conftest import BASE_KINDS, load_base, logits, make_peft, reference_contract
+from conftest import (
+    BASE_KINDS,
+    load_base,
+    logits,
+    lora_config,
+    make_peft,
+    reference_contract,
+    stock_peft_logits_in_fresh_process,
+)
 from safetensors.torch import load_file
 
-from lora_over_trl import LoraOverConfig, apply_lora_over, collapse
+from lora_over_trl import LoraOverConfig, apply_lora_over, collapse, mpo
 from lora_over_trl.patch import banks, lora_modules, over_parameterized_factors, set_layouts
 
 
@@ -117,39 +122,22 @@ def test_collapse_error_and_stock_peft_reload(tiny_llama_dir, gsm8k_batch, tmp_p
     config, vanilla_config = (json.loads((d / "adapter_config.json").read_text()) for d in (collapsed, vanilla))
     assert config == vanilla_config
 
-    torch.save(gsm8k_batch, tmp_path / "batch.pt")
-    script = textwrap.dedent(f"""
-        import sys, torch
-        from peft import PeftModel
-        sys.path.insert(0, {str(tmp_path.parent)!r})
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-        kind = {kind!r}
-        if kind == "nf4":
-            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-            base = AutoModelForCausalLM.from_pretrained({tiny_llama_dir!r}, quantization_config=q,
-                                                        dtype=torch.float32, device_map="cpu")
-        else:
-            base = AutoModelForCausalLM.from_pretrained({tiny_llama_dir!r},
-                                                        dtype=dict(fp32=torch.float32, bf16=torch.bfloat16)[kind])
-        model = PeftModel.from_pretrained(base, {str(collapsed)!r})
-        ids, mask = torch.load({str(tmp_path / "batch.pt")!r})
-        model.train()
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask).logits.float()
-        assert not any(m.startswith("lora_over_trl") for m in sys.modules), "stock PEFT only"
-        torch.save(out, {str(tmp_path / "stock.pt")!r})
-    """)
-    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
-    assert (torch.load(tmp_path / "stock.pt") - trained).abs().max() <= 1e-5
+    stock = stock_peft_logits_in_fresh_process(tiny_llama_dir, collapsed, kind, gsm8k_batch, tmp_path)
+    assert (stock - trained).abs().max() <= 1e-5
 
 
-def test_the_reported_collapse_error_is_the_measured_one(tiny_llama_dir, gsm8k_batch):
+@pytest.mark.parametrize("scale", [1.0, 0.1], ids=["as-trained", "small"])
+def test_the_reported_collapse_error_is_the_measured_one(tiny_llama_dir, gsm8k_batch, scale):
     """Collapsing to bfloat16 rounds B and A (a real error, about 1e-3): what collapse reports per module must be
-    ``||B A - B' A'|| / ||B' A'||`` computed densely from the saved weights and a float64 contraction of the cores."""
+    ``||B A - B' A'|| / ||B' A'||`` computed densely from the saved weights and a float64 contraction of the cores,
+    relative also when ``||B A|| < 1`` (every core scaled by 0.1: ``B A`` by 1e-4)."""
     model = make_peft(tiny_llama_dir, "fp32", init_lora_weights=False)
     apply_lora_over(model, LoraOverConfig(capacity=1.0))
     for _ in train_steps(model, gsm8k_batch, steps=1):
         pass
+    with torch.no_grad():
+        for bank in banks(model).values():
+            bank.storage.mul_(scale)
     factors = over_parameterized_factors(model)
     layers = lora_modules(model)
     expected = {
@@ -161,6 +149,31 @@ def test_the_reported_collapse_error_is_the_measured_one(tiny_llama_dir, gsm8k_b
         b, a = (getattr(layer, w)["default"].weight.detach().double().numpy() for w in ("lora_B", "lora_A"))
         measured = np.linalg.norm(b @ a - expected[name]) / np.linalg.norm(expected[name])
         assert 1e-5 < measured < 1e-2 and errors[name] == pytest.approx(measured, rel=1e-6), name
+        if scale < 1:
+            assert np.linalg.norm(expected[name]) < 1  # the case a clamp of the norm at 1 would get wrong
+
+
+def test_one_factor_only_and_a_frozen_bank_collapse_as_they_were(tiny_llama_dir, gsm8k_batch):
+    """``factors="A"``: B stays the plain weight it was and the error is still reported per module; a frozen bank
+    collapses into frozen weights."""
+    model = make_peft(tiny_llama_dir, "fp32", init_lora_weights=False)
+    apply_lora_over(model, LoraOverConfig(capacity=1.0, factors="A"))
+    b_before = {name: layer.lora_B["default"].weight.detach().clone() for name, layer in lora_modules(model).items()}
+    trained = logits(model, *gsm8k_batch)
+    errors = collapse(model)
+    assert set(errors) == set(b_before) and max(errors.values()) <= 1e-6
+    for name, layer in lora_modules(model).items():
+        assert torch.equal(layer.lora_B["default"].weight, b_before[name])
+    assert (logits(model, *gsm8k_batch) - trained).abs().max() <= 1e-6
+    frozen = make_peft(tiny_llama_dir, "fp32", init_lora_weights=False)
+    apply_lora_over(frozen, LoraOverConfig(capacity=1.0))
+    for bank in banks(frozen).values():
+        bank.storage.requires_grad_(False)
+    collapse(frozen, dtype=torch.float64)
+    weights = [
+        getattr(layer, w)["default"].weight for layer in lora_modules(frozen).values() for w in ("lora_A", "lora_B")
+    ]
+    assert all(w.dtype == torch.float64 and not w.requires_grad for w in weights)
 
 
 def test_resize_grows_exactly_and_truncation_reports_its_error(tiny_llama_dir, gsm8k_batch):
@@ -182,26 +195,173 @@ def test_resize_grows_exactly_and_truncation_reports_its_error(tiny_llama_dir, g
     assert error > 1e-3
 
 
+def raises_exactly(message: str, function, *args, **kwargs) -> None:
+    """``function(*args, **kwargs)`` raises ValueError with exactly ``message`` (the whole line users read)."""
+    with pytest.raises(ValueError) as caught:
+        function(*args, **kwargs)
+    assert str(caught.value) == message
+
+
 def test_bad_input_is_a_clear_error(tiny_llama_dir):
-    with pytest.raises(ValueError, match="no linear LoRA layers"):
-        apply_lora_over(load_base(tiny_llama_dir, "fp32"), LoraOverConfig())
+    modules = [f"model.layers.{i}.mlp.{t}" for i in (0,) for t in ("down_proj", "gate_proj", "up_proj")]
+    raises_exactly(
+        "apply_lora_over: the model has no linear LoRA layers with adapter `default`; "
+        "wrap it with peft.get_peft_model(model, LoraConfig(...)) first, or set `adapter_name`",
+        apply_lora_over,
+        load_base(tiny_llama_dir, "fp32"),
+        LoraOverConfig(),
+    )
     model = make_peft(tiny_llama_dir, "fp32")
-    with pytest.raises(ValueError, match=r"`target_modules` \['qq_proj'\] matches none"):
-        apply_lora_over(model, LoraOverConfig(target_modules=["qq_proj"]))
-    with pytest.raises(ValueError, match=r"`rules\[0\]`.*matches none"):
-        apply_lora_over(model, LoraOverConfig(rules=[{"target_modules": ["q_proj"], "capacity": 1, "layers": [5, 9]}]))
-    with pytest.raises(ValueError, match="`capacities` names modules without LoRA"):
-        apply_lora_over(model, LoraOverConfig(), capacities={"model.layers.9.mlp.up_proj": 1.0})
+    raises_exactly(
+        f"`target_modules` ['qq_proj'] matches none of the LoRA modules, e.g. {modules}",
+        apply_lora_over,
+        model,
+        LoraOverConfig(target_modules=["qq_proj"]),
+    )
+    raises_exactly(
+        f"`rules[0]` (['q_proj'], layers=[5, 9]) matches none of the LoRA modules, e.g. {modules}",
+        apply_lora_over,
+        model,
+        LoraOverConfig(rules=[{"target_modules": ["q_proj"], "capacity": 1, "layers": [5, 9]}]),
+    )
+    unknown = [f"model.layers.{i}.mlp.up_proj" for i in range(4, 10)]  # six: the message names five
+    raises_exactly(
+        f"apply_lora_over: `capacities` names modules without LoRA: {unknown[:5]}; LoRA modules are e.g. {modules}",
+        apply_lora_over,
+        model,
+        LoraOverConfig(),
+        capacities=dict.fromkeys(unknown, 1.0),
+    )
+    raises_exactly(
+        "apply_lora_over: `aux_scale` must be > 0, got 0.0", apply_lora_over, model, LoraOverConfig(), aux_scale=0.0
+    )
     with pytest.raises(ValueError, match="adapter `other`"):
         apply_lora_over(model, LoraOverConfig(adapter_name="other"))
-    with pytest.raises(ValueError, match="collapse: the model has no over-parameterized"):
-        collapse(model)
-    apply_lora_over(model, LoraOverConfig())
-    with pytest.raises(ValueError, match="already over-parameterized"):
-        apply_lora_over(model, LoraOverConfig())
-    collapse(model)
-    with pytest.raises(ValueError, match=r"collapse\(\) already ran"):
-        collapse(model)
+    never = (
+        "collapse: the model has no over-parameterized LoRA factors (collapse() already ran, "
+        "or apply_lora_over() never did)"
+    )
+    raises_exactly(never, collapse, model)
+    apply_lora_over(model, LoraOverConfig())  # PEFT's init: B = 0, so B A = 0
+    raises_exactly(
+        "apply_lora_over: the model is already over-parameterized; call collapse() first",
+        apply_lora_over,
+        model,
+        LoraOverConfig(),
+    )
+    missing = [f"model.layers.{i}.nope.lora_A" for i in range(4)]  # four: the message names three
+    raises_exactly(
+        f"set_layouts: no LoRA factor named {missing[:3]}; factors are e.g. "
+        "['model.layers.0.mlp.down_proj.lora_A', 'model.layers.0.mlp.down_proj.lora_B']",
+        set_layouts,
+        model,
+        dict.fromkeys(missing),
+        LoraOverConfig(),
+    )
+    key = "model.layers.0.mlp.down_proj.lora_A"
+    other_shape = mpo.choose_layout(8, 64)
+    installed = over_parameterized_factors(model)[key].layout
+    raises_exactly(
+        f"set_layouts: `{key}` has shape {installed.shape}, the layout (8, 64)",
+        set_layouts,
+        model,
+        {key: other_shape},
+        LoraOverConfig(),
+    )
+    assert set(collapse(model).values()) == {0.0}  # nothing to lose and nothing to divide by: 0, not 0 / 0
+    raises_exactly(
+        f"set_layouts: `{key}` weight has shape {installed.shape} but the layout needs (8, 64): "
+        "the adapter's rank or the base model differ",
+        set_layouts,
+        model,
+        {key: other_shape},
+        LoraOverConfig(),
+    )
+    raises_exactly(never, collapse, model)
+
+
+def test_a_named_adapter_other_cores_the_seeding_rule_and_cleanup(tiny_llama_dir, gsm8k_batch, caplog):
+    """An adapter not named "default" through apply, set_layouts and collapse (which reads the name from the
+    model); three-core layouts of a given size; a reservation; the seeding rule of re-decomposed factors; the
+    one-line report; nothing left on the model after the collapse."""
+    from peft import get_peft_model
+
+    from lora_over_trl.patch import (
+        _HOOK_ATTR,
+        BANK_ATTR,
+        default_std,
+        factor_linears,
+        module_generator,
+        plan_layout,
+    )
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        load_base(tiny_llama_dir, "fp32"), lora_config(init_lora_weights=False), adapter_name="other"
+    )
+    before = logits(model, *gsm8k_batch)
+    config = LoraOverConfig(adapter_name="other", capacity=1.0, num_cores=3, aux_core_size=8, seed=5)
+    shapes = {key: tuple(linear.weight.shape) for key, linear in factor_linears(model, "other").items()}
+    with caplog.at_level("INFO", logger="lora_over_trl.patch"):
+        report = apply_lora_over(model, config, reserve=10**6)
+    factors = over_parameterized_factors(model, "other")
+    assert set(factors) == set(shapes) and not over_parameterized_factors(model)  # nothing under "default"
+    again = "apply_lora_over: the model is already over-parameterized; call collapse() first"
+    raises_exactly(again, apply_lora_over, model, config)
+    for key, factor in factors.items():
+        assert factor.layout == plan_layout(shapes[key], 1.0, num_cores=3, aux_core_size=8)
+    assert [bank.storage.numel() for bank in banks(model, "other").values()] == [10**6]
+    lora_params = sum(math.prod(shape) for shape in shapes.values())
+    aux = sum(f.layout.aux_params() for f in factors.values())
+    line = (
+        f"LoRA-Over: {len(shapes)} factors over-parameterized in {len(shapes) // 2} modules; "
+        f"LoRA params {lora_params:,}, auxiliary params {aux:,} ({aux / lora_params:.2f}x)"
+    )
+    assert str(report) == line and line in caplog.messages
+    assert (logits(model, *gsm8k_batch) - before).abs().max() <= 1e-5
+
+    # The seeding rule of a factor given other cores, more bonds or fewer: the contraction is decomposed, padded
+    # or truncated with the generator of (seed + 1, "<module>.<A|B>.<bonds>") and the Kaiming-like std.
+    assert default_std(64) == 0.125 and default_std(0) == 1.0
+    module = "model.layers.0.self_attn.q_proj"
+    keys = {w: f"{module}.lora_{w}" for w in "AB"}
+    old = {w: factors[k].layout for w, k in keys.items()}
+    effective = {w: [c.detach().clone() for c in factors[k].effective_cores()] for w, k in keys.items()}
+    other_cores = plan_layout(shapes[keys["A"]], 1.0, num_cores=2, aux_core_size=4)
+    wider = mpo.MpoLayout(old["B"].rows, old["B"].cols, tuple(b + 2 for b in old["B"].bonds), old["B"].central)
+    errors = set_layouts(model, {keys["A"]: other_cores, keys["B"]: wider}, config)
+    assert errors == {keys["A"]: 0.0, keys["B"]: 0.0}
+
+    def rule(which: str, layout: mpo.MpoLayout) -> torch.Generator:
+        return module_generator(6, f"{module}.{which}.{layout.bonds}")
+
+    std = default_std(shapes[keys["A"]][1])
+    expected_a = mpo.decompose(mpo.contract(effective["A"]), other_cores, std=std, generator=rule("A", other_cores))
+    expected_b = mpo.grow(effective["B"], wider, std=default_std(shapes[keys["B"]][1]), generator=rule("B", wider))
+    for key, expected in ((keys["A"], expected_a), (keys["B"], expected_b)):
+        got = over_parameterized_factors(model, "other")[key].effective_cores()
+        assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True)), key
+    narrower = mpo.MpoLayout(
+        old["B"].rows, old["B"].cols, tuple(max(b - 1, 1) for b in old["B"].bonds), old["B"].central
+    )
+    grown_b = [c.detach().clone() for c in over_parameterized_factors(model, "other")[keys["B"]].effective_cores()]
+    errors = set_layouts(model, {keys["B"]: narrower}, config)
+    expected_b, error = mpo.truncate(
+        grown_b, narrower, std=default_std(shapes[keys["B"]][1]), generator=rule("B", narrower)
+    )
+    assert errors == {keys["B"]: error}
+    got = over_parameterized_factors(model, "other")[keys["B"]].effective_cores()
+    assert all(torch.equal(g, e) for g, e in zip(got, expected_b, strict=True))
+
+    trained = logits(model, *gsm8k_batch)
+    with caplog.at_level("INFO", logger="lora_over_trl.patch"):
+        errors = collapse(model)  # no adapter argument: the model's config names "other"
+    assert f"LoRA-Over collapse: {len(shapes) // 2} modules, max relative error of B A {max(errors.values()):.2e}" in (
+        caplog.messages
+    )
+    assert not over_parameterized_factors(model, "other") and not hasattr(model.get_base_model(), BANK_ATTR)
+    assert getattr(model.get_base_model(), _HOOK_ATTR) is None and not model.get_base_model()._forward_pre_hooks
+    assert (logits(model, *gsm8k_batch) - trained).abs().max() <= 1e-5
 
 
 def test_one_contraction_per_forward_changes_no_gradient(tiny_llama_dir, gsm8k_batch):
@@ -372,6 +532,7 @@ def test_collapse_to_float32_keeps_bfloat16_cores_exact(tiny_llama_dir, gsm8k_ba
     for name in lora_modules(model):
         a, b = (reference_contract(factors[f"{name}.{w}"].effective_cores()) for w in ("lora_A", "lora_B"))
         expected[name] = b @ a
+    assert {part: bank.storage.dtype for part, bank in banks(model).items()} == {"bfloat16_cpu": torch.bfloat16}
     errors = collapse(model, dtype=torch.float32)
     assert max(errors.values()) <= 1e-6
     for name, layer in lora_modules(model).items():
@@ -379,3 +540,79 @@ def test_collapse_to_float32_keeps_bfloat16_cores_exact(tiny_llama_dir, gsm8k_ba
         assert a.dtype == b.dtype == torch.float32 and a.requires_grad
         ba = b.double().detach().numpy() @ a.double().detach().numpy()
         assert np.linalg.norm(ba - expected[name]) <= 1e-6 * np.linalg.norm(expected[name])
+
+
+def test_leaving_by_hand_drops_the_bank_and_its_hook_and_a_part_reserves(tiny_llama_dir, gsm8k_batch):
+    """Factors leaving through set_layouts: the bank stays while it holds any, then it and the forward hook go;
+    the model computes what it did. A new bank reserves what its part is given."""
+    from lora_over_trl.patch import _HOOK_ATTR, BANK_ATTR
+
+    model = make_peft(tiny_llama_dir, "fp32", init_lora_weights=False)
+    root = model.get_base_model()
+    config = LoraOverConfig(capacity=1.0)
+    before = logits(model, *gsm8k_batch)
+    apply_lora_over(model, config)
+    layouts = {key: factor.layout for key, factor in over_parameterized_factors(model).items()}
+    keys = sorted(layouts)
+    set_layouts(model, dict.fromkeys(keys[:2]), config)
+    assert hasattr(root, BANK_ATTR) and getattr(root, _HOOK_ATTR) is not None and len(root._forward_pre_hooks) == 1
+    set_layouts(model, dict.fromkeys(keys[2:]), config)
+    assert not hasattr(root, BANK_ATTR) and getattr(root, _HOOK_ATTR) is None and not root._forward_pre_hooks
+    assert (logits(model, *gsm8k_batch) - before).abs().max() <= 1e-5
+    set_layouts(model, {keys[0]: layouts[keys[0]]}, config, reserve={"float32_cpu": 12_345, "bfloat16_cpu": 7})
+    assert {part: bank.storage.numel() for part, bank in banks(model).items()} == {"float32_cpu": 12_345}
+    assert len(root._forward_pre_hooks) == 1
+
+
+def test_set_layouts_by_hand_and_apply_on_the_inner_model(tiny_llama_dir, gsm8k_batch):
+    """The primitives without the callback: set_layouts on a plain PEFT model (a bank of exactly the plan's size,
+    no auxiliary scale, seeded so that two models agree bit for bit, collapsed without any config); an unchanged
+    factor named before a changed one; one bond of three cores growing; an optimizer's moments following their
+    factors; and apply_lora_over on the LoRA model inside the PeftModel, with explicit capacities and factors="A"."""
+    from lora_over_trl.patch import factor_linears, plan_layout
+
+    config = LoraOverConfig(num_cores=3)
+    models = [make_peft(tiny_llama_dir, "fp32", init_lora_weights=False) for _ in range(2)]
+    keys = sorted(factor_linears(models[0]))[:4]
+    plan = {k: plan_layout(tuple(factor_linears(models[0])[k].weight.shape), 1.0, num_cores=3) for k in keys}
+    for model in models:
+        set_layouts(model, plan, config)
+    (bank,) = banks(models[0]).values()
+    assert bank.aux_scale == 1.0 and bank.storage.numel() == sum(layout.num_params() for layout in plan.values())
+    assert torch.equal(bank.storage, next(iter(banks(models[1]).values())).storage)  # seeded by name: reproducible
+
+    model = models[0]
+    optimizer = torch.optim.AdamW([bank.storage], lr=1e-3)
+    sum((w.weight**2).sum() for w in factor_linears(model).values()).backward()
+    optimizer.step()
+    moments = {k: [c.clone() for c in bank.stored_cores(k)] for k in keys}
+    state = optimizer.state[bank.storage]
+    exp_avg = {k: [state["exp_avg"][o : o + math.prod(s)].clone() for o, s in bank.chunks[k]] for k in keys}
+    first, last = keys[0], keys[1]  # growing the second shifts the factors stored after it
+    old = plan[last]
+    one_bond = mpo.MpoLayout(old.rows, old.cols, (old.bonds[0] + 2, old.bonds[1]), old.central)
+    before = [c.detach().clone() for c in over_parameterized_factors(model)[last].effective_cores()]
+    before_logits = logits(model, *gsm8k_batch)
+    assert set_layouts(model, {first: plan[first], last: one_bond}, config, optimizer=optimizer) == {last: 0.0}
+    assert over_parameterized_factors(model)[last].layout == one_bond  # the unchanged one first did not stop it
+    got, kept = over_parameterized_factors(model)[last].effective_cores(), old.bonds[0]
+    # padded, not re-decomposed: the old slots keep their values, the outer core's new slots are zero
+    assert torch.equal(got[0][..., :kept], before[0]) and got[0][..., kept:].abs().max() == 0
+    assert torch.equal(got[1][:kept], before[1]) and torch.equal(got[2], before[2])
+    for key in (k for k in keys if k != last):  # kept factors kept their values and their Adam moments
+        assert all(torch.equal(a, b) for a, b in zip(bank.stored_cores(key), moments[key], strict=True))
+        now = [state["exp_avg"][o : o + math.prod(s)] for o, s in bank.chunks[key]]
+        assert all(torch.equal(a, b) for a, b in zip(now, exp_avg[key], strict=True))
+    assert (logits(model, *gsm8k_batch) - before_logits).abs().max() <= 1e-5
+    assert max(collapse(model).values()) <= 1e-6  # no lora_over_config on the model: the default adapter
+
+    peft_model = make_peft(tiny_llama_dir, "fp32", init_lora_weights=False)
+    inner = peft_model.get_base_model()  # the LoRA model itself: no get_base_model, no "base_model.model." prefix
+    module = "model.layers.1.mlp.up_proj"
+    apply_lora_over(inner, LoraOverConfig(factors="A"), capacities={module: 1.0})
+    assert set(over_parameterized_factors(inner)) == {f"{module}.lora_A"}
+    targeted = make_peft(tiny_llama_dir, "fp32")
+    apply_lora_over(targeted, LoraOverConfig(target_modules=["q_proj"]))
+    assert {k.rsplit(".", 1)[0] for k in over_parameterized_factors(targeted)} == {
+        f"model.layers.{i}.self_attn.q_proj" for i in range(2)
+    }

@@ -92,6 +92,9 @@ def test_tracker_follows_adalora_and_round_trips_through_json():
     tracker.update({"a": 0.0, "b": 1.0})
     # I = 0.5 * 4 + 0.5 * 0 = 2; U = 0.5 * 0 + 0.5 * |0 - 2| = 1 -> score 2; b is constant: U = 0 -> score 0
     assert tracker.sensitivity == {"a": 2.0, "b": 1.0} and tracker.scores() == {"a": 2.0, "b": 0.0}
+    tracker.update({"a": 2.0, "b": 1.0})  # I stays 2; U = 0.5 * 1 + 0.5 * |2 - 2| = 0.5 carries the old spread
+    assert tracker.scores() == {"a": 1.0, "b": 0.0}
+    assert tracker.updates == 3  # one per optimizer step, whatever the number of modules
     assert SensitivityTracker(uncertainty=False, sensitivity={"a": 3.0}).scores() == {"a": 3.0}
     restored = SensitivityTracker(beta1=0.5, beta2=0.5)
     restored.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
@@ -114,6 +117,14 @@ def test_allocation_picture_shows_which_module_held_capacity_when(tmp_path):
         {"step": 4, "modules": ["b"], "capacities": {"b": 2.0}},
     ]
     assert allocation_matrix(levels) == (["a", "b"], [0, 4], [[1.0, 0.0], [0.5, 1.0]])  # share of the top capacity
+    # capacities below 1 are still shares of the top; all zero or none recorded: held or not
+    small = [{"step": 0, "modules": ["a", "b"], "capacities": {"a": 0.5, "b": 0.25}}]
+    assert allocation_matrix(small) == (["a", "b"], [0], [[1.0], [0.5]])
+    assert allocation_matrix([{"step": 0, "modules": ["a"], "capacities": {"a": 0.0}}])[2] == [[1.0]]
+    assert allocation_matrix([{"step": 0, "modules": ["a"], "capacities": {}}])[2] == [[1.0]]
+    mixed = [{"step": 0, "modules": ["a"]}, {"step": 1, "modules": ["a"], "capacities": {"a": 2.0}}]
+    assert allocation_matrix(mixed)[2] == [[1.0, 1.0]]
+    assert draw_allocation([{"step": 0, "modules": []}], tmp_path / "nobody.png") is None  # decisions, no module
     assert draw_allocation([{"step": 0, "event": "note"}], tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
     pictures = {}
@@ -135,9 +146,31 @@ def test_allocation_edges_missing_scores_zero_costs_and_per_type_shares():
     q1, k1, v1 = "model.layers.1.q_proj", "model.layers.1.k_proj", "model.layers.1.v_proj"
     assert allocate(scores, costs, 40, "per_type") == {q1, k1, v1}  # globally: v1, q1, q0
     assert allocate(scores, costs, 40, "global") == {v1, q1, "model.layers.0.q_proj"}
+    assert allocate(scores, costs, 40) == allocate(scores, costs, 40, "global")  # the default scope
     # a module without a score counts as 0; a module that cannot be over-parameterized (cost 0) is never chosen
     assert allocate({"a": 0.5}, {"a": 10, "b": 10}, 10) == {"a"}
     assert allocate({"a": 9.0, "b": 1.0}, {"a": 0, "b": 10}, 10) == {"b"}
     assert allocate_levels({"a": 1.0}, {"a": [10, 20, 30], "b": [10, 20, 30]}, 30) == {"a": 3}
     assert allocate_levels({"a": 1.0}, {"a": [0, 0]}, 100) == {}
     assert module_type("lm_head") == "lm_head" and module_type("model.layers.0.mlp.up_proj") == "up_proj"
+
+
+def test_levels_per_type_keep_each_types_choice_and_follow_scores():
+    """Levels per type: each type takes half the budget (equal top costs), spread by score within the type; the
+    last pass only adds. Globally the high-scoring type takes it all. Shares here are chosen so that the final
+    fill cannot restore a lost choice, and so that the proportional pass, not the fill, decides."""
+    costs = {n: [10, 20, 30] for n in ("l.0.v_proj", "l.1.v_proj", "l.0.q_proj", "l.1.q_proj")}
+    scores = {"l.0.v_proj": 2.0, "l.1.v_proj": 1.0, "l.0.q_proj": 90.0, "l.1.q_proj": 10.0}  # exact shares
+    # v: 30 spread 2:1 -> levels 2 and 1; q: 27 -> level 2, raised to 3 by what q's share has left
+    assert allocate_levels(scores, costs, 60, "per_type") == {"l.0.q_proj": 3, "l.0.v_proj": 2, "l.1.v_proj": 1}
+    assert allocate_levels(scores, costs, 60, "global") == {"l.0.q_proj": 3, "l.1.q_proj": 3}
+    assert allocate_levels(scores, costs, 60) == allocate_levels(scores, costs, 60, "global")
+    # scores below 1 and a module without one: shares are exact proportions of the scores (0.5 of 40 each, level
+    # 2), which a fill from the best module down would not give (level 3, then 1)
+    costs = {n: [10, 20, 30] for n in "abc"}
+    assert allocate_levels({"a": 0.5, "b": 0.5}, costs, 40) == {"a": 2, "b": 2}
+    # a level that costs 1 is a level: taken by the proportional pass and by the fill
+    assert allocate_levels({"a": 1.0, "b": 1.0}, {"a": [1, 2], "b": [1, 2]}, 2) == {"a": 1, "b": 1}
+    assert allocate_levels({"a": 0.0}, {"a": [1, 5]}, 3) == {"a": 1}
+    # with no score at all, the fill goes by name: a missing score is 0, like an explicit 0
+    assert allocate_levels({"a": 0.0}, {"a": [10], "b": [10]}, 10) == {"a": 1}

@@ -46,6 +46,8 @@ def test_small_and_zero_updates():
     assert (zero.rank, zero.effective_rank, zero.stable_rank, zero.alignment, zero.intruders) == (0, 0.0, 0.0, 0.0, 0)
     small = module_spectrum("m", 0.01 * torch.eye(6, 1, dtype=torch.float64), torch.eye(1, 6, dtype=torch.float64), 1.0)
     assert small.rank == 1 and small.singular_values == pytest.approx([0.01], rel=1e-12)
+    empty = module_spectrum("m", torch.zeros(6, 0, dtype=torch.float64), torch.zeros(0, 6, dtype=torch.float64), 1.0)
+    assert (empty.rank, empty.singular_values, empty.effective_rank, empty.stable_rank) == (0, [], 0.0, 0.0)
 
 
 def test_intruder_and_alignment_on_a_known_base():
@@ -64,6 +66,20 @@ def test_intruder_and_alignment_on_a_known_base():
     first[0, 0] = 1.0
     aligned = module_spectrum("m", inside * 3.0, first, 1.0, base, top_k=10)
     assert aligned.intruders == 0 and aligned.alignment == pytest.approx(1.0, rel=1e-12)
+    small = module_spectrum("m", inside * 0.5, first, 1.0, base, top_k=10)  # energy 0.25: still a share of it
+    assert small.alignment == pytest.approx(1.0, rel=1e-12)
+    # the default top_k is 10: an update along W0's 11th direction is outside it
+    eleventh, column = torch.zeros(m, 1, dtype=torch.float64), torch.zeros(1, n, dtype=torch.float64)
+    eleventh[10], column[0, 10] = 0.1, 1.0
+    assert module_spectrum("m", eleventh, column, 1.0, base).alignment == pytest.approx(0.0, abs=1e-12)
+    assert module_spectrum("m", eleventh, column, 1.0, base, top_k=11).alignment == pytest.approx(1.0, rel=1e-12)
+    # top_k beyond W0's rank (40 < 48 rows) counts only W0's 40 directions, not the 8 it does not span
+    assert module_spectrum("m", outside * 30.0, right, 1.0, base, top_k=45).alignment == pytest.approx(0.0, abs=1e-12)
+    # the sign of the update matters: half along e_1, half outside, against W0's top value 10; adding it keeps a
+    # mostly-e_1 top vector (20 e_1 + 10 w, similarity 0.89), subtracting it cancels e_1 and leaves w on top
+    mixed = inside / math.sqrt(2) + outside / math.sqrt(2)
+    assert module_spectrum("m", mixed * 10 * math.sqrt(2), first, 1.0, base).intruders == 0
+    assert module_spectrum("m", mixed * -10 * math.sqrt(2), first, 1.0, base).intruders == 1
 
 
 @pytest.fixture(scope="module")

@@ -124,9 +124,8 @@ class ClaCallback(TrainerCallback):
         """One chain step in every module; ``B``'s Adam moments belong to the window it leaves."""
         self.position += 1
         adapter = self.config.adapter_name
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
         for name, layer in lora_modules(self.model, adapter).items():
             offsets = self.offsets[name]
             next_window(layer, adapter, offsets[self.position % len(offsets)])
-            if inner is not None:
-                inner.state.pop(layer.lora_B[adapter].weight, None)
+            if self.optimizer is not None:  # (accelerate's wrapper: its `state` is the wrapped optimizer's)
+                self.optimizer.state.pop(layer.lora_B[adapter].weight, None)
