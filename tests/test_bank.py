@@ -243,3 +243,16 @@ def test_repeated_repacks_keep_every_factors_values_and_moments():
             sum((bank.weight_of(k) ** 2).sum() for k in held).backward()
             optimizer.step()
             optimizer.zero_grad()
+
+
+def test_a_factor_leaving_the_middle_of_its_group_moves_the_next_one_down():
+    """Three factors of one layout; the middle one leaves: the last one's cores move from slot 2 to slot 1, a copy
+    separate from the first one's (which stays), so it keeps its own values and not the leaving one's."""
+    layout = plan_layout((8, 48), 1.0)
+    generator = torch.Generator().manual_seed(29)
+    values = {k: [torch.randn(s, generator=generator) for s in layout.core_shapes()] for k in "abc"}
+    bank = FactorBank(0, dtype=torch.float32, device="cpu")
+    bank.repack(dict.fromkeys("abc", layout), values)
+    bank.repack(dict.fromkeys("ac", layout), {})
+    for key in "ac":
+        assert all(torch.equal(x, y) for x, y in zip(bank.stored_cores(key), values[key], strict=True)), key
