@@ -20,7 +20,7 @@ largest size the schedule can need.
 Under FSDP2 the storage belongs to the root unit (it is no decoder layer's parameter): it is gathered once
 when the root's forward starts, stays gathered through the backward (FSDP2 keeps the root unsharded), and its
 gradient is reduce-scattered with the root's. Its size is about the adapter's, small next to one decoder
-layer of the base. Outside a forward, reads gather it and writes keep each rank's shard (``_whole``,
+layer of the base. Outside a forward, reads gather it and writes keep each rank's shard (``distributed.gathered``,
 ``_write``; tested with torch's ``fully_shard`` on two CPU processes, ``tests/test_bank.py``).
 
 Auxiliary cores (every core but the layout's central one) are stored divided by ``aux_scale`` and multiplied
@@ -38,21 +38,16 @@ import torch
 from torch import nn
 
 from . import mpo
+from .distributed import gathered
 
 __all__ = ["BankedLinear", "FactorBank", "FactorHandle"]
 
 GradObserver = Callable[[list[str], torch.Tensor], None]  # (a group's keys, dL/d(its contraction))
 
 
-# The DTensor paths below run only under FSDP2, in torchrun workers (tests/test_bank.py's FSDP2 test and
+# The DTensor path below runs only under FSDP2, in torchrun workers (tests/test_bank.py's FSDP2 test and
 # tests/test_distributed.py) that mutation testing cannot reach: they are left out of it (docs/testing.md).
 # pragma: no mutate start
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: a DTensor (the storage or its moments as FSDP2 shards them) is gathered (a collective:
-    every rank calls this at the same point, as the callback's events and ``collapse`` do)."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-
-
 def _write(target: torch.Tensor, whole: torch.Tensor) -> None:
     """``target[:] = whole``; for a DTensor, this rank's shard of ``whole`` (the same on every rank)."""
     with torch.no_grad():
@@ -248,10 +243,10 @@ class FactorBank(nn.Module):
             if not layouts:  # the bank empties (a whole collapse): what its storage holds no longer matters
                 pass
             elif size == self.storage.numel():
-                data = moved(_whole(self.storage.detach()), stored)
+                data = moved(gathered(self.storage.detach()), stored)
                 _write(self.storage, data)
                 for _, tensor in moments:
-                    _write(tensor, moved(_whole(tensor), zeros))
+                    _write(tensor, moved(gathered(tensor), zeros))
             else:  # a plan larger than the reservation: the same parameter object, with larger data (DDP would need
                 # to be told: the schedules reserve the most they can need instead)
                 # pragma: no mutate start (FSDP2 only)
@@ -290,12 +285,12 @@ class FactorBank(nn.Module):
             t = float(state["step"]) + 1
             factors = {"exp_avg": (1 - beta1**t - (1 - beta1)) / beta1}
             factors |= dict.fromkeys(("exp_avg_sq", "max_exp_avg_sq"), (1 - beta2**t - (1 - beta2)) / beta2)
-            grad = _whole(grad)
+            grad = gathered(grad)
             for name, factor in factors.items():
                 if name not in state:
                     continue
                 target = state[name]
-                whole = _whole(target)  # under FSDP2 a gathered copy, written back as this rank's shard
+                whole = gathered(target)  # under FSDP2 a gathered copy, written back as this rank's shard
                 for offset, size in ranges:
                     g = grad[offset : offset + size]
                     whole[offset : offset + size] = (g if name == "exp_avg" else g * g) * factor
@@ -318,7 +313,7 @@ class FactorBank(nn.Module):
     def stored_cores(self, key: str, grad: bool = False) -> list[torch.Tensor]:
         """Views of the storage (or of its gradient) holding ``key``'s cores as stored."""
         flat = self.storage.grad if grad else self.storage.detach()  # detach shares the version counter
-        flat = None if flat is None else _whole(flat)  # pragma: no mutate (FSDP2: outside a forward, a gathered copy)
+        flat = None if flat is None else gathered(flat)  # pragma: no mutate (FSDP2: outside a forward, a gathered copy)
         if flat is None:
             return [None] * self.layouts[key].num_cores
         return [flat[o : o + math.prod(s)].view(s) for o, s in self.chunks[key]]
@@ -341,7 +336,7 @@ class FactorBank(nn.Module):
             return torch.stack([self.contract_one(key) for key in keys])
         layout, _ = group
         with torch.no_grad():
-            flat = _whole(self.storage.detach())
+            flat = gathered(self.storage.detach())
             cores = [flat[o : o + math.prod(s) * len(keys)].view(len(keys), *s) for o, s in self.chunks[keys[0]]]
             return mpo.contract(self._to_effective(cores, layout.central))
 
@@ -377,7 +372,7 @@ class FactorBank(nn.Module):
         """
         sizes = [layout.num_params() * len(keys) for layout, keys in self.groups]
         # pragma: no mutate start (FSDP2 only)
-        flat = self.storage if not hasattr(self.storage, "full_tensor") else _whole(self.storage.detach())
+        flat = self.storage if not hasattr(self.storage, "full_tensor") else gathered(self.storage.detach())
         # pragma: no mutate end
         pieces = torch.split(flat, [*sizes, flat.numel() - sum(sizes)])
         views: dict[str, torch.Tensor] = {}

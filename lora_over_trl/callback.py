@@ -356,7 +356,7 @@ class LoraOverCallback(TrainerCallback):
         )
         self.current = dict(targets)
         if leaving or entering or changing:
-            known = {id(p) for g in _inner(self.optimizer).param_groups for p in g["params"]}
+            known = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
             new = [p for p in model.parameters() if p.requires_grad and id(p) not in known]
             sync_optimizer(self.optimizer, model, dict.fromkeys(map(id, new), group))
             _synchronize_new_parameters(new)
@@ -392,11 +392,10 @@ class LoraOverCallback(TrainerCallback):
 
     def _lora_group(self) -> int:
         """The optimizer group of the LoRA weights (and of the bank): where parameters that appear go."""
-        inner = _inner(self.optimizer)
         candidates = [b.storage for b in banks(self.model, self.config.adapter_name).values()]
         candidates += [linear.weight for linear in factor_linears(self.model, self.config.adapter_name).values()]
         for param in candidates:
-            index = group_index(inner, param)
+            index = group_index(self.optimizer, param)
             if index is not None:
                 return index
         return 0
@@ -451,10 +450,6 @@ def _keep_only_parameters(model: nn.Module, path: Path) -> None:
         staging = path.with_name(f".{path.name}.tmp")
         torch.save(kept, staging)
         staging.replace(path)
-
-
-def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
 
 
 def _resolve_phases(config: LoraOverConfig, max_steps: int) -> tuple[int, int, int]:

@@ -28,6 +28,7 @@ from torch import nn
 
 from . import mpo
 from .config import LoraOverConfig
+from .distributed import gathered
 from .patch import BANK_ATTR, banks, lora_modules, over_parameterized_factors, set_layouts
 
 __all__ = [
@@ -89,10 +90,7 @@ def bank_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     config = _config_of(model)
     tensors = {}
     for part, bank in banks(model, config.adapter_name).items():
-        storage = bank.storage.detach()
-        if hasattr(storage, "full_tensor"):  # a DTensor under FSDP2
-            storage = storage.full_tensor()
-        tensors[part] = storage.cpu().contiguous()
+        tensors[part] = gathered(bank.storage.detach()).cpu().contiguous()
     return tensors
 
 

@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["ShardedMode", "launch_mode", "refusal", "sharding_report"]
+__all__ = ["ShardedMode", "gathered", "launch_mode", "refusal", "sharding_report"]
 
 DDP_CONFIG = "examples/accelerate/ddp.yaml"
 
@@ -46,6 +47,12 @@ class ShardedMode:
     @property
     def label(self) -> str:
         return f"FSDP{self.level}" if self.kind == "fsdp" else f"DeepSpeed ZeRO-{self.level}"
+
+
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor (FSDP2's shard of a parameter, a moment or a gradient) is gathered, a collective
+    that every rank calls at the same point; any other tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def _env_true(name: str) -> bool:

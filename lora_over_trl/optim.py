@@ -16,13 +16,9 @@ from torch import nn
 __all__ = ["group_index", "sync_optimizer"]
 
 
-def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
-
-
 def group_index(optimizer: torch.optim.Optimizer, param: nn.Parameter) -> int | None:
     """The index of the group holding ``param``, or ``None``."""
-    for index, group in enumerate(_inner(optimizer).param_groups):
+    for index, group in enumerate(optimizer.param_groups):
         if any(p is param for p in group["params"]):
             return index
     return None
@@ -32,22 +28,22 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, placement
     """Drop parameters that left the model (or stopped training), add new ones, restore model order.
 
     Args:
-        optimizer: the optimizer to fix in place (its state of dropped parameters is deleted).
+        optimizer: the optimizer to fix in place (its state of dropped parameters is deleted); accelerate's
+            ``AcceleratedOptimizer`` too, whose ``state`` and ``param_groups`` are the wrapped optimizer's.
         model: the model whose trainable parameters the optimizer must hold.
         placement: group index for each new parameter, by ``id``; unplaced new parameters go to group 0.
     """
-    inner = _inner(optimizer)
     placement = placement or {}
     trainable = [p for _, p in model.named_parameters() if p.requires_grad]
     order = {id(p): i for i, p in enumerate(trainable)}
-    held = {id(p): i for i, group in enumerate(inner.param_groups) for p in group["params"]}
-    for group in inner.param_groups:
+    held = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+    for group in optimizer.param_groups:
         for p in group["params"]:
             if id(p) not in order:
-                inner.state.pop(p, None)
+                optimizer.state.pop(p, None)
         group["params"] = [p for p in group["params"] if id(p) in order]
     for p in trainable:
         if id(p) not in held:
-            inner.param_groups[placement.get(id(p), 0)]["params"].append(p)
-    for group in inner.param_groups:
+            optimizer.param_groups[placement.get(id(p), 0)]["params"].append(p)
+    for group in optimizer.param_groups:
         group["params"].sort(key=lambda p: order[id(p)])

@@ -414,14 +414,13 @@ def gathered_adapter_state(model) -> dict[str, Any] | None:
     """
     import torch
 
+    from .distributed import gathered
+
     weights = {name: tensor for name, tensor in model.state_dict().items() if "lora_" in name}
     if not any(hasattr(tensor, "full_tensor") for tensor in weights.values()):
         return None
     with torch.no_grad():
-        return {
-            name: (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().cpu()
-            for name, tensor in weights.items()
-        }
+        return {name: gathered(tensor).detach().cpu() for name, tensor in weights.items()}
 
 
 def save_outputs(

@@ -225,3 +225,10 @@ def stock_peft_logits_in_fresh_process(
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return torch.load(work / "stock.pt")
+
+
+def raises_exactly(message: str, function, *args, error: type[Exception] = ValueError, **kwargs) -> None:
+    """``function(*args, **kwargs)`` raises ``error`` with exactly ``message`` (the whole line users read)."""
+    with pytest.raises(error) as caught:
+        function(*args, **kwargs)
+    assert str(caught.value) == message

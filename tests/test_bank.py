@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import reference_contract
+from conftest import raises_exactly, reference_contract
 from torch import nn
 
 from lora_over_trl import mpo
@@ -201,18 +201,21 @@ def test_repeated_repacks_keep_every_factors_values_and_moments():
         {},
         [],
     )
-    with pytest.raises(ValueError) as caught:
-        FactorBank(0, dtype=torch.float32, device="cpu", aux_scale=0.0)
-    assert str(caught.value) == "FactorBank: `aux_scale` must be > 0, got 0.0"
+    raises_exactly(
+        "FactorBank: `aux_scale` must be > 0, got 0.0", FactorBank, 0, dtype=torch.float32, device="cpu", aux_scale=0.0
+    )
 
     shapes = {f"k{i}": (8, 48) if i % 3 else (48, 8) for i in range(9)}
     layouts = {k: plan_layout(s, 1.0) for k, s in shapes.items()}
     generator = torch.Generator().manual_seed(23)
     bank = FactorBank(3_000, dtype=torch.float32, device="cpu", aux_scale=2.0)
     optimizer = torch.optim.AdamW([bank.storage], lr=1e-2)
-    with pytest.raises(ValueError) as caught:
-        bank.repack({k: layouts[k] for k in ("k0", "k1", "k2", "k3")}, {})  # four: the message names three
-    assert str(caught.value) == "FactorBank.repack: no values for new or changed factors ['k0', 'k1', 'k2']"
+    raises_exactly(  # four: the message names three
+        "FactorBank.repack: no values for new or changed factors ['k0', 'k1', 'k2']",
+        bank.repack,
+        {k: layouts[k] for k in ("k0", "k1", "k2", "k3")},
+        {},
+    )
     held: set[str] = set()
     for round_ in range(8):
         kept = {k for k in held if torch.rand(1, generator=generator) < 0.6}

@@ -13,6 +13,7 @@ from conftest import (
     lora_config,
     make_peft,
     make_sft_trainer,
+    raises_exactly,
     stock_peft_logits_in_fresh_process,
 )
 from safetensors.torch import load_file
@@ -203,12 +204,14 @@ def test_callback_events_chain_by_steps_or_epochs_reset_b_and_save_on_rank_zero(
     from lora_over_trl.methods.cla_callback import CHAIN_FILE
 
     control = TrainerControl()
-    with pytest.raises(ScheduleSetupError) as caught:
-        ClaCallback(ClaConfig(method="c3la")).on_init_end(
-            None, TrainerState(), control, model=load_base(tiny_llama_dir, "fp32")
-        )
-    assert str(caught.value) == (
-        "ClaCallback: the model has no LoRA layers; pass peft_config=LoraConfig(...) to the trainer"
+    raises_exactly(
+        "ClaCallback: the model has no LoRA layers; pass peft_config=LoraConfig(...) to the trainer",
+        ClaCallback(ClaConfig(method="c3la")).on_init_end,
+        None,
+        TrainerState(),
+        control,
+        model=load_base(tiny_llama_dir, "fp32"),
+        error=ScheduleSetupError,
     )
 
     def started(unit: str, interval: float, max_steps: int, epochs: float):
@@ -251,9 +254,7 @@ def test_callback_events_chain_by_steps_or_epochs_reset_b_and_save_on_rank_zero(
     assert json.loads((folder / CHAIN_FILE).read_text()) == {"method": "c3la", "position": 1}
     other = ClaCallback(ClaConfig(method="rc3la"))
     other.on_init_end(None, TrainerState(), control, model=make_peft(tiny_llama_dir, "fp32"))
-    with pytest.raises(ValueError) as caught:
-        other._restore_chain(folder)
-    assert str(caught.value) == f"{folder} holds a c3la chain, not rc3la"
+    raises_exactly(f"{folder} holds a c3la chain, not rc3la", other._restore_chain, folder)
     callback.on_train_end(None, state, control)
     assert callback.rank == 16 and all(layer.r["default"] == 16 for layer in lora_modules(model).values())
 

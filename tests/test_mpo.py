@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import reference_contract
+from conftest import raises_exactly, reference_contract
 
 from lora_over_trl import mpo
 
@@ -170,9 +170,7 @@ def test_layout_checks_name_each_problem():
         ),
     ]
     for args, message in cases:
-        with pytest.raises(ValueError) as caught:
-            mpo.MpoLayout(*args)
-        assert str(caught.value) == "invalid MPO layout: " + message
+        raises_exactly("invalid MPO layout: " + message, mpo.MpoLayout, *args)
 
 
 def test_fit_bonds_takes_a_budget_met_exactly():

@@ -15,6 +15,7 @@ from conftest import (
     logits,
     lora_config,
     make_peft,
+    raises_exactly,
     reference_contract,
     stock_peft_logits_in_fresh_process,
 )
@@ -193,13 +194,6 @@ def test_resize_grows_exactly_and_truncation_reports_its_error(tiny_llama_dir, g
     after = reference_contract(over_parameterized_factors(model)[key].effective_cores())
     assert error == pytest.approx(np.linalg.norm(after - weight) / np.linalg.norm(weight), rel=1e-4)
     assert error > 1e-3
-
-
-def raises_exactly(message: str, function, *args, **kwargs) -> None:
-    """``function(*args, **kwargs)`` raises ValueError with exactly ``message`` (the whole line users read)."""
-    with pytest.raises(ValueError) as caught:
-        function(*args, **kwargs)
-    assert str(caught.value) == message
 
 
 def test_bad_input_is_a_clear_error(tiny_llama_dir):
