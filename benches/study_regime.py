@@ -1,0 +1,271 @@
+"""When does over-parameterization help? LoRA against LoRA-Over where generalization, not optimization speed,
+decides the score: a fixed, limited training set seen for several epochs, validation after every epoch, the
+checkpoint best on validation scored on the test split (``benches/study_worker.py`` runs one arm).
+
+    python benches/study_regime.py --quick                                   # tiny models, plumbing only
+    python benches/study_regime.py --task privacy_qa --jobs 2                # sweep, seeds, ablations, report
+    python benches/study_regime.py --task gsm8k --stage sweep seeds --jobs 1
+    python benches/study_regime.py --task privacy_qa --stage report          # tables and pictures again
+
+Stages:
+- ``sweep``: every method x ``--lrs`` at seed 0; a method whose best lr is at an edge gets the next lr of the
+  1-3 series beyond it (``--extend-edges`` times). The best lr is chosen on validation (its best checkpoint).
+- ``seeds``: every method at its best lr, ``--seeds`` (seed 0 is the sweep's run).
+- ``ablate``: LoRA-Over's knobs at LoRA-Over static's best lr, ``--ablation-seeds``: capacity 0.25 and 4,
+  num_cores 3, aux_lr 3x and 10x, factors A and B, and the schedules at one budget (half the cost of every
+  module at capacity 1: static at capacity 0.5, prepass and dynamic at capacity 1 with their default budget).
+- ``report``: tables (Markdown) and pictures (``<out>/*.png``) from the stored runs.
+
+Every run is a fresh process with ``--threads`` torch threads, ``--jobs`` at a time, writing
+``<out>/runs/<key>.json``; a run whose JSON exists with the same settings is not run again (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench_quality import _comparable, _diff, machine_line, next_lr, worker_error
+
+WORKER = Path(__file__).resolve().with_name("study_worker.py")
+METHODS = ["lora", "lora_over_static", "lora_over_dynamic", "cla", "c3la"]
+TASKS = {
+    # rows seen: train_rows x epochs; the test split is scored only when validation improves, and at the end
+    "privacy_qa": dict(
+        lrs=[3e-4, 1e-3, 3e-3], train_rows=384, epochs=6, batch=16, rank=8, evals_per_epoch=1, n_val=500,
+        n_test=1000, max_length=128, eval_batch=64,
+    ),
+    "gsm8k": dict(
+        lrs=[1e-3, 3e-3], train_rows=32, epochs=4, batch=4, rank=16, evals_per_epoch=1, n_val=48, n_test=100,
+        max_length=256, eval_batch=8,
+    ),
+}  # fmt: skip
+QUICK = dict(lrs=[1e-3, 1e-2], train_rows=16, epochs=2, batch=4, rank=4, evals_per_epoch=1, n_val=8, n_test=8,
+             max_length=64, eval_batch=8)  # fmt: skip
+# Ablations of LoRA-Over's knobs: (name, method, LoraOverConfig overrides; "aux_lr_x" is a multiple of the lr).
+ABLATIONS = [
+    ("capacity 1 (base)", "lora_over_static", {}),
+    ("capacity 0.25", "lora_over_static", {"capacity": 0.25}),
+    ("capacity 4", "lora_over_static", {"capacity": 4.0}),
+    ("num_cores 3", "lora_over_static", {"num_cores": 3}),
+    ("aux_lr 3x", "lora_over_static", {"aux_lr_x": 3}),
+    ("aux_lr 10x", "lora_over_static", {"aux_lr_x": 10}),
+    ("factors A", "lora_over_static", {"factors": "A"}),
+    ("factors B", "lora_over_static", {"factors": "B"}),
+    ("half budget: static, capacity 0.5", "lora_over_static", {"capacity": 0.5}),
+    ("half budget: prepass", "lora_over_prepass", {}),
+    ("half budget: dynamic", "lora_over_dynamic", {}),
+]
+
+
+def selection(task: str) -> tuple[str, bool]:
+    """The validation score that picks checkpoints and learning rates, and whether higher is better."""
+    return ("val_acc", True) if task != "gsm8k" else ("val_nll", False)
+
+
+def spec_for(args: argparse.Namespace, method: str, lr: float, seed: int, knobs: dict | None = None) -> dict:
+    """One arm's worker settings."""
+    knobs = dict(knobs or {})
+    if "aux_lr_x" in knobs:
+        knobs["aux_lr"] = knobs.pop("aux_lr_x") * lr
+    steps_per_epoch = args.train_rows // args.batch
+    task = "quick" if args.quick and args.task == "privacy_qa" else args.task
+    return {
+        "task": task,
+        "model_dir": args.model_dir,
+        "method": method,
+        "knobs": knobs,
+        "lr": lr,
+        "seed": seed,
+        "train_rows": args.train_rows,
+        "epochs": args.epochs,
+        "batch": args.batch,
+        "steps_per_epoch": steps_per_epoch,
+        "steps_per_eval": max(1, steps_per_epoch // args.evals_per_epoch),
+        "rank": args.rank,
+        "max_length": args.max_length,
+        "n_val": args.n_val,
+        "n_test": args.n_test,
+        "eval_batch": args.eval_batch,
+        "threads": args.threads,
+        "split": "study",
+    }
+
+
+def run_key(spec: dict) -> str:
+    """File name (without ``.json``) of a run: method, knobs, lr, seed."""
+    knobs = "".join(f"-{k}{v}" for k, v in sorted(spec["knobs"].items()))
+    return f"{spec['method']}{knobs}-lr{spec['lr']:g}-s{spec['seed']}"
+
+
+def run_arm(spec: dict, out: Path, log) -> dict:
+    """One arm in a fresh process, or its stored result."""
+    path = out / "runs" / f"{run_key(spec)}.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if _comparable(stored["spec"]) != _comparable(spec):
+            raise SystemExit(f"{path} was run with other settings ({_diff(stored['spec'], spec)}); use another --out")
+        if "error" not in stored:
+            return stored
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spec = {**spec, "out": str(path)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+    log(f"run {run_key(spec)} ...")
+    began = time.time()
+    log_path = path.with_suffix(".log")
+    with log_path.open("w") as handle:
+        done = subprocess.run(
+            [sys.executable, str(WORKER), json.dumps(spec)], stdout=handle, stderr=subprocess.STDOUT, env=env
+        )
+    if done.returncode != 0 or not path.is_file():
+        result = {"spec": spec, "error": worker_error(log_path, done.returncode)}
+        path.write_text(json.dumps(result, indent=1))
+        log(f"  {run_key(spec)} FAILED after {time.time() - began:.0f} s: {result['error']}")
+        return result
+    result = json.loads(path.read_text())
+    best = result["best"]
+    log(f"  {run_key(spec)} {time.time() - began:.0f} s: best at epoch {best['epoch']}: {best}")
+    return result
+
+
+def run_all(specs: list[dict], out: Path, log, jobs: int) -> list[dict]:
+    """``run_arm`` for every spec, ``jobs`` at a time, results in order."""
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(lambda spec: run_arm(spec, out, log), specs))
+
+
+def best_score(result: dict, task: str) -> float | None:
+    """A run's validation score at its best checkpoint (``None`` for a failed run)."""
+    key, _ = selection(task)
+    return None if "error" in result else result["best"][key]
+
+
+def best_lr(results: dict[float, dict], task: str) -> float | None:
+    """The lr whose run reached the best validation score."""
+    _, higher = selection(task)
+    scored = {lr: best_score(r, task) for lr, r in results.items()}
+    scored = {lr: s for lr, s in scored.items() if s is not None and math.isfinite(s)}
+    if not scored:
+        return None
+    return (max if higher else min)(scored, key=scored.get)
+
+
+def sweep(args: argparse.Namespace, out: Path, log) -> dict[str, float]:
+    """Every method x lr at seed 0 (edges extended); writes and returns ``{method: best lr}``."""
+    grids = {method: sorted(args.lrs) for method in args.methods}
+    table: dict[str, dict[float, dict]] = {method: {} for method in args.methods}
+    for _ in range(1 + args.extend_edges):
+        todo = [(m, lr) for m, grid in grids.items() for lr in grid if lr not in table[m]]
+        if not todo:
+            break
+        results = run_all([spec_for(args, m, lr, 0) for m, lr in todo], out, log, args.jobs)
+        for (method, lr), result in zip(todo, results, strict=True):
+            table[method][lr] = result
+        for method, grid in grids.items():
+            best = best_lr(table[method], args.task)
+            if best is not None and len(grid) > 1 and best in (grid[0], grid[-1]):
+                log(f"{method}: best lr {best:g} at an edge of {[f'{lr:g}' for lr in grid]}: extending")
+                grid.insert(len(grid) if best == grid[-1] else 0, next_lr(best, up=best == grid[-1]))
+    chosen = {method: best_lr(results, args.task) for method, results in table.items()}
+    (out / "best_lrs.json").write_text(json.dumps(chosen, indent=1))
+    return chosen
+
+
+def stored_best_lrs(out: Path) -> dict[str, float]:
+    """The sweep's choice (``best_lrs.json``)."""
+    path = out / "best_lrs.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} missing: run --stage sweep first (same --out)")
+    return json.loads(path.read_text())
+
+
+def main() -> None:
+    """Command line."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=sorted(TASKS), default="privacy_qa")
+    parser.add_argument("--stage", nargs="+", choices=["sweep", "seeds", "ablate", "report", "all"], default=["all"])
+    parser.add_argument("--quick", action="store_true", help="tiny models, 2 lrs, a few steps (plumbing only)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS[:3])
+    parser.add_argument("--lrs", type=float, nargs="+")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--ablations", nargs="+", help="names from ABLATIONS (default: all)")
+    parser.add_argument("--extend-edges", type=int, default=2)
+    for name in ("train-rows", "epochs", "batch", "rank", "evals-per-epoch", "n-val", "n-test", "max-length"):
+        parser.add_argument(f"--{name}", type=int)
+    parser.add_argument("--eval-batch", type=int)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--out", help="default runs/study_<task>")
+    parser.add_argument("--model-dir", help="another model folder (default: MiniLM / SmolLM2-135M-Instruct)")
+    args = parser.parse_args()
+    stages = {"sweep", "seeds", "ablate", "report"} if "all" in args.stage else set(args.stage)
+    for key, value in (QUICK if args.quick else TASKS[args.task]).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.quick:
+        args.seeds, args.ablation_seeds = args.seeds[:2], args.ablation_seeds[:1]
+    args.out = args.out or f"runs/study_{args.task}{'_quick' if args.quick else ''}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.model_dir is None:
+        args.model_dir = default_model(args, out)
+    lock = threading.Lock()
+
+    def log(message: str) -> None:
+        with lock:
+            print(time.strftime("%H:%M:%S"), message, file=sys.stderr, flush=True)
+
+    began = time.time()
+    chosen = sweep(args, out, log) if "sweep" in stages else None
+    if "seeds" in stages:
+        chosen = chosen or stored_best_lrs(out)
+        specs = [spec_for(args, m, chosen[m], s) for m in args.methods if chosen.get(m) for s in args.seeds]
+        run_all(specs, out, log, args.jobs)
+    if "ablate" in stages:
+        chosen = chosen or stored_best_lrs(out)
+        lr = chosen.get("lora_over_static")
+        if lr is None:
+            raise SystemExit("ablations: LoRA-Over static has no best lr (not swept, or every sweep run failed)")
+        names = args.ablations or [name for name, _, _ in ABLATIONS]
+        arms = [(m, k) for name, m, k in ABLATIONS if name in names]
+        run_all([spec_for(args, m, lr, s, k) for m, k in arms for s in args.ablation_seeds], out, log, args.jobs)
+    print(f"# Over-parameterization study: {args.task}{' (quick)' if args.quick else ''}\n")
+    print(f"command: python {' '.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}")
+    print(machine_line())
+    print(f"wall time of this invocation {time.time() - began:.0f} s; runs in {out}/runs\n")
+    if "report" in stages:
+        from study_report import report
+
+        report(args, out, ABLATIONS, spec_for, run_key, selection(args.task))
+
+
+def default_model(args: argparse.Namespace, out: Path) -> str:
+    """The task's model folder: the real ones, or --quick's tiny ones built here."""
+    if args.quick:
+        if args.task == "gsm8k":
+            from tiny_model import save_tiny_llama
+
+            return save_tiny_llama(out / "tiny-llama")
+        from bench_quality_cls import tiny_bert
+
+        return str(tiny_bert(out / "tiny-bert"))
+    if args.task == "gsm8k":
+        from lora_over_trl.smollm2 import smollm2_folder
+
+        return str(smollm2_folder())
+    from bench_quality_cls import minilm_folder
+
+    return minilm_folder()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""One run of the over-parameterization study (``benches/study_regime.py``): a fixed, limited training set seen
+for several epochs, validation scored after every epoch, the test split scored whenever validation improves
+(so the checkpoint that is best on validation has its test score without keeping checkpoints) and at the end.
+
+Two tasks, each through the package's callbacks as users run them:
+
+- ``privacy_qa``: all-MiniLM-L6-v2 (the real pretrained encoder) with a new two-way head on PrivacyQA, the
+  transformers ``Trainer``; scores accuracy and cross-entropy (benches/bench_quality_cls.py's data and scoring).
+- ``gsm8k``: SmolLM2-135M-Instruct in 4-bit NF4, TRL's ``SFTTrainer``; scores the answer NLL
+  (benches/bench_quality.py's data and scoring). Exact match is left out: this model answers 0-1 of 24 test
+  questions whatever the method (BENCHMARKS.md), so it cannot separate anything.
+
+Scores during training are of the training-time model. LoRA-Over's factors are exact reshapes of LoRA factors, so
+that is the function its collapse writes; the run checks it once more after the collapse (``collapse_val_diff``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from bench_quality import (
+    SPLIT_SEED,
+    adapter_to_float32,
+    answer_nll_rows,
+    batch_order,
+    encode_answers,
+    finish_run,
+    gsm8k_rows,
+    gsm8k_splits,
+    load_causal_base,
+    pooled_nll,
+    prompt_completion,
+    quiet_worker,
+    step_clock,
+    train_rows,
+)
+from bench_quality_cls import classify, encode, load_cls_base, splits
+
+C3LA_WINDOWS = 2  # c3LA trains r/2 per window over two windows: its collapsed adapter has rank r, as the others'
+
+
+def method_callback(method: str, knobs: dict, seed: int):
+    """The package's callback for ``method`` with the study's ``knobs`` (LoraOverConfig fields), or ``None``."""
+    from lora_over_trl import ClaCallback, ClaConfig, LoraOverCallback, LoraOverConfig
+
+    if method == "lora":
+        return None
+    if method.startswith("lora_over_"):
+        schedule = method.removeprefix("lora_over_")
+        return LoraOverCallback(LoraOverConfig(schedule=schedule, seed=seed, **knobs))
+    if method == "cla":
+        return ClaCallback(ClaConfig(method="cla", seed=seed))
+    if method == "c3la":
+        return ClaCallback(ClaConfig(method="c3la", chain_interval=1 / C3LA_WINDOWS, seed=seed))
+    raise ValueError(f"unknown method {method!r}")
+
+
+def train_rank(method: str, rank: int) -> int:
+    """The LoRA ``r`` a method trains at (every collapsed adapter has rank ``rank``)."""
+    return max(1, rank // C3LA_WINDOWS) if method == "c3la" else rank
+
+
+def epoch_order(lengths: list[int], spec: dict) -> list[int]:
+    """Row indices for every epoch in turn: each epoch a fresh seeded shuffle (benches' ``batch_order``), the same
+    for every method at one seed."""
+    order = []
+    for epoch in range(spec["epochs"]):
+        order += batch_order(lengths, spec["batch"], spec["seed"] * 1000 + epoch)
+    return order
+
+
+def fixed_rows(pool: list[dict], count: int, keep=lambda row: True) -> list[dict]:
+    """The study's training set: ``count`` rows of the pool chosen once (fixed shuffle), whatever the seed."""
+    return train_rows(pool, f"{SPLIT_SEED}:train", count, keep)
+
+
+def epoch_evaluator(spec: dict, score_val, score_test, better):
+    """A TrainerCallback that scores validation every ``steps_per_eval`` steps, and the test split when validation
+    improved and at the last step; ``evals`` holds one dict per evaluation."""
+    from transformers import TrainerCallback
+
+    class EpochEvaluator(TrainerCallback):
+        def __init__(self):
+            self.evals: list[dict] = []
+            self.best: dict | None = None
+            self.seconds = 0.0
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            step = state.global_step
+            if step % spec["steps_per_eval"] and step != state.max_steps:
+                return
+            began = time.time()
+            was_training = model.training
+            entry = {"step": step, "epoch": round(step / spec["steps_per_epoch"], 3), **score_val(model)}
+            improved = self.best is None or better(entry, self.best)
+            if improved or step == state.max_steps:
+                entry.update(score_test(model))
+            if improved:
+                self.best = entry
+            model.train(was_training)
+            self.evals.append(entry)
+            self.seconds += time.time() - began
+
+    return EpochEvaluator()
+
+
+def fit(spec: dict, trainer_factory, rows_count: int) -> dict:
+    """Train with the method's callback and the evaluator; the record (and ``_model``)."""
+    callback = method_callback(spec["method"], spec["knobs"], spec["seed"])
+    clock = step_clock()  # trainable parameters at train begin (LoRA plus the auxiliary cores)
+    evaluator, trainer = trainer_factory(callback)
+    trainer.add_callback(clock)
+    if callback is not None:  # first, as lora_over_trl.sft orders it
+        trainer.callback_handler.callbacks.remove(callback)
+        trainer.callback_handler.callbacks.insert(0, callback)
+    began = time.time()
+    trainer.train()
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    record = {
+        "evals": evaluator.evals,
+        "best": evaluator.best,
+        "last": evaluator.evals[-1],
+        "curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
+        "train": {"seconds": round(time.time() - began - evaluator.seconds, 1), "rows": rows_count},
+        "eval_seconds": round(evaluator.seconds, 1),
+    }
+    if callback is not None and hasattr(callback, "history"):
+        layouts = [h for h in callback.history if "aux_params" in h]  # initial, prepass, re-allocations
+        record["train"]["aux_params_peak"] = max((h["aux_params"] for h in layouts), default=None)
+        record["train"]["reallocations"] = sum(h.get("event") == "reallocate" for h in callback.history)
+        collapse = [h for h in callback.history if h.get("event") == "collapse"]
+        record["train"]["collapse_max_error"] = collapse[-1]["max_error"] if collapse else None
+    record["train"]["trainable_at_begin"] = clock.trainable
+    record["train"]["trainable_after"] = sum(p.numel() for p in params)
+    record["_model"] = trainer.model
+    return record
+
+
+def training_arguments(spec: dict, config_class, **extra):
+    """The Trainer settings every run shares: AdamW, cosine decay over the whole run, 5% warm-up, no saving."""
+    return config_class(
+        output_dir=str(Path(spec["out"]).with_suffix(".trainer")),
+        use_cpu=True,
+        max_steps=spec["epochs"] * spec["steps_per_epoch"],
+        per_device_train_batch_size=spec["batch"],
+        learning_rate=spec["lr"],
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        optim="adamw_torch",
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        seed=spec["seed"],
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        train_sampling_strategy="sequential",  # epoch_order(): the same batches for every method
+        **extra,
+    )
+
+
+def run_privacy_qa(spec: dict) -> tuple[dict, object, object]:
+    """MiniLM on PrivacyQA; returns (record, model, evaluator scoring function for the collapse check)."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    pool, val, test = splits(spec)
+    base, tokenizer = load_cls_base(spec, spec["seed"])
+    val_enc = encode(tokenizer, val, spec["max_length"])
+    test_enc = encode(tokenizer, test[: spec["n_test"]], spec["max_length"])
+    train_enc = encode(tokenizer, fixed_rows(pool, spec["train_rows"]), spec["max_length"])
+    order = epoch_order([len(e["input_ids"]) for e in train_enc], spec)
+    rank = train_rank(spec["method"], spec["rank"])
+    lora = LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["query", "key", "value", "dense"],
+        modules_to_save=["classifier"], task_type="SEQ_CLS",
+    )  # fmt: skip
+
+    def score_val(model) -> dict:
+        acc, loss = classify(model, tokenizer, val_enc, spec["eval_batch"])
+        return {"val_acc": acc, "val_loss": loss}
+
+    def score_test(model) -> dict:
+        acc, loss = classify(model, tokenizer, test_enc, spec["eval_batch"])
+        return {"test_acc": acc, "test_loss": loss}
+
+    def better(a: dict, b: dict) -> bool:
+        return (a["val_acc"], -a["val_loss"]) > (b["val_acc"], -b["val_loss"])
+
+    def factory(callback):
+        evaluator = epoch_evaluator(spec, score_val, score_test, better)
+        trainer = Trainer(
+            model=get_peft_model(base, lora),
+            args=training_arguments(spec, TrainingArguments),
+            train_dataset=Dataset.from_list([train_enc[i] for i in order]),
+            data_collator=DataCollatorWithPadding(tokenizer),
+            callbacks=[c for c in (callback, evaluator) if c is not None],
+        )
+        return evaluator, trainer
+
+    record = fit(spec, factory, len(train_enc))
+    return record, record.pop("_model"), score_val
+
+
+def run_gsm8k(spec: dict) -> tuple[dict, object, object]:
+    """SmolLM2-135M NF4 SFT on a GSM8K subset; returns (record, model, validation scoring function)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    pool, val = gsm8k_splits(spec["n_val"])
+    test = gsm8k_rows("test")[: spec["n_test"]]
+    model, tokenizer = load_causal_base(spec)
+
+    def fits(row: dict) -> bool:  # at least one answer token within max_length (TRL would drop the others)
+        return encode_answers(tokenizer, [row], spec["max_length"])[0][1] < spec["max_length"] - 1
+
+    rows = fixed_rows(pool, spec["train_rows"], fits)
+    order = epoch_order([len(ids) for ids, _ in encode_answers(tokenizer, rows, spec["max_length"])], spec)
+    rank = train_rank(spec["method"], spec["rank"])
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+    def score_val(model) -> dict:
+        return {"val_nll": pooled_nll(answer_nll_rows(model, tokenizer, val, spec["max_length"], spec["eval_batch"]))}
+
+    def score_test(model) -> dict:
+        return {"test_nll": pooled_nll(answer_nll_rows(model, tokenizer, test, spec["max_length"], spec["eval_batch"]))}
+
+    def factory(callback):
+        evaluator = epoch_evaluator(spec, score_val, score_test, lambda a, b: a["val_nll"] < b["val_nll"])
+        trainer = SFTTrainer(
+            model=model,
+            args=training_arguments(spec, SFTConfig, bf16=False, max_length=spec["max_length"]),
+            train_dataset=Dataset.from_list([prompt_completion(rows[i]) for i in order]),
+            processing_class=tokenizer,
+            peft_config=lora,
+            callbacks=[c for c in (callback, evaluator) if c is not None],
+        )
+        if len(trainer.train_dataset) != len(order):
+            raise RuntimeError(f"TRL kept {len(trainer.train_dataset)} of {len(order)} training rows")
+        return evaluator, trainer
+
+    record = fit(spec, factory, len(rows))
+    return record, record.pop("_model"), score_val
+
+
+def worker(spec: dict) -> None:
+    """Train one arm with its evaluations, check the collapsed adapter scores as the last evaluation, write
+    ``spec['out']``."""
+    quiet_worker(spec.get("threads", 1))
+    began = time.time()
+    record, model, score_val = (run_gsm8k if spec["task"] == "gsm8k" else run_privacy_qa)(spec)
+    scoring = time.time()
+    adapter_to_float32(model)
+    after = score_val(model)
+    key = next(iter(after))
+    record["collapse_val_diff"] = after[key] - record["last"][key]
+    finish_run(spec, {"spec": spec, **record}, {k: v for k, v in record["best"].items()}, model, began, scoring)
+
+
+if __name__ == "__main__":
+    import sys
+
+    worker(json.loads(sys.argv[1]))
