@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench bench-setup bench-quality mutants
+.PHONY: setup demo test lint bench bench-setup bench-quality mutants gpu-wheels gpu-check
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -90,3 +90,12 @@ check-axolotl: setup $(AXOLOTL_VENV)/.complete
 	$(AXOLOTL_VENV)/bin/pip install -q -e . -c scripts/axolotl_requirements.txt
 	$(AXOLOTL_VENV)/bin/python scripts/check_axolotl.py \
 	  --smollm2 "$$($(BIN)/python -c 'from lora_over_trl.smollm2 import smollm2_folder; print(smollm2_folder())')"
+
+# The GPU procedure (README "On a GPU"). Here, where pip reaches a registry: the wheels a lent GPU machine lacks,
+# for its Python 3.12, into .whl/ (git-ignored; about 30 MiB, bitsandbytes cut to its CUDA 13 kernels). There, with
+# .whl carried: unpack them, run `pytest -m gpu` and benches/bench_gpu.py, results under $OUT (under 8 minutes).
+gpu-wheels: setup
+	$(BIN)/python scripts/gpu_wheels.py --download .whl
+
+gpu-check:
+	bash scripts/gpu_check.sh
