@@ -92,7 +92,7 @@ check-axolotl: setup $(AXOLOTL_VENV)/.complete
 	  --smollm2 "$$($(BIN)/python -c 'from lora_over_trl.smollm2 import smollm2_folder; print(smollm2_folder())')"
 
 # The GPU procedure (README "On a GPU"). Here, where pip reaches a registry: the wheels a lent GPU machine lacks,
-# for its Python 3.12, into .whl/ (git-ignored; about 30 MiB, bitsandbytes cut to its CUDA 13 kernels). There, with
+# for its Python 3.12, into .whl/ (git-ignored; 39 MiB, bitsandbytes cut to its CUDA 13 kernels). There, with
 # .whl carried: unpack them, run `pytest -m gpu` and benches/bench_gpu.py, results under $OUT (under 8 minutes).
 gpu-wheels: setup
 	$(BIN)/python scripts/gpu_wheels.py --download .whl

@@ -121,8 +121,12 @@ def run_arm(arm: str, base, args, cuda: bool) -> dict:
             if state.global_step == total - 1:  # the last step is profiled, not timed
                 activities = [torch.profiler.ProfilerActivity.CPU]
                 activities += [torch.profiler.ProfilerActivity.CUDA] if cuda else []
-                self.profile = torch.profiler.profile(activities=activities)
-                self.profile.__enter__()
+                try:
+                    self.profile = torch.profiler.profile(activities=activities)
+                    self.profile.__enter__()
+                except Exception as err:  # noqa: BLE001
+                    log(f"profiler failed to start: {type(err).__name__}: {err}")
+                    self.profile = None
             if cuda:
                 torch.cuda.synchronize()
             self.began = time.perf_counter()
@@ -131,8 +135,11 @@ def run_arm(arm: str, base, args, cuda: bool) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             if self.profile is not None:
-                self.profile.__exit__(None, None, None)
-                self.ops = count_ops(self.profile, cuda)
+                try:  # a profiler that cannot start on this machine costs one column, not the run
+                    self.profile.__exit__(None, None, None)
+                    self.ops = count_ops(self.profile, cuda)
+                except Exception as err:  # noqa: BLE001
+                    log(f"profiler failed: {type(err).__name__}: {err}")
                 self.profile = None
             else:
                 self.times.append(time.perf_counter() - self.began)
@@ -221,7 +228,7 @@ def table(results: list[dict], cuda: bool) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         cells = [r["arm"], f"{r['step_s']:.3f}", f"{r['step_s'] / lora['step_s']:.3f}", str(r["ops"])]
-        cells.append(f"{r['ops'] - lora['ops']:+d}")
+        cells.append(f"{r['ops'] - lora['ops']:+d}" if r["ops"] is not None and lora["ops"] is not None else "-")
         if cuda:
             cells += [f"{r['peak_gib']:.2f}", f"{r['peak_gib'] / lora['peak_gib']:.3f}"]
             cells += [f"{r['train_gib']:.2f}", f"{r['train_gib'] / lora['train_gib']:.3f}"]

@@ -23,30 +23,66 @@ import hashlib
 import importlib.metadata as md
 import importlib.util
 import io
+import json
 import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-# Beyond what the device has: the training stack, the newer tokenizers/hub that transformers 5.2x needs, pytest.
-CORE = ["bitsandbytes", "transformers", "peft", "huggingface-hub", "tokenizers", "safetensors", "regex", "typer"]
-TESTS = ["pytest", "pluggy", "iniconfig", "pygments"]
-TRL_GROUP = ["trl", "datasets", "dill", "multiprocess", "xxhash", "fsspec"]  # unpacked only beside pyarrow+pandas
+# What the device lacks: the training stack at this project's versions, pytest, and (beside pyarrow + pandas only)
+# TRL with datasets; each with every dependency it has here, but for what torch already brings to the device.
+CORE = ["bitsandbytes", "transformers", "peft", "accelerate", "pytest"]
+TRL_GROUP = ["trl", "datasets"]
+SUPPLIED = {"torch", "triton", "numpy", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "filelock",
+            "typing-extensions", "setuptools", "pyarrow", "pandas"}  # fmt: skip
 KEEP_CUDA = re.compile(r"bitsandbytes/libbitsandbytes_(cuda13\d|cpu)\.so$")
 
 
-def download(dest: Path) -> None:
-    """Every wheel at this environment's version, for CPython 3.12 manylinux x86_64; then slim bitsandbytes."""
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def closure(roots: list[str], python: str, skip: set[str] = frozenset()) -> list[str]:
+    """``roots`` and every dependency they have in this environment (markers read for CPython ``python`` on
+    Linux x86_64), but for what the device supplies (``SUPPLIED``, CUDA libraries) and ``skip``."""
+    from packaging.requirements import Requirement
+
+    env = {
+        "python_version": python, "python_full_version": f"{python}.0", "sys_platform": "linux",
+        "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix", "extra": "",
+        "implementation_name": "cpython", "platform_python_implementation": "CPython",
+    }  # fmt: skip
+    found: list[str] = []
+    stack = list(roots)
+    while stack:
+        name = canonical(stack.pop())
+        if name in found or name in skip or name in SUPPLIED or name.startswith(("nvidia-", "cuda-")):
+            continue
+        found.append(name)
+        for line in md.requires(name) or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate(env):
+                stack.append(requirement.name)
+    return sorted(found)
+
+
+def download(dest: Path, python: str = "3.12") -> None:
+    """Every wheel of both closures at this environment's version, for CPython ``python`` on manylinux x86_64;
+    then slim bitsandbytes; ``groups.json`` says which wheel belongs to which group."""
     dest.mkdir(parents=True, exist_ok=True)
-    pins = [f"{name}=={md.version(name)}" for name in CORE + TESTS + TRL_GROUP]
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12"]
-    command += ["--implementation", "cp", "--abi", "cp312", "--abi", "abi3", "--abi", "none"]
+    core = closure(CORE, python)
+    trl = closure(TRL_GROUP, python, skip=set(core))
+    pins = [f"{name}=={md.version(name)}" for name in core + trl]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", python]
+    abi = "cp" + python.replace(".", "")
+    command += ["--implementation", "cp", "--abi", abi, "--abi", "abi3", "--abi", "none"]
     for tag in ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "any"):
         command += ["--platform", tag]
     subprocess.run([*command, "-d", str(dest), *pins], check=True)
     for wheel in dest.glob("bitsandbytes-*.whl"):
         slim_bitsandbytes(wheel)
+    (dest / "groups.json").write_text(json.dumps({"core": core, "trl": trl}, indent=1))
     total = sum(w.stat().st_size for w in dest.glob("*.whl"))
     print(f"{len(list(dest.glob('*.whl')))} wheels in {dest}: {total / 2**20:.1f} MiB")
 
@@ -76,11 +112,11 @@ def slim_bitsandbytes(wheel: Path) -> None:
 def install(source: Path, target: Path) -> None:
     """Unpack the wheels into ``target`` (put first on PYTHONPATH); TRL's group only beside pyarrow and pandas."""
     target.mkdir(parents=True, exist_ok=True)
+    groups = json.loads((source / "groups.json").read_text())
     arrow = all(importlib.util.find_spec(name) for name in ("pyarrow", "pandas"))
-    wanted = CORE + TESTS + (TRL_GROUP if arrow else [])
-    normalized = {name.replace("-", "_").lower() for name in wanted}
+    wanted = set(groups["core"] + (groups["trl"] if arrow else []))
     for wheel in sorted(source.glob("*.whl")):
-        if wheel.name.split("-")[0].lower() not in normalized:
+        if canonical(wheel.name.split("-")[0]) not in wanted:
             continue
         with zipfile.ZipFile(wheel) as archive:
             archive.extractall(target)
@@ -95,9 +131,10 @@ def main() -> None:
     parser.add_argument("--download", type=Path, help="fetch the wheels into this folder")
     parser.add_argument("--install", type=Path, help="unpack the wheels of this folder ...")
     parser.add_argument("--target", type=Path, help="... into this one")
+    parser.add_argument("--python", default="3.12", help="the device's Python version (for --download)")
     args = parser.parse_args()
     if args.download:
-        download(args.download)
+        download(args.download, args.python)
     elif args.install and args.target:
         install(args.install, args.target)
     else:

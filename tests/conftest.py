@@ -36,8 +36,9 @@ def tokenizer():
     return train_tokenizer()
 
 
-def train_tokenizer():
-    """The ``tokenizer`` fixture's tokenizer, for code outside pytest's fixtures."""
+def train_tokenizer(rows: list[dict] | None = None):
+    """The ``tokenizer`` fixture's tokenizer (trained on ``rows``, by default GSM8K's first 2,000), for code outside
+    pytest's fixtures."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -48,7 +49,7 @@ def train_tokenizer():
     trainer = trainers.BpeTrainer(
         vocab_size=1000, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    rows = gsm8k_rows(2000)
+    rows = rows or gsm8k_rows(2000)
     bpe.train_from_iterator([r["question"] + "\n" + r["answer"] for r in rows], trainer)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 
 import pytest
 
@@ -136,6 +137,18 @@ def test_allocation_picture_shows_which_module_held_capacity_when(tmp_path):
     dark_green = lambda image: ((image[..., 1] - image[..., 0] > 0.2) & (image[..., 0] < 0.2)).mean()  # noqa: E731
     assert dark_green(pictures["full"]) > 1.5 * dark_green(pictures["empty"]) > 0  # held cells are filled
     assert pictures["full"].shape[0] >= 3 * 110 - 1  # at least 3 inches at 110 dpi
+
+
+def test_allocation_picture_without_matplotlib_warns_and_draws_nothing(tmp_path, monkeypatch, caplog):
+    """The callback draws at on_train_end, before the adapter is saved: a missing matplotlib costs the picture,
+    with a warning, never the run."""
+    from lora_over_trl.schedule.picture import draw_allocation
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    with caplog.at_level("WARNING", logger="lora_over_trl.schedule.picture"):
+        assert draw_allocation([{"step": 0, "modules": ["model.a"]}], tmp_path / "heat.png") is None
+    assert not (tmp_path / "heat.png").exists()
+    assert f"{tmp_path / 'heat.png'} not drawn: matplotlib cannot be imported" in caplog.text
 
 
 def test_allocation_edges_missing_scores_zero_costs_and_per_type_shares():

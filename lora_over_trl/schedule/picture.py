@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 __all__ = ["allocation_matrix", "draw_allocation"]
+
+logger = logging.getLogger(__name__)
 
 
 def allocation_matrix(history: list[dict[str, Any]]) -> tuple[list[str], list[int], list[list[float]]]:
@@ -26,11 +29,17 @@ def allocation_matrix(history: list[dict[str, Any]]) -> tuple[list[str], list[in
 
 
 def draw_allocation(history: list[dict[str, Any]], path: str | Path) -> Path | None:
-    """Write the heatmap PNG; ``None`` when the history holds no decision."""
+    """Write the heatmap PNG; ``None`` when the history holds no decision, or (with a warning) when matplotlib
+    cannot be imported: the callback draws at ``on_train_end``, before the adapter is saved, and a picture is not
+    worth a finished run."""
     modules, steps, rows = allocation_matrix(history)
     if not steps or not modules:
         return None
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as err:
+        logger.warning("%s not drawn: matplotlib cannot be imported (%s); pip install matplotlib", path, err)
+        return None
 
     # The drawing below is layout (sizes, fonts, labels, backend name): cosmetic, left out of mutation testing
     # (docs/testing.md). What is drawn comes from allocation_matrix, tested exactly.

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import gsm8k_rows, save_tiny_llama
+from conftest import save_tiny_llama, train_tokenizer
 
 ON_CPU = os.environ.get("LORA_OVER_GPU_TESTS_ON_CPU") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu" if ON_CPU else None
@@ -27,6 +27,19 @@ pytestmark = [
     pytest.mark.skipif(DEVICE is None, reason="needs a CUDA device (LORA_OVER_GPU_TESTS_ON_CPU=1: run on CPU)"),
 ]
 ROOT = Path(__file__).resolve().parents[2]
+# Word problems shipped in the tree (GSM8K's fields and style): a lent device has no ../shared beside the tree.
+PROBLEMS = ROOT / "recipes" / "data" / "arithmetic" / "train.jsonl"
+
+
+def problems(n: int) -> list[dict]:
+    with PROBLEMS.open() as handle:
+        return [json.loads(line) for _, line in zip(range(n), handle, strict=False)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """conftest's byte-level BPE tokenizer, trained on the shipped word problems."""
+    return train_tokenizer(problems(2000))
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +66,8 @@ def peft_model(path: str, seed: int = 0, compute: torch.dtype = torch.bfloat16):
 
 
 def rows(tokenizer, n: int = 32) -> list[dict]:
-    """Real GSM8K text, tokenized (a plain list: no datasets package needed)."""
-    return [tokenizer(r["question"] + "\n" + r["answer"], truncation=True, max_length=96) for r in gsm8k_rows(n)]
+    """Word problems, tokenized (a plain list: no datasets package needed)."""
+    return [tokenizer(r["question"] + "\n" + r["answer"], truncation=True, max_length=96) for r in problems(n)]
 
 
 def make_trainer(path: str, tokenizer, out: Path, callback, *, seed: int = 0, **overrides):
@@ -77,7 +90,7 @@ def make_trainer(path: str, tokenizer, out: Path, callback, *, seed: int = 0, **
 
 
 def batch(tokenizer):
-    enc = tokenizer([r["question"] for r in gsm8k_rows(4)], return_tensors="pt", padding=True)
+    enc = tokenizer([r["question"] for r in problems(4)], return_tensors="pt", padding=True)
     return enc["input_ids"].to(DEVICE), enc["attention_mask"].to(DEVICE)
 
 
@@ -238,12 +251,11 @@ def test_sft_command_on_the_device_keeps_bitsandbytes_gpu_layout_and_writes_an_a
     """The SFT command as users launch it, QLoRA with bf16 on CUDA: the CPU-only 4-bit workaround is not applied
     there, the model sits on the device, and the run writes a standard adapter."""
     import bitsandbytes as bnb
-    from conftest import train_tokenizer
     from trl import ModelConfig, SFTConfig
 
     from lora_over_trl.sft import load_model_and_tokenizer
 
-    train_tokenizer().save_pretrained(base_dir)
+    train_tokenizer(problems(2000)).save_pretrained(base_dir)
     model_args = ModelConfig(
         model_name_or_path=base_dir, load_in_4bit=True, bnb_4bit_quant_type="nf4", dtype="bfloat16"
     )
@@ -254,7 +266,7 @@ def test_sft_command_on_the_device_keeps_bitsandbytes_gpu_layout_and_writes_an_a
     assert layers and all(m.support_avx512bf16_for_cpu == default for m in layers) or DEVICE == "cpu"
     assert_on_device(model)
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_rows(32)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in problems(32)))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         f"model_name_or_path: {base_dir}\nload_in_4bit: true\nbnb_4bit_quant_type: nf4\ndtype: bfloat16\n"
