@@ -11,6 +11,7 @@ Stages:
 - ``sweep``: every method x ``--lrs`` at seed 0; a method whose best lr is at an edge gets the next lr of the
   1-3 series beyond it (``--extend-edges`` times). The best lr is chosen on validation (its best checkpoint).
 - ``seeds``: every method at its best lr, ``--seeds`` (seed 0 is the sweep's run).
+- ``controls``: ``--controls METHOD=LR ...`` at ``--seeds`` (LoRA at LoRA-Over's lr: the comparison at one lr).
 - ``ablate``: LoRA-Over's knobs at LoRA-Over static's best lr, ``--ablation-seeds``: capacity 0.25 and 4,
   num_cores 3, aux_lr 3x and 10x, factors A and B, and the schedules at one budget (half the cost of every
   module at capacity 1: static at capacity 0.5, prepass and dynamic at capacity 1 with their default budget).
@@ -191,7 +192,8 @@ def main() -> None:
     """Command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), default="privacy_qa")
-    parser.add_argument("--stage", nargs="+", choices=["sweep", "seeds", "ablate", "report", "all"], default=["all"])
+    stage_names = ["sweep", "seeds", "controls", "ablate", "report", "all"]
+    parser.add_argument("--stage", nargs="+", choices=stage_names, default=["all"])
     parser.add_argument("--quick", action="store_true", help="tiny models, 2 lrs, a few steps (plumbing only)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS[:3])
     parser.add_argument("--lrs", type=float, nargs="+")
@@ -199,6 +201,9 @@ def main() -> None:
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--ablations", nargs="+", help="names from ABLATIONS (default: all)")
     parser.add_argument("--extend-edges", type=int, default=2)
+    parser.add_argument(
+        "--controls", nargs="+", default=[], metavar="METHOD=LR", help="stage controls: --seeds of METHOD at LR"
+    )
     for name in ("train-rows", "epochs", "batch", "rank", "evals-per-epoch", "n-val", "n-test", "max-length"):
         parser.add_argument(f"--{name}", type=int)
     parser.add_argument("--eval-batch", type=int)
@@ -207,7 +212,8 @@ def main() -> None:
     parser.add_argument("--out", help="default runs/study_<task>")
     parser.add_argument("--model-dir", help="another model folder (default: MiniLM / SmolLM2-135M-Instruct)")
     args = parser.parse_args()
-    stages = {"sweep", "seeds", "ablate", "report"} if "all" in args.stage else set(args.stage)
+    stages = {"sweep", "seeds", "controls", "ablate", "report"} if "all" in args.stage else set(args.stage)
+    args.controls = [(pair.split("=")[0], float(pair.split("=")[1])) for pair in args.controls]
     for key, value in (QUICK if args.quick else TASKS[args.task]).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -230,6 +236,8 @@ def main() -> None:
         chosen = chosen or stored_best_lrs(out)
         specs = [spec_for(args, m, chosen[m], s) for m in args.methods if chosen.get(m) for s in args.seeds]
         run_all(specs, out, log, args.jobs)
+    if "controls" in stages:
+        run_all([spec_for(args, m, lr, s) for m, lr in args.controls for s in args.seeds], out, log, args.jobs)
     if "ablate" in stages:
         chosen = chosen or stored_best_lrs(out)
         lr = chosen.get("lora_over_static")

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from pathlib import Path
 
@@ -83,48 +82,40 @@ def report(args, out: Path, ablations, spec_for, run_key, selected: tuple[str, b
                 continue
             mark = "*" if best_lrs.get(method) == lr else ""
             cells.append(f"{fmt(scores[lr], 3 if higher else 4)}{mark} (ep {table[lr]['best']['epoch']:g})")
-        width = f"{reach[method][-1] / reach[method][0]:.3g}x" if reach[method] else "-"
+        inside = reach[method]
+        width = f"{inside[-1] / inside[0]:.3g}x ({len(inside)} of {len(scores)})" if scores else "-"
         cells += [", ".join(f"{lr:g}" for lr in reach[method]) or "-", width]
         rows.append(cells)
     tolerance = f"within {ACC_TOLERANCE} of the best" if higher else f"within {NLL_TOLERANCE:.0%} of the best"
     print(f"## Sweep: validation {select} of the best checkpoint (epoch in brackets), seed 0; * chosen lr\n")
-    print(markdown_table(["method", *(f"lr {lr:g}" for lr in lrs), f"lrs {tolerance}", "range"], rows))
+    header = ["method", *(f"lr {lr:g}" for lr in lrs), f"lrs {tolerance}", "range (lrs in it of those tried)"]
+    print(markdown_table(header, rows))
 
-    # ---- the regime and the seeds
-    finals = {m: [r for s in args.seeds if (r := find(m, best_lrs[m], s))] for m in args.methods if best_lrs.get(m)}
+    # ---- the regime and the seeds: each method at its best lr, and the --controls (method, lr) pairs
+    arms = {(m, best_lrs[m]): m for m in args.methods if best_lrs.get(m)}
+    arms.update({(m, lr): f"{m} (control)" for m, lr in args.controls})
+    finals = {name: [r for s in args.seeds if (r := find(m, lr, s))] for (m, lr), name in arms.items()}
+    lr_of = {name: lr for (_, lr), name in arms.items()}
     rows = []
-    for method, results in finals.items():
+    for name, results in finals.items():
         lowest = [min(e[loss_key] for e in r["evals"]) for r in results]
         last = [r["last"][loss_key] for r in results]
         rise = [b - a for a, b in zip(lowest, last, strict=True)]
         rows.append(
-            [method, f"{best_lrs[method]:g}", str(len(results)),
+            [name, f"{lr_of[name]:g}", str(len(results)),
              f"{statistics.fmean(r['best']['epoch'] for r in results):.1f} of {args.epochs}",
              f"{fmt(mean_std(lowest)[0])}", f"{fmt(mean_std(last)[0])}",
              f"{fmt(mean_std(rise)[0])} ({sum(x > 0 for x in rise)}/{len(rise)} rose)"]
         )  # fmt: skip
-    print(f"\n## The regime: validation {loss_key} per run, each method at its best lr (means over seeds)\n")
+    print(f"\n## The regime: validation {loss_key} per run (means over seeds)\n")
     print(markdown_table(["method", "lr", "seeds", "best epoch", "lowest", "last", "rise"], rows))
-    header = ["method", "lr", "seeds"]
-    for _, label, _, _ in tests:
-        header += [f"{label} at best checkpoint", "Δ vs lora", "verdict", f"{label} at the end", "Δ vs lora"]
-    rows = []
-    reference = finals.get("lora", [])
-    for method, results in finals.items():
-        cells = [method, f"{best_lrs[method]:g}", str(len(results))]
-        for key, _, is_higher, digits in tests:
-            items = args.n_test if is_higher else None
-            for where, with_verdict in (("best", True), ("last", False)):
-                values = [r[where][key] for r in results]
-                ref = [r[where][key] for r in reference]
-                cells.append(f"{fmt(mean_std(values)[0], digits)} ± {fmt(mean_std(values)[1], digits)}")
-                diff, verdict = versus(values, ref, items) if method != "lora" else (math.nan, "-")
-                cells.append(fmt(diff, digits) if method != "lora" else "-")
-                if with_verdict:
-                    cells.append(verdict)
-        rows.append(cells)
-    print(f"\n## Seeds {args.seeds}: test split, each method at its best lr\n")
-    print(markdown_table(header, rows))
+    print(f"\n## Seeds {args.seeds}: test split, each method at its best lr (and the controls)\n")
+    print(seeds_table(finals, lr_of, "lora", tests, args.n_test))
+    for method, lr in args.controls:  # every method at the control's lr, against the control
+        same = {n: runs for n, runs in finals.items() if lr_of[n] == lr}
+        if len(same) > 1:
+            print(f"\n## At one learning rate, {lr:g}: against {method} (control)\n")
+            print(seeds_table(same, lr_of, f"{method} (control)", tests, args.n_test))
 
     # ---- ablations
     ablation_rows = []
@@ -144,14 +135,36 @@ def report(args, out: Path, ablations, spec_for, run_key, selected: tuple[str, b
              "-" if name.endswith("(base)") else fmt(diff, digits), "-" if name.endswith("(base)") else verdict,
              f"{statistics.fmean(t for t in trainable if t):,.0f}" if any(trainable) else "-"]
         )  # fmt: skip
-    if ablation_rows:
+    if len(ablation_rows) > 1:  # more than the base
         print(f"\n## Ablations: LoRA-Over at lr {lr:g} (static's best), seeds {args.ablation_seeds}\n")
         header = ["variant", "seeds", label, "Δ vs base", "verdict", "trainable at begin"]
         print(markdown_table(header, ablation_rows))
-    pictures(args, out, sweep, finals, best_lrs, reach, loss_key, select, higher, ablation_rows, label)
+    pictures(args, out, sweep, finals, lr_of, reach, loss_key, select, higher, ablation_rows, label)
 
 
-def pictures(args, out, sweep, finals, best_lrs, reach, loss_key, select, higher, ablation_rows, label) -> None:
+def seeds_table(finals: dict[str, list[dict]], lr_of: dict, reference: str, tests, n_test: int) -> str:
+    """Test scores at the best checkpoint (with the verdict against ``reference``) and at the end."""
+    header = ["method", "lr", "seeds"]
+    for _, label, _, _ in tests:
+        header += [f"{label} at best checkpoint", f"Δ vs {reference}", "verdict", f"{label} at the end", "Δ"]
+    rows = []
+    ref_runs = finals.get(reference, [])
+    for name, results in finals.items():
+        cells = [name, f"{lr_of[name]:g}", str(len(results))]
+        for key, _, is_higher, digits in tests:
+            for where, with_verdict in (("best", True), ("last", False)):
+                values = [r[where][key] for r in results]
+                cells.append(f"{fmt(mean_std(values)[0], digits)} ± {fmt(mean_std(values)[1], digits)}")
+                if name == reference:
+                    cells += ["-", "-"] if with_verdict else ["-"]
+                    continue
+                diff, verdict = versus(values, [r[where][key] for r in ref_runs], n_test if is_higher else None)
+                cells += [fmt(diff, digits), verdict] if with_verdict else [fmt(diff, digits)]
+        rows.append(cells)
+    return markdown_table(header, rows)
+
+
+def pictures(args, out, sweep, finals, lr_of, reach, loss_key, select, higher, ablation_rows, label) -> None:
     """curves.png (the regime), sweep.png (robustness), ablations.png."""
     import matplotlib
 
@@ -167,7 +180,7 @@ def pictures(args, out, sweep, finals, best_lrs, reach, loss_key, select, higher
         epochs = [e["epoch"] for e in results[0]["evals"]]
         curves = [[e[loss_key] for e in r["evals"]] for r in results if len(r["evals"]) == len(epochs)]
         mean = [statistics.fmean(c[i] for c in curves) for i in range(len(epochs))]
-        (line,) = axes[1].plot(epochs, mean, marker="o", label=f"{method} (lr {best_lrs[method]:g})")
+        (line,) = axes[1].plot(epochs, mean, marker="o", label=f"{method} (lr {lr_of[method]:g})")
         axes[1].fill_between(
             epochs, [min(c[i] for c in curves) for i in range(len(epochs))],
             [max(c[i] for c in curves) for i in range(len(epochs))], color=line.get_color(), alpha=0.15,
@@ -199,7 +212,7 @@ def pictures(args, out, sweep, finals, best_lrs, reach, loss_key, select, higher
     fig.savefig(out / "sweep.png", dpi=110)
     plt.close(fig)
 
-    if ablation_rows:
+    if len(ablation_rows) > 1:
         fig, ax = plt.subplots(figsize=(8, 4))
         means = [float(r[2].split(" ± ")[0]) for r in ablation_rows]
         stds = [float(r[2].split(" ± ")[1]) for r in ablation_rows]
