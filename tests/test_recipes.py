@@ -91,10 +91,14 @@ def test_shipped_recipe_runs_for_a_few_steps(path, steps, tiny_model, tmp_path, 
         assert list(out.rglob("events.out.tfevents.*"))  # logged where the recipe asked
     if recipe["method"] == "lora_over":
         settings = recipe["lora_over"]
-        phases = summary["lora_over"]["phases"]
-        expected = [max(m, int(settings[k] * steps)) for k, m in (("warmup_steps", 0), ("interval", 1))]
-        assert [phases["warmup"], phases["interval"]] == expected
-        assert phases["last"] == steps - int(settings["final_steps"] * steps) > phases["warmup"]
+        assert summary["lora_over"]["schedule"] == settings.get("schedule", "static")
+        if settings.get("schedule") == "dynamic":
+            phases = summary["lora_over"]["phases"]
+            expected = [max(m, int(settings[k] * steps)) for k, m in (("warmup_steps", 0), ("interval", 1))]
+            assert [phases["warmup"], phases["interval"]] == expected
+            assert phases["last"] == steps - int(settings["final_steps"] * steps) > phases["warmup"]
+        if "budget_ratio" in settings:  # prepass and dynamic spend within the recipe's budget, and spend some
+            assert 0 < summary["lora_over"]["aux_params_last"] <= summary["lora_over"]["budget"]
         assert summary["collapse_max_error"] <= 1e-6
     printed = capsys.readouterr().out
     assert f"{out / 'adapter'}" in printed and f"{out / 'summary.json'}" in printed  # the run says what it made
