@@ -774,7 +774,17 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        end_process_group()
     return 0
+
+
+def end_process_group() -> None:
+    """Tear down a multi-process run's process group before the interpreter exits: left to interpreter teardown,
+    its background threads can abort a finished run (SIGABRT, "terminate called without an active exception")."""
+    distributed = sys.modules.get("torch.distributed")  # never imported: no process group to end
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

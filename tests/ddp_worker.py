@@ -19,6 +19,7 @@ from transformers import AutoTokenizer  # noqa: E402
 from trl import SFTTrainer  # noqa: E402
 
 from lora_over_trl import LoraOverCallback, LoraOverConfig  # noqa: E402
+from lora_over_trl.sft import end_process_group  # noqa: E402
 
 
 def main(base: str, tokenizer_dir: str, out: str, schedule: str) -> None:
@@ -64,3 +65,4 @@ def main(base: str, tokenizer_dir: str, out: str, schedule: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:5])
+    end_process_group()  # before exit: a live gloo group can abort the process at interpreter teardown

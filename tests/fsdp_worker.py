@@ -22,6 +22,7 @@ from peft import get_peft_model  # noqa: E402
 
 from lora_over_trl import LoraOverConfig, apply_lora_over, collapse  # noqa: E402
 from lora_over_trl.patch import banks, over_parameterized_factors, set_layouts  # noqa: E402
+from lora_over_trl.sft import end_process_group  # noqa: E402
 
 
 def main(base: str, out: str) -> None:
@@ -69,3 +70,4 @@ def main(base: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:3])
+    end_process_group()  # before exit: a live gloo group can abort the process at interpreter teardown
