@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from bench_quality import (
+    C3LA_WINDOWS,
     SPLIT_SEED,
     adapter_to_float32,
     answer_nll_rows,
@@ -30,6 +31,7 @@ from bench_quality import (
     gsm8k_rows,
     gsm8k_splits,
     load_causal_base,
+    lora_rank,
     pooled_nll,
     prompt_completion,
     quiet_worker,
@@ -37,8 +39,6 @@ from bench_quality import (
     train_rows,
 )
 from bench_quality_cls import classify, encode, load_cls_base, splits
-
-C3LA_WINDOWS = 2  # c3LA trains r/2 per window over two windows: its collapsed adapter has rank r, as the others'
 
 
 def method_callback(method: str, knobs: dict, seed: int):
@@ -55,11 +55,6 @@ def method_callback(method: str, knobs: dict, seed: int):
     if method == "c3la":
         return ClaCallback(ClaConfig(method="c3la", chain_interval=1 / C3LA_WINDOWS, seed=seed))
     raise ValueError(f"unknown method {method!r}")
-
-
-def train_rank(method: str, rank: int) -> int:
-    """The LoRA ``r`` a method trains at (every collapsed adapter has rank ``rank``)."""
-    return max(1, rank // C3LA_WINDOWS) if method == "c3la" else rank
 
 
 def epoch_order(lengths: list[int], spec: dict) -> list[int]:
@@ -174,7 +169,7 @@ def run_privacy_qa(spec: dict) -> tuple[dict, object, object]:
     test_enc = encode(tokenizer, test[: spec["n_test"]], spec["max_length"])
     train_enc = encode(tokenizer, fixed_rows(pool, spec["train_rows"]), spec["max_length"])
     order = epoch_order([len(e["input_ids"]) for e in train_enc], spec)
-    rank = train_rank(spec["method"], spec["rank"])
+    rank = lora_rank(spec["method"], spec["rank"])
     lora = LoraConfig(
         r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["query", "key", "value", "dense"],
         modules_to_save=["classifier"], task_type="SEQ_CLS",
@@ -221,7 +216,7 @@ def run_gsm8k(spec: dict) -> tuple[dict, object, object]:
 
     rows = fixed_rows(pool, spec["train_rows"], fits)
     order = epoch_order([len(ids) for ids, _ in encode_answers(tokenizer, rows, spec["max_length"])], spec)
-    rank = train_rank(spec["method"], spec["rank"])
+    rank = lora_rank(spec["method"], spec["rank"])
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 
     def score_val(model) -> dict:
