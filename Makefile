@@ -89,7 +89,7 @@ $(AXOLOTL_VENV)/.complete: scripts/axolotl_requirements.txt
 check-axolotl: setup $(AXOLOTL_VENV)/.complete
 	$(AXOLOTL_VENV)/bin/pip install -q -e . -c scripts/axolotl_requirements.txt
 	$(AXOLOTL_VENV)/bin/python scripts/check_axolotl.py \
-	  --smollm2 "$$($(BIN)/python -c 'from lora_over_trl.smollm2 import smollm2_folder; print(smollm2_folder())')"
+	  --smollm2 "$$($(BIN)/python -c 'from lora_over_trl.utils.smollm2 import smollm2_folder; print(smollm2_folder())')"
 
 # The GPU procedure (README "On a GPU"). Here, where pip reaches a registry: the wheels a lent GPU machine lacks,
 # for its Python 3.12, into .whl/ (git-ignored; 39 MiB, bitsandbytes cut to its CUDA 13 kernels). There, with

@@ -80,8 +80,8 @@ def step_worker(
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from lora_over_trl import ClaConfig, LoraOverConfig, apply_lora_over
-    from lora_over_trl.methods import install_cla
-    from lora_over_trl.smollm2 import smollm2_folder
+    from lora_over_trl.methods.cla.model import install_cla
+    from lora_over_trl.utils.smollm2 import smollm2_folder
 
     cuda = torch.cuda.is_available()
     folder = smollm2_folder()
@@ -194,7 +194,7 @@ def collapse_llama7b(rank: int, capacity: float, layers: int = 32, seed: int = 0
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lora_over_trl import LoraOverConfig, apply_lora_over, collapse, over_parameterized_factors
-    from lora_over_trl.patch import lora_modules
+    from lora_over_trl.lora_over.model import lora_modules
 
     config = LlamaConfig(
         hidden_size=4096,

@@ -63,7 +63,7 @@ def gsm8k(split: str, n: int) -> list[dict]:
 def model_folder(args: argparse.Namespace) -> str:
     if args.model_dir:
         return args.model_dir
-    from lora_over_trl.smollm2 import smollm2_folder
+    from lora_over_trl.utils.smollm2 import smollm2_folder
 
     return str(smollm2_folder())
 

@@ -67,7 +67,7 @@ def load_model(quick: bool):
 
         folder = save_tiny_llama(tempfile.mkdtemp(prefix="bench-methods-"))
         return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), "cpu"
-    from lora_over_trl.smollm2 import smollm2_folder
+    from lora_over_trl.utils.smollm2 import smollm2_folder
 
     cuda = torch.cuda.is_available()
     compute = torch.bfloat16 if cuda else torch.float32

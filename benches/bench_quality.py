@@ -635,14 +635,7 @@ def exact_match(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_s
 
 def method_callback(method: str, steps: int, seed: int, glora: dict):
     """The package's callback for ``method`` (``None`` for plain LoRA)."""
-    from lora_over_trl import (
-        ClaCallback,
-        ClaConfig,
-        GloraCallback,
-        GloraConfig,
-        LoraOverCallback,
-        LoraOverConfig,
-    )
+    from lora_over_trl import ClaCallback, ClaConfig, GloraCallback, GloraConfig, LoraOverCallback, LoraOverConfig
 
     if method == "lora":
         return None
@@ -1079,7 +1072,7 @@ def main() -> None:
     if args.quick and args.model_dir is None:
         args.model_dir = save_tiny_llama(Path(args.out) / "tiny-llama")
     elif args.model_dir is None:
-        from lora_over_trl.smollm2 import smollm2_folder
+        from lora_over_trl.utils.smollm2 import smollm2_folder
 
         args.model_dir = str(smollm2_folder())
     args.glora_ranks = args.glora_ranks or [args.rank]

@@ -232,7 +232,7 @@ def classify(model, tokenizer, encoded: list[dict], batch_size: int) -> tuple[fl
 def validation_fitness(model, tokenizer, encoded: list[dict], batch_size: int, batches: int, adapter: str):
     """GLoRA search fitness: minus the mean cross-entropy over the first ``batches`` validation batches, with every
     model input (``token_type_ids`` included)."""
-    from lora_over_trl.methods import fix_choices
+    from lora_over_trl.methods.glora.model import fix_choices
 
     kept = encoded[: batch_size * batches]
 

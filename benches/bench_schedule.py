@@ -35,8 +35,8 @@ def worker(schedule: str, steps: int, interval: int, budget_ratio: float) -> dic
     from trl import SFTConfig, SFTTrainer
 
     from lora_over_trl import LoraOverCallback, LoraOverConfig
-    from lora_over_trl.patch import banks
-    from lora_over_trl.smollm2 import smollm2_folder
+    from lora_over_trl.lora_over.model import banks
+    from lora_over_trl.utils.smollm2 import smollm2_folder
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:

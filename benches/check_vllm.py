@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not Path(args.serve_python).is_file():
             raise CheckError(f"--serve-python {args.serve_python} does not exist; `make check-vllm` builds it")
-        from lora_over_trl.smollm2 import smollm2_folder
+        from lora_over_trl.utils.smollm2 import smollm2_folder
 
         base = smollm2_folder()
         args.out.mkdir(parents=True, exist_ok=True)

@@ -19,8 +19,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from lora_over_trl import LoraOverConfig
-from lora_over_trl.patch import banks, lora_modules, module_layouts, set_layouts
-from lora_over_trl.smollm2 import smollm2_folder
+from lora_over_trl.lora_over.model import banks, lora_modules, module_layouts, set_layouts
+from lora_over_trl.utils.smollm2 import smollm2_folder
 
 
 def main() -> None:

@@ -50,8 +50,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from lora_over_trl import LoraOverConfig, apply_lora_over, collapse
-    from lora_over_trl.patch import banks
-    from lora_over_trl.smollm2 import smollm2_folder
+    from lora_over_trl.lora_over.model import banks
+    from lora_over_trl.utils.smollm2 import smollm2_folder
 
     torch.set_num_threads(args.threads)
     folder = smollm2_folder()

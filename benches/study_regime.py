@@ -267,7 +267,7 @@ def default_model(args: argparse.Namespace, out: Path) -> str:
 
         return str(tiny_bert(out / "tiny-bert"))
     if args.task == "gsm8k":
-        from lora_over_trl.smollm2 import smollm2_folder
+        from lora_over_trl.utils.smollm2 import smollm2_folder
 
         return str(smollm2_folder())
     from bench_quality_cls import minilm_folder

@@ -15,37 +15,41 @@ from typing import TYPE_CHECKING, Any
 # Public names, imported on first use: the commands (`lora-over-trl eval --tasks_dir`, `--help`) and a plain
 # `import lora_over_trl` then start in well under a second instead of importing PEFT, TRL and transformers.
 _HOME = {
-    "keep_cpu_4bit_layout": "bnb_cpu",
-    "LoraOverCallback": "callback",
-    "load_lora_over": "checkpoint",
-    "save_lora_over": "checkpoint",
-    "CapacityRule": "config",
-    "ClaConfig": "config",
-    "GloraConfig": "config",
-    "LoraOverConfig": "config",
-    "export_merged": "export",
-    "ClaCallback": "methods",
-    "GloraCallback": "methods",
-    "export_glora": "methods",
-    "export_glora_lora": "methods",
-    "search_glora": "methods",
-    "apply_lora_over": "patch",
-    "collapse": "patch",
-    "over_parameterized_factors": "patch",
+    "keep_cpu_4bit_layout": "utils.bnb_cpu",
+    "export_merged": "utils.export",
+    "CapacityRule": "lora_over.config",
+    "LoraOverConfig": "lora_over.config",
+    "LoraOverCallback": "lora_over.callback",
+    "load_lora_over": "lora_over.checkpoint",
+    "save_lora_over": "lora_over.checkpoint",
+    "apply_lora_over": "lora_over.model",
+    "collapse": "lora_over.model",
+    "over_parameterized_factors": "lora_over.model",
+    "ClaConfig": "methods.cla.config",
+    "ClaCallback": "methods.cla.callback",
+    "GloraConfig": "methods.glora.config",
+    "GloraCallback": "methods.glora.callback",
+    "search_glora": "methods.glora.callback",
+    "export_glora": "methods.glora.export",
+    "export_glora_lora": "methods.glora.export",
 }
 
 if TYPE_CHECKING:
-    from .bnb_cpu import keep_cpu_4bit_layout
-    from .callback import LoraOverCallback
-    from .checkpoint import load_lora_over, save_lora_over
-    from .config import CapacityRule, ClaConfig, GloraConfig, LoraOverConfig
-    from .export import export_merged
-    from .methods import ClaCallback, GloraCallback, export_glora, export_glora_lora, search_glora
-    from .patch import apply_lora_over, collapse, over_parameterized_factors
+    from lora_over_trl.lora_over.callback import LoraOverCallback
+    from lora_over_trl.lora_over.checkpoint import load_lora_over, save_lora_over
+    from lora_over_trl.lora_over.config import CapacityRule, LoraOverConfig
+    from lora_over_trl.lora_over.model import apply_lora_over, collapse, over_parameterized_factors
+    from lora_over_trl.methods.cla.callback import ClaCallback
+    from lora_over_trl.methods.cla.config import ClaConfig
+    from lora_over_trl.methods.glora.callback import GloraCallback, search_glora
+    from lora_over_trl.methods.glora.config import GloraConfig
+    from lora_over_trl.methods.glora.export import export_glora, export_glora_lora
+    from lora_over_trl.utils.bnb_cpu import keep_cpu_4bit_layout
+    from lora_over_trl.utils.export import export_merged
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _HOME:  # a submodule (`lora_over_trl.patch`), as an eager package would have had it
+    if name not in _HOME:  # a subpackage (`lora_over_trl.sft`), as an eager package would have had it
         try:
             return importlib.import_module(f".{name}", __name__)
         except ModuleNotFoundError as err:
@@ -81,4 +85,4 @@ __all__ = [
     "search_glora",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lora_over_trl.atomic import staged_directory
+from lora_over_trl.utils.atomic import staged_directory
 
 
 def test_failure_leaves_nothing_and_success_replaces(tmp_path):

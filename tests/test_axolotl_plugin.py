@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from lora_over_trl.config import ClaConfig, LoraOverConfig
-from lora_over_trl.integrations.axolotl_args import KERNEL_KEYS, LoraOverArgs, config_problems, method_config
+from lora_over_trl.integrations.axolotl.args import KERNEL_KEYS, LoraOverArgs, config_problems, method_config
+from lora_over_trl.lora_over.config import LoraOverConfig
+from lora_over_trl.methods.cla.config import ClaConfig
 
 FINE = {"adapter": "qlora", **dict.fromkeys(KERNEL_KEYS, False)}
 

@@ -11,9 +11,9 @@ import torch
 from conftest import raises_exactly, reference_contract
 from torch import nn
 
-from lora_over_trl import mpo
-from lora_over_trl.bank import BankedLinear, FactorBank, FactorHandle
-from lora_over_trl.patch import plan_layout
+from lora_over_trl.lora_over import mpo
+from lora_over_trl.lora_over.bank import BankedLinear, FactorBank, FactorHandle
+from lora_over_trl.lora_over.model import plan_layout
 
 SHAPES = {"a": (8, 48), "b": (48, 8), "c": (8, 48), "d": (8, 96)}
 

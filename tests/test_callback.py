@@ -27,11 +27,11 @@ from safetensors.torch import load_file
 from trl import SFTTrainer
 
 from lora_over_trl import LoraOverCallback, LoraOverConfig
-from lora_over_trl.callback import HISTORY_FILE, PICTURE_FILE, SCHEDULER_FILE
-from lora_over_trl.checkpoint import LAYOUT_FILE
-from lora_over_trl.patch import banks, over_parameterized_factors
-from lora_over_trl.schedule import module_type
-from lora_over_trl.schedule.picture import allocation_matrix
+from lora_over_trl.lora_over.callback import HISTORY_FILE, PICTURE_FILE, SCHEDULER_FILE
+from lora_over_trl.lora_over.checkpoint import LAYOUT_FILE
+from lora_over_trl.lora_over.model import banks, over_parameterized_factors
+from lora_over_trl.lora_over.schedule.allocate import module_type
+from lora_over_trl.lora_over.schedule.picture import allocation_matrix
 
 
 def make_trainer(tiny_llama_dir, tokenizer, out, config, kind="fp32", **overrides):

@@ -12,8 +12,8 @@ from conftest import logits, make_peft
 from test_patch import train_steps
 
 from lora_over_trl import LoraOverConfig, apply_lora_over, load_lora_over, save_lora_over
-from lora_over_trl.checkpoint import LAYOUT_FILE
-from lora_over_trl.patch import over_parameterized_factors, set_layouts
+from lora_over_trl.lora_over.checkpoint import LAYOUT_FILE
+from lora_over_trl.lora_over.model import over_parameterized_factors, set_layouts
 
 
 @pytest.mark.parametrize("kind", ["fp32", "nf4"])
@@ -69,7 +69,7 @@ FORMAT_1 = Path(__file__).parent / "data" / "format1_checkpoint"
 def test_a_format_1_checkpoint_loads_and_refuses_to_resume(tiny_llama_dir):
     """tests/data/format1_checkpoint was written by lora-over-trl 0.1 (a parametrization per factor, cores under
     ``...parametrizations.weight.0.cores.<j>``, aux_scale 2.5) on this tiny Llama, with the logits it gave."""
-    from lora_over_trl.checkpoint import check_resumable
+    from lora_over_trl.lora_over.checkpoint import check_resumable
 
     fresh = make_peft(tiny_llama_dir, "fp32", seed=99)
     config = load_lora_over(fresh, FORMAT_1)

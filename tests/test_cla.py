@@ -18,10 +18,17 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
-from lora_over_trl.config import ClaConfig
-from lora_over_trl.methods import ClaCallback
-from lora_over_trl.methods.cla import ChainedB, WindowSelect, collapse_cla, selector, window_indices, window_offsets
-from lora_over_trl.patch import lora_modules
+from lora_over_trl.lora_over.model import lora_modules
+from lora_over_trl.methods.cla.callback import ClaCallback
+from lora_over_trl.methods.cla.config import ClaConfig
+from lora_over_trl.methods.cla.model import (
+    ChainedB,
+    WindowSelect,
+    collapse_cla,
+    selector,
+    window_indices,
+    window_offsets,
+)
 
 
 def make_trainer(tiny_llama_dir, tokenizer, out, config, kind="fp32", **overrides):
@@ -83,7 +90,7 @@ def test_collapse_keeps_rslora_scaling_and_pieces_report_their_shape(tiny_llama_
     reloads the same function; the chained B's declared shape is the trained B's."""
     from peft import PeftModel
 
-    from lora_over_trl.methods.cla import install_cla, next_window
+    from lora_over_trl.methods.cla.model import install_cla, next_window
 
     model = make_peft(tiny_llama_dir, "fp32", use_rslora=True)
     config = ClaConfig(method="c3la")
@@ -200,8 +207,8 @@ def test_callback_events_chain_by_steps_or_epochs_reset_b_and_save_on_rank_zero(
     rank kept."""
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from lora_over_trl.callback import ScheduleSetupError
-    from lora_over_trl.methods.cla_callback import CHAIN_FILE
+    from lora_over_trl.lora_over.callback import ScheduleSetupError
+    from lora_over_trl.methods.cla.callback import CHAIN_FILE
 
     control = TrainerControl()
     raises_exactly(
@@ -220,7 +227,7 @@ def test_callback_events_chain_by_steps_or_epochs_reset_b_and_save_on_rank_zero(
         state = TrainerState(max_steps=max_steps, num_train_epochs=epochs)
         callback.on_init_end(None, state, control, model=model)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-        with caplog.at_level("INFO", logger="lora_over_trl.methods.cla_callback"):
+        with caplog.at_level("INFO", logger="lora_over_trl.methods.cla.callback"):
             callback.on_train_begin(None, state, control, optimizer=optimizer)
         return model, callback, state, optimizer
 
@@ -284,7 +291,7 @@ def test_callback_events_chain_by_steps_or_epochs_reset_b_and_save_on_rank_zero(
 def test_restoring_a_chain_position_rebuilds_the_windows_it_visited(tiny_llama_dir):
     """Resume: position p has the windows of offsets p-1, ..., 0 frozen (most recent first) and B's frozen part in
     the adapter's dtype; position 0 has none."""
-    from lora_over_trl.methods.cla import install_cla, restore_chain
+    from lora_over_trl.methods.cla.model import install_cla, restore_chain
 
     model = make_peft(tiny_llama_dir, "fp32")
     offsets = install_cla(model, ClaConfig(method="c3la"))
@@ -307,7 +314,7 @@ def test_a_named_adapter_chains_saves_and_collapses(tiny_llama_dir, tmp_path):
     from peft import get_peft_model
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from lora_over_trl.methods.cla_callback import CHAIN_TENSORS
+    from lora_over_trl.methods.cla.callback import CHAIN_TENSORS
 
     torch.manual_seed(0)
     model = get_peft_model(load_base(tiny_llama_dir, "fp32"), lora_config(), adapter_name="other")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lora_over_trl import CapacityRule, LoraOverConfig
-from lora_over_trl.config import layer_index, module_matches
+from lora_over_trl.utils.fields import layer_index, module_matches
 
 
 def test_all_problems_are_reported_at_once():
@@ -75,7 +75,7 @@ def test_dict_round_trip_and_unknown_keys():
 
 def test_schedule_phases_are_steps_or_fractions_of_the_run():
     from lora_over_trl import ClaConfig
-    from lora_over_trl.config import resolve_phase
+    from lora_over_trl.utils.fields import resolve_phase
 
     config = LoraOverConfig(schedule="dynamic", warmup_steps=0.125, interval=4, final_steps=0.25)
     assert config.budget is None and config.budget_ratio is None  # the default budget is the callback's (tested)

@@ -6,7 +6,7 @@ import pytest
 from conftest import gsm8k_rows
 from datasets import Dataset
 
-from lora_over_trl.data import DataError, check_format, load_local_or_hub, map_columns
+from lora_over_trl.sft.data import DataError, check_format, load_local_or_hub, map_columns
 
 
 def test_templates_build_prompt_and_completion_from_real_gsm8k():

@@ -21,7 +21,7 @@ from conftest import load_base, logits
 from safetensors.torch import load_file
 from test_sft import make_workspace, run_command, stock_peft_logits, write_recipe
 
-from lora_over_trl.sft import main
+from lora_over_trl.sft.command import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "accelerate"
@@ -157,7 +157,7 @@ def test_refused_before_anything_is_loaded(workspace, tmp_path, capsys, monkeypa
 
 
 def test_what_runs_is_not_refused(monkeypatch):
-    from lora_over_trl.distributed import ShardedMode, refusal
+    from lora_over_trl.utils.distributed import ShardedMode, refusal
 
     for mode in (None, ShardedMode("fsdp", 2), ShardedMode("deepspeed", 2)):
         assert refusal("lora_over", "static", mode) is None and refusal("lora", None, mode) is None
@@ -183,7 +183,7 @@ def test_the_callback_refuses_a_sharded_run_in_a_script(tiny_llama_dir, tokenize
     from conftest import make_sft_trainer
 
     from lora_over_trl import LoraOverCallback, LoraOverConfig
-    from lora_over_trl.callback import ScheduleSetupError
+    from lora_over_trl.lora_over.callback import ScheduleSetupError
 
     for key, value in FSDP2.items():
         monkeypatch.setenv(key, value)

@@ -10,7 +10,7 @@ from conftest import SHARED, make_peft, save_tiny_llama
 from test_patch import train_steps
 
 from lora_over_trl import LoraOverConfig, apply_lora_over, collapse, export_merged, save_lora_over
-from lora_over_trl.eval import main
+from lora_over_trl.eval.command import main
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K_DIR = SHARED / "data" / "gsm8k"

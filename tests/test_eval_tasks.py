@@ -15,7 +15,7 @@ from lm_eval.api.task import ConfigurableTask
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
-from lora_over_trl.eval import TASKS_DIR
+from lora_over_trl.eval.command import TASKS_DIR
 
 EVALS = TASKS_DIR
 BUILTIN = Path(lm_eval.__file__).parent / "tasks"

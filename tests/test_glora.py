@@ -11,9 +11,10 @@ import torch
 from conftest import gsm8k_dataset, load_base, logged_losses, logits, lora_config, sft_args
 from transformers import TrainerCallback
 
-from lora_over_trl.config import GloraConfig
-from lora_over_trl.methods import GloraCallback, export_glora, export_glora_lora, search_glora
-from lora_over_trl.methods.glora import (
+from lora_over_trl.methods.glora.callback import GloraCallback, search_glora
+from lora_over_trl.methods.glora.config import GloraConfig
+from lora_over_trl.methods.glora.export import _add_biases, export_glora, export_glora_lora, lora_expressible
+from lora_over_trl.methods.glora.model import (
     TENSORS,
     Choice,
     choice_params,
@@ -22,8 +23,7 @@ from lora_over_trl.methods.glora import (
     install_glora,
     sample_choices,
 )
-from lora_over_trl.methods.glora_export import _add_biases, lora_expressible
-from lora_over_trl.methods.glora_search import evolutionary_search
+from lora_over_trl.methods.glora.search import evolutionary_search
 
 
 @pytest.fixture(scope="module")
@@ -399,7 +399,7 @@ def test_resume_draws_and_trains_as_the_uninterrupted_run(tiny_llama_dir, tokeni
 
 
 def test_ranks_above_the_stored_rank_are_refused(tiny_llama_dir, tokenizer, tmp_path):
-    from lora_over_trl.callback import ScheduleSetupError
+    from lora_over_trl.lora_over.callback import ScheduleSetupError
 
     with pytest.raises(ScheduleSetupError, match="glora.ranks: 8 exceeds the LoRA r \\(4\\)"):
         glora_trainer(tiny_llama_dir, tokenizer, tmp_path / "x", GloraConfig(ranks=[2, 8]))
@@ -420,7 +420,7 @@ def test_search_fitness_on_a_classifier_keeps_token_type_ids_and_weights_example
     from peft import LoraConfig, get_peft_model
     from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
-    from lora_over_trl.methods.glora_callback import held_out_fitness
+    from lora_over_trl.methods.glora.callback import held_out_fitness
 
     torch.manual_seed(0)
     config = BertConfig(

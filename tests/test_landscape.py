@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import gsm8k_rows, make_peft, save_tiny_llama
 
-from lora_over_trl.analyze import main
-from lora_over_trl.landscape import filter_normalized_direction, landscape_grid, sharpness
+from lora_over_trl.analyze.command import main
+from lora_over_trl.analyze.landscape import filter_normalized_direction, landscape_grid, sharpness
 
 
 def test_grid_of_a_quadratic_loss_is_the_closed_form_and_params_come_back():

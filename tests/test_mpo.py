@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import raises_exactly, reference_contract
 
-from lora_over_trl import mpo
+from lora_over_trl.lora_over import mpo
 
 REAL_DIMS = [4096, 11008, 14336, 576, 1536, 49152, 49157, 1, 7, 1000]
 RANKS = [1, 8, 16, 64]

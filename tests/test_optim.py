@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lora_over_trl.optim import group_index, sync_optimizer
+from lora_over_trl.lora_over.optim import group_index, sync_optimizer
 
 
 def test_parameters_join_and_leave_groups_in_model_order():

@@ -21,8 +21,9 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
-from lora_over_trl import LoraOverConfig, apply_lora_over, collapse, mpo
-from lora_over_trl.patch import banks, lora_modules, over_parameterized_factors, set_layouts
+from lora_over_trl import LoraOverConfig, apply_lora_over, collapse
+from lora_over_trl.lora_over import mpo
+from lora_over_trl.lora_over.model import banks, lora_modules, over_parameterized_factors, set_layouts
 
 
 def train_steps(model, batch, steps: int, lr: float = 1e-2, groups=None, eps: float = 1e-8):
@@ -280,7 +281,7 @@ def test_a_named_adapter_other_cores_the_seeding_rule_and_cleanup(tiny_llama_dir
     one-line report; nothing left on the model after the collapse."""
     from peft import get_peft_model
 
-    from lora_over_trl.patch import (
+    from lora_over_trl.lora_over.model import (
         _HOOK_ATTR,
         BANK_ATTR,
         default_std,
@@ -296,7 +297,7 @@ def test_a_named_adapter_other_cores_the_seeding_rule_and_cleanup(tiny_llama_dir
     before = logits(model, *gsm8k_batch)
     config = LoraOverConfig(adapter_name="other", capacity=1.0, num_cores=3, aux_core_size=8, seed=5)
     shapes = {key: tuple(linear.weight.shape) for key, linear in factor_linears(model, "other").items()}
-    with caplog.at_level("INFO", logger="lora_over_trl.patch"):
+    with caplog.at_level("INFO", logger="lora_over_trl.lora_over.model"):
         report = apply_lora_over(model, config, reserve=10**6)
     factors = over_parameterized_factors(model, "other")
     assert set(factors) == set(shapes) and not over_parameterized_factors(model)  # nothing under "default"
@@ -348,7 +349,7 @@ def test_a_named_adapter_other_cores_the_seeding_rule_and_cleanup(tiny_llama_dir
     assert all(torch.equal(g, e) for g, e in zip(got, expected_b, strict=True))
 
     trained = logits(model, *gsm8k_batch)
-    with caplog.at_level("INFO", logger="lora_over_trl.patch"):
+    with caplog.at_level("INFO", logger="lora_over_trl.lora_over.model"):
         errors = collapse(model)  # no adapter argument: the model's config names "other"
     assert f"LoRA-Over collapse: {len(shapes) // 2} modules, max relative error of B A {max(errors.values()):.2e}" in (
         caplog.messages
@@ -363,7 +364,7 @@ def test_one_contraction_per_forward_changes_no_gradient(tiny_llama_dir, gsm8k_b
     (no hook), with gradient checkpointing and two accumulated micro-batches; a deep copy works."""
     import copy
 
-    from lora_over_trl.patch import _HOOK_ATTR
+    from lora_over_trl.lora_over.model import _HOOK_ATTR
 
     models = []
     for hooked in (True, False):
@@ -429,7 +430,7 @@ def _weight(model, key: str) -> np.ndarray:
 
 
 def test_one_batched_contraction_per_layout_and_step(tiny_llama_dir, gsm8k_batch, monkeypatch):
-    from lora_over_trl import bank as bank_module
+    from lora_over_trl.lora_over import bank as bank_module
 
     model = make_peft(tiny_llama_dir, "fp32")
     apply_lora_over(model, LoraOverConfig(capacity=1.0))
@@ -539,7 +540,7 @@ def test_collapse_to_float32_keeps_bfloat16_cores_exact(tiny_llama_dir, gsm8k_ba
 def test_leaving_by_hand_drops_the_bank_and_its_hook_and_a_part_reserves(tiny_llama_dir, gsm8k_batch):
     """Factors leaving through set_layouts: the bank stays while it holds any, then it and the forward hook go;
     the model computes what it did. A new bank reserves what its part is given."""
-    from lora_over_trl.patch import _HOOK_ATTR, BANK_ATTR
+    from lora_over_trl.lora_over.model import _HOOK_ATTR, BANK_ATTR
 
     model = make_peft(tiny_llama_dir, "fp32", init_lora_weights=False)
     root = model.get_base_model()
@@ -563,7 +564,7 @@ def test_set_layouts_by_hand_and_apply_on_the_inner_model(tiny_llama_dir, gsm8k_
     no auxiliary scale, seeded so that two models agree bit for bit, collapsed without any config); an unchanged
     factor named before a changed one; one bond of three cores growing; an optimizer's moments following their
     factors; and apply_lora_over on the LoRA model inside the PeftModel, with explicit capacities and factors="A"."""
-    from lora_over_trl.patch import factor_linears, plan_layout
+    from lora_over_trl.lora_over.model import factor_linears, plan_layout
 
     config = LoraOverConfig(num_cores=3)
     models = [make_peft(tiny_llama_dir, "fp32", init_lora_weights=False) for _ in range(2)]

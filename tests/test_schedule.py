@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from lora_over_trl.schedule import SensitivityTracker, allocate, allocate_levels, module_type
+from lora_over_trl.lora_over.schedule.allocate import allocate, allocate_levels, module_type
+from lora_over_trl.lora_over.schedule.importance import SensitivityTracker
 
 
 def brute_force_best(scores, costs, budget):
@@ -105,7 +106,7 @@ def test_tracker_follows_adalora_and_round_trips_through_json():
 def test_allocation_picture_shows_which_module_held_capacity_when(tmp_path):
     import matplotlib.pyplot as plt
 
-    from lora_over_trl.schedule.picture import allocation_matrix, draw_allocation
+    from lora_over_trl.lora_over.schedule.picture import allocation_matrix, draw_allocation
 
     history = [
         {"step": 0, "event": "install", "modules": ["model.a", "model.b"]},
@@ -142,10 +143,10 @@ def test_allocation_picture_shows_which_module_held_capacity_when(tmp_path):
 def test_allocation_picture_without_matplotlib_warns_and_draws_nothing(tmp_path, monkeypatch, caplog):
     """The callback draws at on_train_end, before the adapter is saved: a missing matplotlib costs the picture,
     with a warning, never the run."""
-    from lora_over_trl.schedule.picture import draw_allocation
+    from lora_over_trl.lora_over.schedule.picture import draw_allocation
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
-    with caplog.at_level("WARNING", logger="lora_over_trl.schedule.picture"):
+    with caplog.at_level("WARNING", logger="lora_over_trl.lora_over.schedule.picture"):
         assert draw_allocation([{"step": 0, "modules": ["model.a"]}], tmp_path / "heat.png") is None
     assert not (tmp_path / "heat.png").exists()
     assert f"{tmp_path / 'heat.png'} not drawn: matplotlib cannot be imported" in caplog.text

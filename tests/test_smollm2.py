@@ -10,8 +10,8 @@ from test_patch import train_steps
 from transformers import AutoTokenizer
 
 from lora_over_trl import LoraOverConfig, apply_lora_over, collapse
-from lora_over_trl.patch import over_parameterized_factors
-from lora_over_trl.smollm2 import smollm2_folder
+from lora_over_trl.lora_over.model import over_parameterized_factors
+from lora_over_trl.utils.smollm2 import smollm2_folder
 
 
 @pytest.fixture(scope="module")

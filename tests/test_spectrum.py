@@ -11,8 +11,8 @@ import torch
 from conftest import make_peft, save_tiny_llama
 from safetensors.torch import load_file
 
-from lora_over_trl.analyze import main
-from lora_over_trl.spectrum import effective_rank, module_spectrum, stable_rank, update_singular_values
+from lora_over_trl.analyze.command import main
+from lora_over_trl.analyze.spectrum import effective_rank, module_spectrum, stable_rank, update_singular_values
 
 
 def orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:

@@ -191,8 +191,8 @@ def test_cla_family_trains_collapses_and_reloads(base_dir, tokenizer, tmp_path, 
 
 
 def test_glora_fused_4bit_gradients_match_float64_autograd_on_the_dequantized_weight(base_dir):
-    from lora_over_trl.config import GloraConfig
-    from lora_over_trl.methods.glora import Choice, fix_choices, glora_modules, install_glora
+    from lora_over_trl.methods.glora.config import GloraConfig
+    from lora_over_trl.methods.glora.model import Choice, fix_choices, glora_modules, install_glora
 
     model = peft_model(base_dir, compute=torch.float32)  # float32 compute: the fused kernels' own precision
     install_glora(model, GloraConfig(ranks=[2, 4]))
@@ -253,7 +253,7 @@ def test_sft_command_on_the_device_keeps_bitsandbytes_gpu_layout_and_writes_an_a
     import bitsandbytes as bnb
     from trl import ModelConfig, SFTConfig
 
-    from lora_over_trl.sft import load_model_and_tokenizer
+    from lora_over_trl.sft.command import load_model_and_tokenizer
 
     train_tokenizer(problems(2000)).save_pretrained(base_dir)
     model_args = ModelConfig(

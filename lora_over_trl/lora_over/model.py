@@ -1,6 +1,6 @@
 """The model-patching hook: install, inspect, change and collapse LoRA-Over factors on a PEFT model.
 
-``apply_lora_over`` moves the chosen ``lora_A`` / ``lora_B`` weights into a :class:`~lora_over_trl.bank.FactorBank`
+``apply_lora_over`` moves the chosen ``lora_A`` / ``lora_B`` weights into a :class:`~.bank.FactorBank`
 (one flat parameter per dtype and device, kept in the base model as ``lora_over_bank``); each LoRA weight
 becomes a slice of one batched contraction per layout and forward. ``collapse`` writes the contractions back
 as plain PEFT LoRA weights, so the saved adapter is a standard one. :func:`set_layouts` is the one primitive
@@ -19,9 +19,10 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from . import mpo
-from .bank import FactorBank, FactorHandle
-from .config import LoraOverConfig, module_matches
+from lora_over_trl.lora_over import mpo
+from lora_over_trl.lora_over.bank import FactorBank, FactorHandle
+from lora_over_trl.lora_over.config import LoraOverConfig
+from lora_over_trl.utils.fields import module_matches
 
 __all__ = [
     "ApplyReport",
@@ -171,7 +172,7 @@ def set_layouts(
     is padded (exact); one whose bonds shrink is re-decomposed by SVD and its relative error is returned.
     Factors not named are untouched. The bank's storage keeps its parameter object: an ``optimizer`` given
     here has its moments moved with the factors (new factors start at zero); plain weights that reappear are
-    new parameters, for :func:`~lora_over_trl.optim.sync_optimizer` to add.
+    new parameters, for :func:`~lora_over_trl.lora_over.optim.sync_optimizer` to add.
 
     Args:
         targets: factor key (``"<module>.lora_A"``) -> layout or ``None``.

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import GloraConfig
-from ..patch import _user_name, lora_modules
+from lora_over_trl.lora_over.model import _user_name, lora_modules
+from lora_over_trl.methods.glora.config import GloraConfig
 
 __all__ = [
     "TENSORS",

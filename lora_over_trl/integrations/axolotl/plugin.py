@@ -16,7 +16,7 @@ From there the callback does what it does in the SFT command: it installs the ov
 and rebuilds it on ``resume_from_checkpoint`` before the Trainer loads the adapter, and collapses at
 ``on_train_end``. Axolotl's own save then writes a standard PEFT LoRA adapter to ``output_dir``.
 
-The keys and the config-time refusals live in :mod:`lora_over_trl.integrations.axolotl_args`. GLoRA is refused
+The keys and the config-time refusals live in :mod:`lora_over_trl.integrations.axolotl.args`. GLoRA is refused
 there: its result is a searched, merged model, not an adapter.
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 
 from axolotl.integrations.base import BasePlugin
 
-from .axolotl_args import LoraOverArgs, method_config
+from lora_over_trl.integrations.axolotl.args import LoraOverArgs, method_config
 
 __all__ = ["LoraOverArgs", "LoraOverPlugin"]
 
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 class LoraOverPlugin(BasePlugin):
     """Axolotl plugin: trains the adapter with LoRA-Over or a cLA-family method and saves it collapsed.
 
-    Keys (see :class:`~lora_over_trl.integrations.axolotl_args.LoraOverArgs`): ``lora_over_method``,
+    Keys (see :class:`~lora_over_trl.integrations.axolotl.args.LoraOverArgs`): ``lora_over_method``,
     ``lora_over`` (:class:`~lora_over_trl.LoraOverConfig` fields), ``lora_over_cla``
     (:class:`~lora_over_trl.ClaConfig` fields).
 
@@ -50,7 +50,7 @@ class LoraOverPlugin(BasePlugin):
         self.callback = None  # the method's callback, once the Trainer is about to be built
 
     def get_input_args(self) -> str:
-        return "lora_over_trl.integrations.axolotl_args.LoraOverArgs"
+        return "lora_over_trl.integrations.axolotl.args.LoraOverArgs"
 
     def post_model_load(self, cfg: Any, model: Any) -> None:
         """A 4-bit base on CPU keeps its layout (else bitsandbytes repacks it at the first eval forward and the
@@ -58,15 +58,15 @@ class LoraOverPlugin(BasePlugin):
         import torch
 
         if cfg.load_in_4bit and not torch.cuda.is_available():
-            from ..bnb_cpu import keep_cpu_4bit_layout
+            from lora_over_trl.utils.bnb_cpu import keep_cpu_4bit_layout
 
             keep_cpu_4bit_layout(model)
 
     def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> list:
         """The method's callback, given to the Trainer's constructor so that its ``on_init_end`` runs there."""
-        from ..callback import LoraOverCallback
-        from ..config import LoraOverConfig
-        from ..methods import ClaCallback
+        from lora_over_trl.lora_over.callback import LoraOverCallback
+        from lora_over_trl.lora_over.config import LoraOverConfig
+        from lora_over_trl.methods import ClaCallback
 
         config = method_config(cfg.get)  # validated already at config time; rebuilt from the same keys
         if config is None:

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from ..config import GloraConfig
-from .glora import TENSORS, Choice, sample_choices
+from lora_over_trl.methods.glora.config import GloraConfig
+from lora_over_trl.methods.glora.model import TENSORS, Choice, sample_choices
 
 __all__ = ["SearchResult", "evolutionary_search"]
 
@@ -55,7 +55,7 @@ def evolutionary_search(
     """Search per-layer choices that maximize ``fitness`` (e.g. minus the held-out loss).
 
     Args:
-        spaces: each layer's options per support tensor (:func:`~lora_over_trl.methods.glora.search_space`).
+        spaces: each layer's options per support tensor (:func:`~lora_over_trl.methods.glora.model.search_space`).
         fitness: scores a configuration; higher is better.
         params: adapter parameters of a configuration (checked against ``config.param_limit``).
         config: population, generations, top_k, mutation_count, crossover_count, mutation_prob, param_limit, seed.

@@ -4,7 +4,7 @@ A checkpoint is what ``PeftModel.save_pretrained`` writes for the patched model,
 The adapter file holds every LoRA weight under its standard key (a banked factor's current contraction), so
 stock PEFT loads a checkpoint as the function being trained. ``lora_over_bank.safetensors`` holds the factor
 bank's storage (one tensor per bank part). ``lora_over.json`` records the
-:class:`~lora_over_trl.config.LoraOverConfig`, the bank's size and every factor's layout, which a scheduler may
+:class:`~lora_over_trl.LoraOverConfig`, the bank's size and every factor's layout, which a scheduler may
 have changed since ``apply_lora_over``: the layouts fix the storage's order, so :func:`load_lora_over` rebuilds
 the same bank and loads the storage into it as saved.
 
@@ -26,10 +26,10 @@ from peft.utils import load_peft_weights, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import mpo
-from .config import LoraOverConfig
-from .distributed import gathered
-from .patch import BANK_ATTR, banks, lora_modules, over_parameterized_factors, set_layouts
+from lora_over_trl.lora_over import mpo
+from lora_over_trl.lora_over.config import LoraOverConfig
+from lora_over_trl.lora_over.model import BANK_ATTR, banks, lora_modules, over_parameterized_factors, set_layouts
+from lora_over_trl.utils.distributed import gathered
 
 __all__ = [
     "BANK_FILE",

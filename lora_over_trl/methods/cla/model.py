@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ClaConfig
-from ..patch import lora_modules
+from lora_over_trl.lora_over.model import lora_modules
+from lora_over_trl.methods.cla.config import ClaConfig
 
 __all__ = [
     "ChainedB",

@@ -5,7 +5,7 @@
     python -m lora_over_trl.analyze landscape runs/demo_cpu --data recipes/data/arithmetic/test.jsonl --dims 2
 
 ``spectrum``: per adapted module, the singular values of ``dW = s B A``, effective and stable rank, alignment
-with the base weight's top singular directions and intruder dimensions (see :mod:`lora_over_trl.spectrum`),
+with the base weight's top singular directions and intruder dimensions (see :mod:`lora_over_trl.analyze.spectrum`),
 module by module so memory stays at one layer. Works on any run of ours (``adapter/``) and any stock PEFT
 LoRA adapter. The base comes from ``--base`` or the adapter's config; with ``--load_in_4bit`` each base
 weight is NF4-quantized and dequantized first, as the adapter saw it in a QLoRA run. Writes
@@ -13,7 +13,7 @@ weight is NF4-quantized and dequantized first, as the adapter saw it in a QLoRA 
 ``PATH/analysis-spectrum``), whole or not at all.
 
 ``landscape``: the loss on held-out examples along one or two filter-normalized random directions in the
-adapter's parameter space around the trained point (see :mod:`lora_over_trl.landscape`): a curve or a contour
+adapter's parameter space around the trained point (see :mod:`lora_over_trl.analyze.landscape`): a curve or a contour
 (``landscape.png``), the grid and sharpness summaries (``landscape.json``), into ``PATH/analysis-landscape``.
 Data: a ``.jsonl`` file with ``text``, ``prompt`` + ``completion``, ``question`` + ``answer`` (GSM8K) or
 ``messages`` rows.
@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import first_line, one_line
+from lora_over_trl.utils.errors import first_line, one_line
 
 __all__ = ["AnalysisError", "main", "spectrum_report"]
 
@@ -174,8 +174,8 @@ class BaseWeights:
 
 
 def spectrum_report(path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Every module's :class:`~lora_over_trl.spectrum.ModuleSpectrum` of one adapter, as a dict."""
-    from .spectrum import module_spectrum
+    """Every module's :class:`~lora_over_trl.analyze.spectrum.ModuleSpectrum` of one adapter, as a dict."""
+    from lora_over_trl.analyze.spectrum import module_spectrum
 
     folder = adapter_folder(path)
     config, updates = adapter_updates(folder, args.modules)
@@ -212,7 +212,7 @@ def draw_spectra(reports: list[dict[str, Any]], spectra_path: Path, heatmap_path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .config import layer_index
+    from lora_over_trl.utils.fields import layer_index
 
     fig, axes = plt.subplots(1, len(reports), figsize=(5.5 * len(reports), 4), squeeze=False)
     for ax, report in zip(axes[0], reports, strict=True):
@@ -253,7 +253,7 @@ def draw_spectra(reports: list[dict[str, Any]], spectra_path: Path, heatmap_path
 
 
 def run_spectrum(args: argparse.Namespace) -> Path:
-    from .atomic import staged_directory
+    from lora_over_trl.utils.atomic import staged_directory
 
     path = Path(args.path)
     if not path.exists():
@@ -308,9 +308,9 @@ def run_landscape(args: argparse.Namespace) -> Path:
     import torch
     from tqdm.auto import tqdm
 
-    from .atomic import staged_directory
-    from .eval import load_model
-    from .landscape import filter_normalized_direction, landscape_grid, sharpness
+    from lora_over_trl.analyze.landscape import filter_normalized_direction, landscape_grid, sharpness
+    from lora_over_trl.eval.command import load_model
+    from lora_over_trl.utils.atomic import staged_directory
 
     path, data = Path(args.path), Path(args.data)
     if not path.exists():
@@ -423,7 +423,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"written to {output}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,7 +15,7 @@ A padded bond slot must not freeze: if both of its sides were zero, every gradie
 zero. So the side farther from the central core is zero (the function is unchanged) and the side nearer
 to it is random (the zero side receives gradient from the first step on).
 
-Nothing here knows about PEFT or LoRA; :mod:`lora_over_trl.factor` builds on it.
+Nothing here knows about PEFT or LoRA; :mod:`lora_over_trl.lora_over.bank` builds on it.
 """
 
 from __future__ import annotations

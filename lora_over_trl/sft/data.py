@@ -16,7 +16,7 @@ import string
 from pathlib import Path
 from typing import Any
 
-from .errors import first_line
+from lora_over_trl.utils.errors import first_line
 
 __all__ = ["DataError", "LOCAL_BUILDERS", "load_local_or_hub", "map_columns", "check_format", "TARGETS"]
 

@@ -22,11 +22,12 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-from ..callback import ScheduleSetupError, restore_before_load
-from ..config import ClaConfig, resolve_phase
-from ..distributed import launch_mode, refusal
-from ..patch import lora_modules
-from .cla import collapse_cla, install_cla, next_window, restore_chain
+from lora_over_trl.lora_over.callback import ScheduleSetupError, restore_before_load
+from lora_over_trl.lora_over.model import lora_modules
+from lora_over_trl.methods.cla.config import ClaConfig
+from lora_over_trl.methods.cla.model import collapse_cla, install_cla, next_window, restore_chain
+from lora_over_trl.utils.distributed import launch_mode, refusal
+from lora_over_trl.utils.fields import resolve_phase
 
 __all__ = ["ClaCallback", "CHAIN_FILE", "CHAIN_TENSORS"]
 
@@ -43,7 +44,7 @@ class ClaCallback(TrainerCallback):
 
     Raises:
         ScheduleSetupError: at ``on_init_end`` when the model has no LoRA layers, or the run is sharded in a way
-            the method cannot train under (:func:`lora_over_trl.distributed.refusal`).
+            the method cannot train under (:func:`lora_over_trl.registry.refusal`).
     """
 
     def __init__(self, config: ClaConfig) -> None:

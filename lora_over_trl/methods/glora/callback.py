@@ -25,12 +25,19 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ..callback import ScheduleSetupError
-from ..config import GloraConfig
-from ..distributed import launch_mode, refusal
-from ..patch import lora_modules
-from .glora import Choice, choice_params, fix_choices, glora_modules, install_glora, sample_choices
-from .glora_search import SearchResult, evolutionary_search
+from lora_over_trl.lora_over.callback import ScheduleSetupError
+from lora_over_trl.lora_over.model import lora_modules
+from lora_over_trl.methods.glora.config import GloraConfig
+from lora_over_trl.methods.glora.model import (
+    Choice,
+    choice_params,
+    fix_choices,
+    glora_modules,
+    install_glora,
+    sample_choices,
+)
+from lora_over_trl.methods.glora.search import SearchResult, evolutionary_search
+from lora_over_trl.utils.distributed import launch_mode, refusal
 
 __all__ = ["SEARCH_FILE", "GloraCallback", "held_out_fitness", "search_glora"]
 
@@ -46,7 +53,7 @@ class GloraCallback(TrainerCallback):
     Raises:
         ScheduleSetupError: at ``on_init_end`` when the model has no LoRA layers, a rank is out of range, or a
             multi-process run lacks ``ddp_find_unused_parameters=True`` (a step's choice leaves weights unused), or
-            the run is sharded (FSDP, DeepSpeed: :func:`lora_over_trl.distributed.refusal`).
+            the run is sharded (FSDP, DeepSpeed: :func:`lora_over_trl.registry.refusal`).
     """
 
     def __init__(self, config: GloraConfig) -> None:
@@ -149,7 +156,7 @@ def search_glora(
         progress: called after each generation with its record (the default logs it).
 
     Returns:
-        The :class:`~lora_over_trl.methods.glora_search.SearchResult`; the model keeps its choices.
+        The :class:`~lora_over_trl.methods.glora.search.SearchResult`; the model keeps its choices.
     """
     callback = _callback(trainer)
     config = callback.config

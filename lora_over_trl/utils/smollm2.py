@@ -12,7 +12,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .atomic import staged_directory
+from lora_over_trl.utils.atomic import staged_directory
 
 __all__ = ["smollm2_gguf", "smollm2_folder"]
 

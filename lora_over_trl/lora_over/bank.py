@@ -4,9 +4,9 @@ Storage, one 1-D ``nn.Parameter``::
 
     [ group 0: core 0 of its n_0 factors | core 1 of them | ... ][ group 1: ... ] ... [ reserved, unused ]
 
-A *group* holds the factors that share an :class:`~lora_over_trl.mpo.MpoLayout`. Core position ``j`` of a
+A *group* holds the factors that share an :class:`~lora_over_trl.lora_over.mpo.MpoLayout`. Core position ``j`` of a
 group is a contiguous ``(n, d_{j-1}, p_j, q_j, d_j)`` view of the storage, so one batched
-:func:`~lora_over_trl.mpo.contract` per group and forward produces all of its factors, ``(n, p, q)``, and
+:func:`~lora_over_trl.lora_over.mpo.contract` per group and forward produces all of its factors, ``(n, p, q)``, and
 each LoRA weight (``lora_A[name].weight``, ``lora_B[name].weight``) is a slice of that result. PEFT's forward is
 untouched: it reads ``.weight`` and gets the slice. The optimizer sees one tensor instead of hundreds, and a
 step costs a few operations per group, not per factor.
@@ -37,8 +37,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import mpo
-from .distributed import gathered
+from lora_over_trl.lora_over import mpo
+from lora_over_trl.utils.distributed import gathered
 
 __all__ = ["BankedLinear", "FactorBank", "FactorHandle"]
 

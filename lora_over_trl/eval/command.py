@@ -31,8 +31,8 @@ TASK_ALIASES = {
     "humaneval_instruct": "humaneval_local_instruct",
     "humaneval_64": "humaneval_local_64",
 }
-# The task wrappers are package data (lora_over_trl/tasks), found through the installed package, not the checkout.
-TASKS_DIR = Path(str(resources.files("lora_over_trl") / "tasks"))
+# The task wrappers are package data (lora_over_trl/eval/tasks), found through the installed package, not the checkout.
+TASKS_DIR = Path(str(resources.files("lora_over_trl.eval") / "tasks"))
 
 
 class UsageError(ValueError):
@@ -153,7 +153,7 @@ def load_model(base: str, adapter: Path | None, args: argparse.Namespace) -> tup
 
 
 def run(args: argparse.Namespace) -> Path:
-    from .atomic import staged_directory
+    from lora_over_trl.utils.atomic import staged_directory
 
     path = Path(args.path)
     if not path.exists():
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> Path:
         if tasks:
             summary["lm_eval"] = run_lm_eval(model, tokenizer, tasks, args, staging)
         if mt_bench:
-            from .mt_bench import generate_answers, read_questions, write_answers
+            from lora_over_trl.eval.mt_bench import generate_answers, read_questions, write_answers
 
             questions = read_questions(args.mt_bench_questions, int(args.limit) if args.limit else None)
             model_id = (adapter or Path(base)).name
@@ -245,7 +245,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"results written to {output}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,9 +22,10 @@ from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
 
-from ..config import ClaConfig, LoraOverConfig
-from ..errors import one_line
-from ..sft import CLA_METHODS
+from lora_over_trl.lora_over.config import LoraOverConfig
+from lora_over_trl.methods.cla.config import ClaConfig
+from lora_over_trl.sft.command import CLA_METHODS
+from lora_over_trl.utils.errors import one_line
 
 __all__ = ["LoraOverArgs", "config_problems", "method_config"]
 

@@ -13,7 +13,7 @@ Events (STACK_NOTES lists what each receives):
 - ``on_step_end`` (dynamic): every ``interval`` steps between ``warmup_steps`` and the last
   ``final_steps``, choose modules by score within the budget; modules that leave are collapsed to plain
   LoRA (exact), modules that enter are over-parameterized (exact); the optimizer follows
-  (:mod:`lora_over_trl.optim`).
+  (:mod:`lora_over_trl.lora_over.optim`).
 - ``on_save``: ``checkpoint-N/`` gets ``lora_over.json`` (layouts) and ``lora_over_scheduler.json``
   (tracker, allocation history). On resume the Trainer loads the adapter before any callback event, so the
   callback wraps the model's ``load_adapter`` to rebuild the recorded layouts first.
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .checkpoint import (
+from lora_over_trl.lora_over.checkpoint import (
     LAYOUT_FILE,
     bank_tensors,
     check_resumable,
@@ -44,10 +44,8 @@ from .checkpoint import (
     write_bank_file,
     write_layout_file,
 )
-from .config import LoraOverConfig, resolve_phase
-from .distributed import launch_mode, refusal
-from .optim import group_index, sync_optimizer
-from .patch import (
+from lora_over_trl.lora_over.config import LoraOverConfig
+from lora_over_trl.lora_over.model import (
     FACTOR_NAMES,
     apply_lora_over,
     banks,
@@ -58,8 +56,11 @@ from .patch import (
     over_parameterized_factors,
     set_layouts,
 )
-from .schedule import SensitivityTracker, allocate, allocate_levels
-from .schedule.picture import draw_allocation
+from lora_over_trl.lora_over.optim import group_index, sync_optimizer
+from lora_over_trl.lora_over.schedule import SensitivityTracker, allocate, allocate_levels
+from lora_over_trl.lora_over.schedule.picture import draw_allocation
+from lora_over_trl.utils.distributed import launch_mode, refusal
+from lora_over_trl.utils.fields import resolve_phase
 
 __all__ = ["LoraOverCallback", "ScheduleSetupError", "restore_before_load"]
 
@@ -84,7 +85,7 @@ class LoraOverCallback(TrainerCallback):
     Raises:
         ScheduleSetupError: at ``on_init_end`` (no LoRA layers, rules matching nothing, a budget that holds no
             module or that static rules exceed, a schedule the run's FSDP/DeepSpeed cannot carry:
-            :func:`lora_over_trl.distributed.refusal`) or ``on_train_begin`` (warm-up beyond the run), before any
+            :func:`lora_over_trl.registry.refusal`) or ``on_train_begin`` (warm-up beyond the run), before any
             training step.
     """
 
@@ -158,7 +159,7 @@ class LoraOverCallback(TrainerCallback):
             }
             self.reserve = _bank_bound(numel, self.level_costs, self.budget)
         # The auxiliary cores' own learning rate, as a scale inside the factor (no extra optimizer group,
-        # so checkpoints load into a fresh Trainer's optimizer): see lora_over_trl.bank.
+        # so checkpoints load into a fresh Trainer's optimizer): see lora_over_trl.lora_over.bank.
         self.aux_scale = config.aux_lr / args.learning_rate if config.aux_lr else 1.0
         if config.schedule == "static":
             report = apply_lora_over(model, config, aux_scale=self.aux_scale)

@@ -19,8 +19,8 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from .atomic import staged_directory
-from .patch import over_parameterized_factors
+from lora_over_trl.lora_over.model import over_parameterized_factors
+from lora_over_trl.utils.atomic import staged_directory
 
 __all__ = ["export_merged"]
 

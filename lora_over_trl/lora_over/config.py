@@ -1,81 +1,17 @@
-"""User-facing configuration: LoRA-Over (what to over-parameterize, and by how much), cLA, GLoRA."""
+"""What the user asks of LoRA-Over: which modules are over-parameterized, by how much, and how it is scheduled."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
-from difflib import get_close_matches
 from typing import Any
 
-__all__ = [
-    "CapacityRule",
-    "ClaConfig",
-    "GloraConfig",
-    "LoraOverConfig",
-    "module_matches",
-    "layer_index",
-    "resolve_phase",
-]
+from lora_over_trl.utils.fields import from_dict, is_fraction, is_number, layer_index, module_matches, phase_problems
+
+__all__ = ["CapacityRule", "LoraOverConfig"]
 
 _FACTORS = ("both", "A", "B")
 _SCHEDULES = ("static", "prepass", "dynamic")
 _SCOPES = ("global", "per_type")
-_CLA_METHODS = ("cla", "rcla", "c3la", "rc3la")
-_CHAIN_UNITS = ("steps", "epochs")
-_LAYER_INDEX = re.compile(r"\.(\d+)\.")
-
-
-def module_matches(name: str, target_modules: str | list[str]) -> bool:
-    """PEFT's matching rule: a string is a regex that must match the whole name; a list matches by suffix."""
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
-def _from_dict(cls: type, values: dict[str, Any]) -> Any:
-    """``cls(**values)``, with unknown keys reported by name and nearest valid key."""
-    known = set(cls.__dataclass_fields__)
-    unknown = sorted(set(values) - known)
-    if unknown:
-        hints = [
-            f"{key!r} (did you mean {close[0]!r}?)" if (close := get_close_matches(key, known, n=1)) else repr(key)
-            for key in unknown
-        ]
-        raise ValueError(f"unknown {cls.__name__} keys: {', '.join(hints)}; allowed: {sorted(known)}")
-    return cls(**values)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _is_fraction(value: Any) -> bool:
-    """A schedule phase given as a share of the run: a float in [0, 1)."""
-    return isinstance(value, float) and 0 <= value < 1
-
-
-def phase_problems(name: str, value: Any, minimum: int) -> list[str]:
-    """A schedule phase is an integer number of steps (>= ``minimum``) or a fraction of the run in [0, 1)."""
-    if (isinstance(value, int) and not isinstance(value, bool) and value >= minimum) or _is_fraction(value):
-        if not (minimum == 1 and value == 0.0):
-            return []
-    low = "(0, 1)" if minimum == 1 else "[0, 1)"
-    return [f"`{name}` must be an integer >= {minimum} (steps) or a fraction of the run in {low}, got {value!r}"]
-
-
-def resolve_phase(value: int | float, total: int, minimum: int = 0) -> int:
-    """Steps (or epochs) of a phase: an integer as given, a fraction of ``total`` rounded down, at least ``minimum``.
-
-    >>> resolve_phase(0.1, 32), resolve_phase(5, 32), resolve_phase(0.05, 10, minimum=1)
-    (3, 5, 1)
-    """
-    return max(minimum, int(value * total) if _is_fraction(value) else int(value))
-
-
-def layer_index(name: str) -> int | None:
-    """The first integer path component of a module name (``model.layers.3.mlp`` -> 3), or ``None``."""
-    match = _LAYER_INDEX.search(name + ".")
-    return int(match.group(1)) if match else None
 
 
 @dataclass
@@ -216,7 +152,7 @@ class LoraOverConfig:
             problems += rule.problems(f"rules[{i}]")
             rules.append(rule)
         self.rules = rules
-        if not _is_number(self.capacity) or self.capacity < 0:
+        if not is_number(self.capacity) or self.capacity < 0:
             problems.append(f"`capacity` must be a number >= 0, got {self.capacity!r}")
         if self.factors not in _FACTORS:
             problems.append(f"`factors` must be one of {_FACTORS}, got {self.factors!r}")
@@ -224,9 +160,9 @@ class LoraOverConfig:
             problems.append(f"`num_cores` must be an integer >= 2, got {self.num_cores!r}")
         if not isinstance(self.aux_core_size, int) or self.aux_core_size < 1:
             problems.append(f"`aux_core_size` must be an integer >= 1, got {self.aux_core_size!r}")
-        if self.aux_lr is not None and not (_is_number(self.aux_lr) and self.aux_lr > 0):
+        if self.aux_lr is not None and not (is_number(self.aux_lr) and self.aux_lr > 0):
             problems.append(f"`aux_lr` must be > 0 or None, got {self.aux_lr!r}")
-        if self.init_std is not None and not (_is_number(self.init_std) and self.init_std > 0):
+        if self.init_std is not None and not (is_number(self.init_std) and self.init_std > 0):
             problems.append(f"`init_std` must be > 0 or None, got {self.init_std!r}")
         if self.schedule not in _SCHEDULES:
             problems.append(f"`schedule` must be one of {_SCHEDULES}, got {self.schedule!r}")
@@ -234,7 +170,7 @@ class LoraOverConfig:
             problems.append(f"`scope` must be one of {_SCOPES}, got {self.scope!r}")
         if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
             problems.append(f"`budget` must be an integer >= 1 (auxiliary parameters) or None, got {self.budget!r}")
-        if self.budget_ratio is not None and not (_is_number(self.budget_ratio) and self.budget_ratio > 0):
+        if self.budget_ratio is not None and not (is_number(self.budget_ratio) and self.budget_ratio > 0):
             problems.append(f"`budget_ratio` must be > 0 or None, got {self.budget_ratio!r}")
         if self.budget is not None and self.budget_ratio is not None:
             problems.append("set `budget` or `budget_ratio`, not both")
@@ -247,14 +183,14 @@ class LoraOverConfig:
         problems += phase_problems("interval", self.interval, minimum=1)
         problems += phase_problems("warmup_steps", self.warmup_steps, minimum=0)
         problems += phase_problems("final_steps", self.final_steps, minimum=0)
-        fractions = [v for v in (self.warmup_steps, self.final_steps) if _is_fraction(v)]
+        fractions = [v for v in (self.warmup_steps, self.final_steps) if is_fraction(v)]
         if len(fractions) == 2 and sum(fractions) >= 1:
             problems.append(
                 f"`warmup_steps` + `final_steps` ({self.warmup_steps} + {self.final_steps} of the run) must stay "
                 "below 1: no step would be left to re-allocate"
             )
         for name in ("beta1", "beta2"):
-            if not _is_number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
+            if not is_number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
                 problems.append(f"`{name}` must be a number in [0, 1), got {getattr(self, name)!r}")
         for name in ("uncertainty", "collapse_on_train_end"):
             if not isinstance(getattr(self, name), bool):
@@ -283,134 +219,4 @@ class LoraOverConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LoraOverConfig:
         """Build from a plain dict (YAML, JSON); unknown keys are an error naming them."""
-        return _from_dict(cls, values)
-
-
-@dataclass
-class ClaConfig:
-    """cLA and its variants (Beyond LoRA, arXiv 2606.13767): ``A`` is a fixed window of ``r`` input columns.
-
-    Only ``B`` trains; ``A x`` is a gather of ``r`` input features, not a matmul. ``cla`` takes the window at
-    offset 0, ``rcla`` at a seeded random offset per module. ``c3la`` chains windows: every ``chain_interval``
-    steps (or epochs) the current ``B A`` joins a frozen low-rank part, the window moves on (offsets 0, r, 2r,
-    ..., wrapping) and ``B`` restarts at zero; ``rc3la`` visits the windows in a seeded random order. The
-    result is a standard PEFT LoRA adapter of rank ``windows visited x r``.
-
-    Args:
-        method: ``"cla"``, ``"rcla"``, ``"c3la"`` or ``"rc3la"``.
-        chain_interval: c3la/rc3la: optimizer steps (or epochs, see ``chain_unit``) per window; a float below 1
-            is a fraction of the run (its ``max_steps``, or its epochs), resolved when training starts. The
-            default, a quarter of the run, visits four windows: a collapsed adapter of rank ``4 r``, where a fixed
-            step count would make the rank grow with the run's length.
-        chain_unit: ``"steps"`` or ``"epochs"``.
-        seed: seed of the random offsets (rcla) and window orders (rc3la); every process agrees.
-        adapter_name: the PEFT adapter to turn into cLA.
-        collapse_on_train_end: write the frozen chain into plain LoRA weights at ``on_train_end``.
-
-    Raises:
-        ValueError: listing every invalid field at once.
-    """
-
-    method: str = "cla"
-    chain_interval: int | float = 0.25
-    chain_unit: str = "steps"
-    seed: int = 0
-    adapter_name: str = "default"
-    collapse_on_train_end: bool = True
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.method not in _CLA_METHODS:
-            problems.append(f"`method` must be one of {_CLA_METHODS}, got {self.method!r}")
-        problems += phase_problems("chain_interval", self.chain_interval, minimum=1)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            problems.append(f"`seed` must be an integer >= 0, got {self.seed!r}")
-        if self.chain_unit not in _CHAIN_UNITS:
-            problems.append(f"`chain_unit` must be one of {_CHAIN_UNITS}, got {self.chain_unit!r}")
-        if problems:
-            raise ValueError("invalid ClaConfig: " + "; ".join(problems))
-
-    @property
-    def chained(self) -> bool:
-        """Whether windows move during training (c3la, rc3la)."""
-        return self.method in ("c3la", "rc3la")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ClaConfig:
-        """Build from a plain dict (YAML, JSON); unknown keys are an error naming them."""
-        return _from_dict(cls, values)
-
-
-@dataclass
-class GloraConfig:
-    """GLoRA (arXiv 2306.07967): generalized support tensors, a supernet, and an evolutionary search.
-
-    Per layer ``y = (W0 + W0 (.) A + B) x + b0 + b0 (.) D + E + W0 C``. Each support tensor has choices
-    (A, B: ``lora_R`` for each rank R in ``ranks``, ``vector``, ``scalar``, ``none``; C: ``lora_R``, ``vector``,
-    ``none``; D, E: ``vector``, ``scalar``, ``none``), all sharing one set of stored weights. Training samples
-    a choice per layer each step; the search then picks one per layer by held-out fitness, one-shot.
-
-    Args:
-        ranks: the LoRA ranks on offer (each <= the LoRA ``r`` the weights are stored at); ``None``: ``[r]``.
-        seed: seed of the per-step choices and of the search; every process agrees.
-        population: candidates per generation (the paper: 50).
-        generations: search generations (20).
-        top_k: candidates kept as parents (10).
-        mutation_count: children by mutation per generation (25).
-        crossover_count: children by crossover per generation (25).
-        mutation_prob: chance that a mutation redraws one support tensor of one layer (0.2).
-        param_limit: candidates with more adapter parameters than this are rejected; ``None``: no limit.
-        search_batches: held-out batches each candidate is scored on.
-        search_fraction: share of the training data held out for the search when no eval split is given
-            (used by the SFT command).
-        new_biases: allow C and E (and so a new bias) on layers without one; a merged Llama then has
-            ``attention_bias`` / ``mlp_bias`` set.
-        adapter_name: the PEFT adapter whose layers become GLoRA layers.
-
-    Raises:
-        ValueError: listing every invalid field at once.
-    """
-
-    ranks: list[int] | None = None
-    seed: int = 0
-    population: int = 50
-    generations: int = 20
-    top_k: int = 10
-    mutation_count: int = 25
-    crossover_count: int = 25
-    mutation_prob: float = 0.2
-    param_limit: int | None = None
-    search_batches: int = 8
-    search_fraction: float = 0.05
-    new_biases: bool = True
-    adapter_name: str = "default"
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.ranks is not None and (
-            not isinstance(self.ranks, list | tuple)
-            or not self.ranks
-            or not all(isinstance(r, int) and r >= 1 for r in self.ranks)
-        ):
-            problems.append(f"`ranks` must be a non-empty list of integers >= 1 or None, got {self.ranks!r}")
-        for name in ("population", "generations", "top_k", "search_batches"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                problems.append(f"`{name}` must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("mutation_count", "crossover_count"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                problems.append(f"`{name}` must be an integer >= 0, got {getattr(self, name)!r}")
-        if isinstance(self.top_k, int) and isinstance(self.population, int) and self.top_k > self.population:
-            problems.append(f"`top_k` ({self.top_k}) must not exceed `population` ({self.population})")
-        if not isinstance(self.mutation_prob, int | float) or not 0 <= self.mutation_prob <= 1:
-            problems.append(f"`mutation_prob` must be in [0, 1], got {self.mutation_prob!r}")
-        if self.param_limit is not None and (not isinstance(self.param_limit, int) or self.param_limit < 0):
-            problems.append(f"`param_limit` must be an integer >= 0 or None, got {self.param_limit!r}")
-        if not isinstance(self.search_fraction, int | float) or not 0 < self.search_fraction < 1:
-            problems.append(f"`search_fraction` must be in (0, 1), got {self.search_fraction!r}")
-        if problems:
-            raise ValueError("invalid GloraConfig: " + "; ".join(problems))
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> GloraConfig:
-        """Build from a plain dict (YAML, JSON); unknown keys are an error naming them."""
-        return _from_dict(cls, values)
+        return from_dict(cls, values)

@@ -1,0 +1,7 @@
+"""``python -m lora_over_trl.analyze`` (and ``accelerate launch -m lora_over_trl.analyze``)."""
+
+import sys
+
+from lora_over_trl.analyze.command import main
+
+sys.exit(main())

@@ -1,0 +1,7 @@
+"""``python -m lora_over_trl.eval`` (and ``accelerate launch -m lora_over_trl.eval``)."""
+
+import sys
+
+from lora_over_trl.eval.command import main
+
+sys.exit(main())
