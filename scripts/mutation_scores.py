@@ -18,8 +18,9 @@ KILLED = {"killed", "timeout", "caught by type check", "segfault"}
 
 
 def module_of(mutant: str) -> str:
-    """``lora_over_trl.lora_over.mpo.x_contract__mutmut_3`` and ``lora_over_trl.lora_over.bank.xǁFactorBankǁrepack__mutmut_7``:
-    the module is everything before the mangled function name."""
+    """``lora_over_trl.lora_over.mpo.x_contract__mutmut_3`` and
+    ``lora_over_trl.lora_over.bank.xǁFactorBankǁrepack__mutmut_7``: the module is everything before the mangled
+    function name."""
     return re.split(r"\.x[_ǁ]", mutant, maxsplit=1)[0]
 
 

@@ -207,8 +207,8 @@ def test_callback_events_chain_by_steps_or_epochs_reset_b_and_save_on_rank_zero(
     rank kept."""
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from lora_over_trl.lora_over.callback import ScheduleSetupError
     from lora_over_trl.methods.cla.callback import CHAIN_FILE
+    from lora_over_trl.utils.callbacks import ScheduleSetupError
 
     control = TrainerControl()
     raises_exactly(

@@ -152,17 +152,20 @@ def test_refused_before_anything_is_loaded(workspace, tmp_path, capsys, monkeypa
         monkeypatch.setenv(key, value)
     assert main([str(write_recipe(workspace, tmp_path, **{**RUN, **overrides}))]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last and "examples/accelerate/" in last, last
+    assert last.startswith("error: ") and message in last and "launch as DDP instead" in last, last
     assert not (tmp_path / "run").exists()
 
 
 def test_what_runs_is_not_refused(monkeypatch):
-    from lora_over_trl.utils.distributed import ShardedMode, refusal
+    from lora_over_trl import ClaConfig, LoraOverConfig
+    from lora_over_trl.registry import refusal
+    from lora_over_trl.utils.distributed import ShardedMode
 
+    static, dynamic = LoraOverConfig(schedule="static"), LoraOverConfig(schedule="dynamic")
     for mode in (None, ShardedMode("fsdp", 2), ShardedMode("deepspeed", 2)):
-        assert refusal("lora_over", "static", mode) is None and refusal("lora", None, mode) is None
+        assert refusal("lora_over", static, mode) is None and refusal("lora", None, mode) is None
     assert refusal("lora", None, ShardedMode("deepspeed", 3)) is None
-    assert refusal("lora_over", "dynamic", None) is None and refusal("c3la", None, None) is None
+    assert refusal("lora_over", dynamic, None) is None and refusal("c3la", ClaConfig(method="c3la"), None) is None
 
 
 @pytest.mark.parametrize("config", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
@@ -183,7 +186,7 @@ def test_the_callback_refuses_a_sharded_run_in_a_script(tiny_llama_dir, tokenize
     from conftest import make_sft_trainer
 
     from lora_over_trl import LoraOverCallback, LoraOverConfig
-    from lora_over_trl.lora_over.callback import ScheduleSetupError
+    from lora_over_trl.utils.callbacks import ScheduleSetupError
 
     for key, value in FSDP2.items():
         monkeypatch.setenv(key, value)

@@ -399,7 +399,7 @@ def test_resume_draws_and_trains_as_the_uninterrupted_run(tiny_llama_dir, tokeni
 
 
 def test_ranks_above_the_stored_rank_are_refused(tiny_llama_dir, tokenizer, tmp_path):
-    from lora_over_trl.lora_over.callback import ScheduleSetupError
+    from lora_over_trl.utils.callbacks import ScheduleSetupError
 
     with pytest.raises(ScheduleSetupError, match="glora.ranks: 8 exceeds the LoRA r \\(4\\)"):
         glora_trainer(tiny_llama_dir, tokenizer, tmp_path / "x", GloraConfig(ranks=[2, 8]))

@@ -59,10 +59,12 @@ from lora_over_trl.lora_over.model import (
 from lora_over_trl.lora_over.optim import group_index, sync_optimizer
 from lora_over_trl.lora_over.schedule import SensitivityTracker, allocate, allocate_levels
 from lora_over_trl.lora_over.schedule.picture import draw_allocation
-from lora_over_trl.utils.distributed import launch_mode, refusal
+from lora_over_trl.registry import refusal
+from lora_over_trl.utils.callbacks import ScheduleSetupError, restore_before_load
+from lora_over_trl.utils.distributed import launch_mode
 from lora_over_trl.utils.fields import resolve_phase
 
-__all__ = ["LoraOverCallback", "ScheduleSetupError", "restore_before_load"]
+__all__ = ["LoraOverCallback"]
 
 logger = logging.getLogger(__name__)
 DEFAULT_BUDGET_SHARE = 0.5  # prepass/dynamic without a budget: this share of every module's cost at `capacity`
@@ -70,10 +72,6 @@ SCHEDULER_FILE = "lora_over_scheduler.json"
 HISTORY_FILE = "lora_over_history.json"
 PICTURE_FILE = "lora_over_allocation.png"
 FSDP_MODEL_FILE = "pytorch_model_fsdp.bin"  # accelerate's model file under FSDP with FULL_STATE_DICT
-
-
-class ScheduleSetupError(ValueError):
-    """A schedule that cannot run on this model or run (raised before any training step)."""
 
 
 class LoraOverCallback(TrainerCallback):
@@ -117,7 +115,7 @@ class LoraOverCallback(TrainerCallback):
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         config = self.config
-        refused = refusal("lora_over", config.schedule, launch_mode(args))
+        refused = refusal("lora_over", config, launch_mode(args))
         if refused:  # before anything is installed: FSDP/DeepSpeed wrap the model after this event
             raise ScheduleSetupError(f"LoraOverCallback: {refused}")
         layers = lora_modules(model, config.adapter_name)
@@ -566,21 +564,6 @@ def _sensitivity(held: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         return held
     weight, grad = held
     return (weight.detach() * grad.detach()).abs().sum().float()
-
-
-def restore_before_load(model: nn.Module, restore: Callable[[Path], None]) -> None:
-    """Make ``model.load_adapter`` run ``restore(checkpoint folder)`` first.
-
-    On resume the Trainer loads the checkpoint's adapter weights before any callback event: a callback that
-    changed the adapter's structure (cores, windows) rebuilds the recorded one here, so the weights fit it.
-    """
-    original = model.load_adapter
-
-    def load_adapter(model_id, adapter_name, *args, **kwargs):
-        restore(Path(model_id))
-        return original(model_id, adapter_name, *args, **kwargs)
-
-    model.load_adapter = load_adapter
 
 
 def _restore_layouts(callback: LoraOverCallback, folder: Path) -> None:

@@ -147,9 +147,10 @@ def parse_recipe(argv: list[str]) -> tuple[Any, ...]:
     except RecipeError as err:
         problems.append(str(err))
     else:
-        from lora_over_trl.utils.distributed import launch_mode, refusal
+        from lora_over_trl.registry import refusal
+        from lora_over_trl.utils.distributed import launch_mode
 
-        refused = refusal(run_args.method, getattr(method_config, "schedule", None), launch_mode(training_args))
+        refused = refusal(run_args.method, method_config, launch_mode(training_args))
         if refused:
             problems.append(refused)
     if problems:
@@ -604,7 +605,7 @@ def train(parsed: tuple[Any, ...]) -> Path:
     if state.is_main_process:
         for path in stale:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    from lora_over_trl.lora_over.callback import ScheduleSetupError
+    from lora_over_trl.utils.callbacks import ScheduleSetupError
 
     try:  # SFTTrainer and the callback check data and schedule here, before any step
         trainer, callback = build_trainer(

@@ -1,4 +1,5 @@
-"""Beyond data parallel: which sharded mode a run is in, which methods run there, and what FSDP2 sharded.
+"""Beyond data parallel: which sharded mode a run is in, and what FSDP2 sharded (:mod:`lora_over_trl.registry`
+says which method runs where).
 
 ``accelerate launch --config_file`` tells the processes it starts through environment variables
 (``ACCELERATE_USE_FSDP`` and ``FSDP_VERSION``; ``ACCELERATE_USE_DEEPSPEED`` and ``ACCELERATE_DEEPSPEED_ZERO_STAGE``);
@@ -32,9 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ShardedMode", "gathered", "launch_mode", "refusal", "sharding_report"]
-
-DDP_CONFIG = "examples/accelerate/ddp.yaml"
+__all__ = ["ShardedMode", "gathered", "launch_mode", "sharding_report"]
 
 
 @dataclass(frozen=True)
@@ -88,46 +87,6 @@ def _read_json(path: str) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}  # TrainingArguments reports a bad DeepSpeed config itself
-
-
-def refusal(method: str, schedule: str | None, mode: ShardedMode | None) -> str | None:
-    """Why ``method`` (LoRA-Over: with ``schedule``) cannot train under ``mode``, and the alternative; else ``None``.
-
-    The message starts with the recipe key it is about (``method`` or ``lora_over.schedule``).
-    """
-    if mode is None or method == "lora":
-        return None
-    use_ddp = f"launch with {DDP_CONFIG} (DDP) instead"
-    if mode.kind == "fsdp" and mode.level != 2:
-        return f"method: {method!r} under FSDP{mode.level} is not supported; set fsdp_version: 2, or {use_ddp}"
-    if mode.kind == "deepspeed" and mode.level >= 3:
-        return (
-            f"method: {method!r} under {mode.label} is not supported: ZeRO-3 empties every parameter outside its "
-            f"module's forward, and this method reads and rewrites LoRA weights there; use ZeRO-2 "
-            f"(examples/accelerate/deepspeed_zero2.yaml) with plain LoRA or LoRA-Over's static schedule, or {use_ddp}"
-        )
-    if method == "lora_over":
-        if schedule == "static":
-            return None
-        why = (
-            "a module entering the bank mid-run turns LoRA weights that FSDP2 already sharded with their decoder "
-            "layer into banked ones"
-            if mode.kind == "fsdp"
-            else "a re-allocation moves the bank's values and Adam moments in place, and ZeRO keeps the moments in its "
-            "own partitions and copies its master weights back over the parameters after every step"
-        )
-        return (
-            f"lora_over.schedule: {schedule!r} under {mode.label} is not supported: {why}; use schedule: static, "
-            f"or {use_ddp}"
-        )
-    if method in ("cla", "rcla") and mode.kind == "deepspeed":
-        return None
-    what = {
-        "glora": "GLoRA's supernet rewrites the LoRA weights outside a forward and its search runs on one process",
-        "cla": "cLA's window and collapse rewrite the LoRA weights in place outside a forward",
-        "rcla": "cLA's window and collapse rewrite the LoRA weights in place outside a forward",
-    }.get(method, "the chain freezes and restarts B in place and resets its optimizer state between steps")
-    return f"method: {method!r} under {mode.label} is not supported: {what}; {use_ddp}"
 
 
 def sharding_report(model: nn.Module) -> dict[str, int]:

@@ -22,11 +22,12 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-from lora_over_trl.lora_over.callback import ScheduleSetupError, restore_before_load
 from lora_over_trl.lora_over.model import lora_modules
 from lora_over_trl.methods.cla.config import ClaConfig
 from lora_over_trl.methods.cla.model import collapse_cla, install_cla, next_window, restore_chain
-from lora_over_trl.utils.distributed import launch_mode, refusal
+from lora_over_trl.registry import refusal
+from lora_over_trl.utils.callbacks import ScheduleSetupError, restore_before_load
+from lora_over_trl.utils.distributed import launch_mode
 from lora_over_trl.utils.fields import resolve_phase
 
 __all__ = ["ClaCallback", "CHAIN_FILE", "CHAIN_TENSORS"]
@@ -57,7 +58,7 @@ class ClaCallback(TrainerCallback):
         self.every: int | None = None  # chain_interval in steps or epochs, resolved against the run at its start
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
-        refused = refusal(self.config.method, None, launch_mode(args))
+        refused = refusal(self.config.method, self.config, launch_mode(args))
         if refused:
             raise ScheduleSetupError(f"ClaCallback: {refused}")
         if not lora_modules(model, self.config.adapter_name):

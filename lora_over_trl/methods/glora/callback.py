@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from lora_over_trl.lora_over.callback import ScheduleSetupError
 from lora_over_trl.lora_over.model import lora_modules
 from lora_over_trl.methods.glora.config import GloraConfig
 from lora_over_trl.methods.glora.model import (
@@ -37,7 +36,9 @@ from lora_over_trl.methods.glora.model import (
     sample_choices,
 )
 from lora_over_trl.methods.glora.search import SearchResult, evolutionary_search
-from lora_over_trl.utils.distributed import launch_mode, refusal
+from lora_over_trl.registry import refusal
+from lora_over_trl.utils.callbacks import ScheduleSetupError
+from lora_over_trl.utils.distributed import launch_mode
 
 __all__ = ["SEARCH_FILE", "GloraCallback", "held_out_fitness", "search_glora"]
 
@@ -64,7 +65,7 @@ class GloraCallback(TrainerCallback):
         self.model = None
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
-        refused = refusal("glora", None, launch_mode(args))
+        refused = refusal("glora", self.config, launch_mode(args))
         if refused:
             raise ScheduleSetupError(f"GloraCallback: {refused}")
         if not lora_modules(model, self.config.adapter_name):

@@ -1,0 +1,222 @@
+"""Every method this package trains, in one table: the only place a method's name is mapped to what it is.
+
+The SFT command, the Axolotl plugin, the distributed checks and the benchmarks ask this table; none of them
+branches on a method's name. Adding a method means one entry here and the method's own folder.
+
+    >>> from lora_over_trl.registry import METHODS, build_callback
+    >>> METHODS["c3la"].section
+    'cla'
+    >>> callback = build_callback("lora_over", {"schedule": "dynamic"})   # a LoraOverCallback
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["METHODS", "Method", "build_callback", "build_config", "get_method", "refusal", "sections"]
+
+USE_DDP = "launch as DDP instead (`accelerate launch --multi_gpu`, no FSDP or DeepSpeed in its config)"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One trainable method and everything the rest of the package needs to know about it.
+
+    Args:
+        name: the recipe's ``method:`` value (and the Axolotl plugin's ``lora_over_method:``).
+        help: one line for ``--help`` and the docs.
+        section: the recipe section holding its settings (``--SECTION.KEY value`` flags); ``None``: no settings.
+        config: ``"module:Class"`` of its config dataclass (imported on first use); ``None``: plain LoRA.
+        callback: ``"module:Class"`` of its Trainer callback, built from the config.
+        variant: the config's ``method`` field names the variant (the cLA family shares one section).
+        axolotl_section: the Axolotl plugin's key for the section; ``None``: the plugin takes no settings for it.
+        axolotl_refusal: why the Axolotl plugin does not offer it (``None``: offered).
+        artifact: the folder that holds the trained function and that evaluation scores (``adapter`` or ``merged``).
+        needs_held_out: it scores held-out rows after training (a split of the training data when none is given).
+        outputs: files its callback writes into the output folder.
+        finish: ``"module:function"`` called as ``finish(trainer, output_dir=...)`` on the main process after
+            training (GLoRA's search).
+        save: ``"module:function"`` that writes the run's folders instead of the default ``adapter/`` (and
+            ``merged/``): ``save(trainer, tokenizer, output_dir)``.
+        fsdp2: why it cannot train under FSDP2 (``None``: it can).
+        deepspeed: why it cannot train under DeepSpeed ZeRO-1/2 (``None``: it can).
+        unused_parameters: whether, with this config, some trainable weights get no gradient in a step (DDP must
+            then be told to look for unused parameters).
+    """
+
+    name: str
+    help: str
+    section: str | None = None
+    config: str | None = None
+    callback: str | None = None
+    variant: bool = False
+    axolotl_section: str | None = None
+    axolotl_refusal: str | None = None
+    artifact: str = "adapter"
+    needs_held_out: bool = False
+    outputs: tuple[str, ...] = ()
+    finish: str | None = None
+    save: str | None = None
+    fsdp2: str | Callable[[Any], str | None] | None = None
+    deepspeed: str | Callable[[Any], str | None] | None = None
+    unused_parameters: Callable[[Any], bool] = lambda config: False
+
+    def config_class(self) -> type | None:
+        return _load(self.config) if self.config else None
+
+    def callback_class(self) -> type | None:
+        return _load(self.callback) if self.callback else None
+
+
+def _load(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _scheduled(config: Any) -> bool:
+    return config.schedule != "static"
+
+
+def _lora_over_sharded(kind: str) -> Callable[[Any], str | None]:
+    why = {
+        "fsdp": "a module entering the bank mid-run turns LoRA weights that FSDP2 already sharded with their decoder "
+        "layer into banked ones",
+        "deepspeed": "a re-allocation moves the bank's values and Adam moments in place, and ZeRO keeps the moments "
+        "in its own partitions and copies its master weights back over the parameters after every step",
+    }[kind]
+
+    def refuse(config: Any) -> str | None:
+        if config.schedule == "static":
+            return None
+        return f"lora_over.schedule: {config.schedule!r} under {{mode}} is not supported: {why}; use schedule: static"
+
+    return refuse
+
+
+_CLA_WINDOW = "cLA's window and collapse rewrite the LoRA weights in place outside a forward"
+_CHAIN = "the chain freezes and restarts B in place and resets its optimizer state between steps"
+_GLORA = "GLoRA's supernet rewrites the LoRA weights outside a forward and its search runs on one process"
+_CLA = dict(
+    section="cla",
+    config="lora_over_trl.methods.cla.config:ClaConfig",
+    callback="lora_over_trl.methods.cla.callback:ClaCallback",
+    variant=True,
+    axolotl_section="lora_over_cla",
+)
+
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in [
+        Method(
+            "lora_over",
+            "over-parameterized factors (tensor-train cores), collapsed to a standard LoRA adapter at the end",
+            section="lora_over",
+            config="lora_over_trl.lora_over.config:LoraOverConfig",
+            callback="lora_over_trl.lora_over.callback:LoraOverCallback",
+            axolotl_section="lora_over",
+            outputs=("lora_over_history.json", "lora_over_allocation.png"),
+            fsdp2=_lora_over_sharded("fsdp"),
+            deepspeed=_lora_over_sharded("deepspeed"),
+            unused_parameters=_scheduled,
+        ),
+        Method("lora", "plain LoRA, as PEFT trains it (the baseline)"),
+        Method("cla", "A a fixed window of r input columns (offset 0); only B trains", fsdp2=_CLA_WINDOW, **_CLA),
+        Method("rcla", "cLA with a seeded random window offset per module", fsdp2=_CLA_WINDOW, **_CLA),
+        Method(
+            "c3la", "chained cLA: windows 0, r, 2r, ... each trained in turn", fsdp2=_CHAIN, deepspeed=_CHAIN, **_CLA
+        ),
+        Method(
+            "rc3la", "chained cLA visiting the windows in a seeded random order", fsdp2=_CHAIN, deepspeed=_CHAIN, **_CLA
+        ),
+        Method(
+            "glora",
+            "supernet of support tensors, evolutionary search after training, merged at the end",
+            section="glora",
+            config="lora_over_trl.methods.glora.config:GloraConfig",
+            callback="lora_over_trl.methods.glora.callback:GloraCallback",
+            axolotl_refusal="its result is a merged model chosen by a search after training, not the PEFT adapter "
+            "Axolotl saves; train it with `python -m lora_over_trl.sft` and `method: glora`",
+            artifact="merged",
+            needs_held_out=True,
+            outputs=("glora_search.json",),
+            finish="lora_over_trl.methods.glora.callback:search_glora",
+            save="lora_over_trl.methods.glora.export:save_glora_outputs",
+            fsdp2=_GLORA,
+            deepspeed=_GLORA,
+            unused_parameters=lambda config: True,
+        ),
+    ]
+}
+
+
+def get_method(name: str) -> Method:
+    """The entry for ``name``.
+
+    Raises:
+        ValueError: ``method: 'x' is not one of [...]``.
+    """
+    if name not in METHODS:
+        raise ValueError(f"method: {name!r} is not one of {list(METHODS)}")
+    return METHODS[name]
+
+
+def sections() -> list[str]:
+    """The recipe sections of all methods, in table order (``lora_over``, ``cla``, ``glora``)."""
+    return list(dict.fromkeys(m.section for m in METHODS.values() if m.section))
+
+
+def build_config(name: str, settings: dict[str, Any] | None = None) -> Any:
+    """The method's config from its section's settings (``None`` for plain LoRA).
+
+    Raises:
+        ValueError: a bad setting, from the config's own checks; a cLA variant set inside the section.
+    """
+    method = get_method(name)
+    cls = method.config_class()
+    if cls is None:
+        return None
+    settings = dict(settings or {})
+    if method.variant:
+        if "method" in settings:
+            raise ValueError("set the variant with the top-level `method`, not inside `cla:`")
+        settings["method"] = name
+    return cls.from_dict(settings)
+
+
+def build_callback(name: str, config: Any = None) -> Any:
+    """The method's Trainer callback (``None`` for plain LoRA); ``config`` is its config or a dict of settings."""
+    method = get_method(name)
+    if method.callback is None:
+        return None
+    if config is None or isinstance(config, dict):
+        config = build_config(name, config)
+    return method.callback_class()(config)
+
+
+def refusal(name: str, config: Any, mode: Any) -> str | None:
+    """Why ``name`` (with ``config``) cannot train under the sharded ``mode``, and the alternative; else ``None``.
+
+    ``mode`` is a :class:`lora_over_trl.utils.distributed.ShardedMode` or ``None`` (DDP or one process). The
+    message starts with the recipe key it is about (``method`` or ``lora_over.schedule``).
+    """
+    method = get_method(name)
+    if mode is None or method.callback is None:
+        return None
+    if mode.kind == "fsdp" and mode.level != 2:
+        return f"method: {name!r} under FSDP{mode.level} is not supported; set fsdp_version: 2, or {USE_DDP}"
+    if mode.kind == "deepspeed" and mode.level >= 3:
+        return (
+            f"method: {name!r} under {mode.label} is not supported: ZeRO-3 empties every parameter outside its "
+            f"module's forward, and this method reads and rewrites LoRA weights there; use ZeRO-2 "
+            f"(zero_stage: 2) with plain LoRA or LoRA-Over's static schedule, or {USE_DDP}"
+        )
+    limit = method.fsdp2 if mode.kind == "fsdp" else method.deepspeed
+    why = limit(config) if callable(limit) else limit
+    if why is None:
+        return None
+    if callable(limit):  # the reason names its own key
+        return f"{why.format(mode=mode.label)}, or {USE_DDP}"
+    return f"method: {name!r} under {mode.label} is not supported: {why}; {USE_DDP}"
