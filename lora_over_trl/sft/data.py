@@ -12,13 +12,22 @@ template over columns::
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 from typing import Any
 
 from lora_over_trl.utils.errors import first_line
 
-__all__ = ["DataError", "LOCAL_BUILDERS", "load_local_or_hub", "map_columns", "check_format", "TARGETS"]
+__all__ = [
+    "LOCAL_BUILDERS",
+    "TARGETS",
+    "DataError",
+    "check_format",
+    "load_local_or_hub",
+    "load_train_eval_data",
+    "map_columns",
+]
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 TARGETS = ("messages", "prompt", "completion", "text")
@@ -123,3 +132,55 @@ def _as_messages(turns: Any) -> list[dict[str, str]]:
             speaker = str(turn["from"]).lower()
             messages.append({"role": _SHAREGPT_ROLES.get(speaker, speaker), "content": turn["value"]})
     return messages
+
+
+def load_train_eval_data(script_args: Any, training_args: Any, dataset_args: Any, run_args: Any):
+    """``(train, eval or None)`` with TRL's columns, or a RecipeError naming the field."""
+    from lora_over_trl.sft.recipe import RecipeError
+
+    try:
+        if dataset_args.datasets:
+            train, test = _mixture(dataset_args)
+        elif script_args.dataset_name:
+            train = load_local_or_hub(
+                script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split
+            )
+            test = None
+            if training_args.eval_strategy != "no":
+                test = load_local_or_hub(
+                    script_args.dataset_name, script_args.dataset_config, script_args.dataset_test_split
+                )
+        else:
+            raise DataError("dataset_name or datasets: the recipe names no training data")
+        if training_args.eval_strategy == "no":
+            test = None
+        elif test is None:
+            raise DataError(f"eval_strategy={training_args.eval_strategy}: no evaluation split (test_split_size?)")
+        mapping = run_args.dataset_columns
+        if isinstance(mapping, str):
+            mapping = json.loads(mapping)
+        parts = []
+        for part in (train, test):
+            if part is not None and mapping:
+                part = map_columns(part, mapping)
+            if part is not None:
+                check_format(part, training_args.dataset_text_field)
+            parts.append(part)
+        return parts[0], parts[1]
+    except DataError as err:
+        raise RecipeError(str(err)) from err
+
+
+def _mixture(dataset_args: Any):
+    from trl import get_dataset
+
+    for spec in dataset_args.datasets:
+        files = spec.data_files
+        for name in [files] if isinstance(files, str) else list(files or []):
+            if isinstance(name, str) and not any(ch in name for ch in "*?[") and not Path(name).exists():
+                raise DataError(f"datasets: data_files {name} does not exist")
+    try:
+        dataset = get_dataset(dataset_args)
+    except Exception as err:
+        raise DataError(f"datasets: cannot load the mixture: {first_line(err)}") from err
+    return dataset["train"], dataset["test"] if "test" in dataset else None

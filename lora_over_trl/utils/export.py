@@ -68,7 +68,7 @@ def export_merged(
     with staged_directory(output_dir, overwrite=overwrite) as staging, tempfile.TemporaryDirectory() as scratch:
         model.save_pretrained(scratch, selected_adapters=[adapter_name], state_dict=adapter_state)
         adapter_dir = scratch if adapter_name == "default" else os.path.join(scratch, adapter_name)
-        base = _load_base(base_class, base_path, quantization)
+        base = load_base(base_class, base_path, quantization)
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().to(dtype)
         merged.config.dtype = dtype
         merged.save_pretrained(staging)
@@ -77,7 +77,7 @@ def export_merged(
     return Path(output_dir)
 
 
-def _load_base(base_class: type[nn.Module], path: str, quantization: Any) -> nn.Module:
+def load_base(base_class: type[nn.Module], path: str, quantization: Any) -> nn.Module:
     """The base in float32; a quantized base is reloaded quantized, then dequantized to plain linears."""
     if quantization is None:
         return base_class.from_pretrained(path, dtype=torch.float32)

@@ -253,7 +253,7 @@ def test_sft_command_on_the_device_keeps_bitsandbytes_gpu_layout_and_writes_an_a
     import bitsandbytes as bnb
     from trl import ModelConfig, SFTConfig
 
-    from lora_over_trl.sft.command import load_model_and_tokenizer
+    from lora_over_trl.sft.trainer import load_model_and_tokenizer
 
     train_tokenizer(problems(2000)).save_pretrained(base_dir)
     model_args = ModelConfig(

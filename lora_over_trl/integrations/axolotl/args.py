@@ -24,19 +24,16 @@ from pydantic import BaseModel, Field, model_validator
 
 from lora_over_trl.lora_over.config import LoraOverConfig
 from lora_over_trl.methods.cla.config import ClaConfig
-from lora_over_trl.sft.command import CLA_METHODS
+from lora_over_trl.registry import METHODS as REGISTRY
+from lora_over_trl.registry import build_config
 from lora_over_trl.utils.errors import one_line
 
 __all__ = ["LoraOverArgs", "config_problems", "method_config"]
 
-METHODS = ("lora_over", "lora", *CLA_METHODS)
-SECTION_KEYS = {"lora_over": "lora_over", **dict.fromkeys(CLA_METHODS, "lora_over_cla")}  # method -> its section
+METHODS = tuple(name for name, method in REGISTRY.items() if method.axolotl_refusal is None)
+SECTION_KEYS = {name: method.axolotl_section for name, method in REGISTRY.items() if method.axolotl_section}
 ADAPTERS = ("lora", "qlora")
 KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
-GLORA_REFUSAL = (
-    "GLoRA is not offered through Axolotl: its result is a merged model chosen by a search after training, "
-    "not the PEFT adapter Axolotl saves; train it with `python -m lora_over_trl.sft` and `method: glora`"
-)
 # Axolotl settings under which a method would be silently wrong: key -> why. Each is refused when set truthy.
 REFUSED = {
     "peft_use_dora": "DoRA's magnitude vector is outside the LoRA factors the methods re-parameterize and collapse",
@@ -85,8 +82,10 @@ def method_config(get: Callable[[str], Any]) -> LoraOverConfig | ClaConfig | Non
         ValueError: one line naming the key, showing the value and saying what is allowed.
     """
     method = get("lora_over_method") or "lora_over"
-    if method == "glora":
-        raise ValueError(f"lora_over_method: 'glora': {GLORA_REFUSAL}")
+    refused = REGISTRY[method].axolotl_refusal if method in REGISTRY else None
+    if refused:
+        label = REGISTRY[method].label
+        raise ValueError(f"lora_over_method: {method!r}: {label} is not offered through Axolotl: {refused}")
     if method not in METHODS:
         raise ValueError(f"lora_over_method: {method!r} is not one of {list(METHODS)}")
     section = SECTION_KEYS.get(method)
@@ -97,12 +96,9 @@ def method_config(get: Callable[[str], Any]) -> LoraOverConfig | ClaConfig | Non
         return None
     values = dict(get(section) or {})
     try:
-        if section == "lora_over":
-            config = LoraOverConfig.from_dict(values)
-        else:
-            if "method" in values:
-                raise ValueError("set the variant with `lora_over_method`, not inside `lora_over_cla`")
-            config = ClaConfig.from_dict({**values, "method": method})
+        if REGISTRY[method].variant and "method" in values:
+            raise ValueError(f"set the variant with `lora_over_method`, not inside `{section}`")
+        config = build_config(method, values)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{section}: {one_line(err)}") from err
     if not config.collapse_on_train_end:
@@ -143,9 +139,10 @@ def config_problems(get: Callable[[str], Any]) -> list[str]:
     for key, why in REFUSED.items():
         if get(key):
             problems.append(f"{key}: {get(key)!r} is not allowed with lora_over_method {method!r}: {why}; remove it")
-    if method in CLA_METHODS and get("lora_model_dir"):
+    replaces = REGISTRY[method].replaces_lora_a
+    if replaces and get("lora_model_dir"):
         problems.append(
-            f"lora_model_dir: {get('lora_model_dir')!r}: {method} replaces lora_A by a column window, which would "
+            f"lora_model_dir: {get('lora_model_dir')!r}: {method} {replaces}, which would "
             "discard the loaded adapter; remove it (resume with resume_from_checkpoint instead)"
         )
     processes = int(os.environ.get("WORLD_SIZE", "1"))

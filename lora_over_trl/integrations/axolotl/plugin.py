@@ -64,14 +64,12 @@ class LoraOverPlugin(BasePlugin):
 
     def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> list:
         """The method's callback, given to the Trainer's constructor so that its ``on_init_end`` runs there."""
-        from lora_over_trl.lora_over.callback import LoraOverCallback
-        from lora_over_trl.lora_over.config import LoraOverConfig
-        from lora_over_trl.methods import ClaCallback
+        from lora_over_trl.registry import build_callback
 
         config = method_config(cfg.get)  # validated already at config time; rebuilt from the same keys
         if config is None:
             return []
-        self.callback = (LoraOverCallback if isinstance(config, LoraOverConfig) else ClaCallback)(config)
+        self.callback = build_callback(cfg.lora_over_method or "lora_over", config)
         logger.info("lora_over_trl: %s with %s", cfg.lora_over_method, config)
         return [self.callback]
 

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
@@ -109,6 +110,10 @@ class ClaCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.config.collapse_on_train_end:
             self.rank = collapse_cla(self.model, self.config.adapter_name)
+
+    def run_summary(self) -> dict[str, Any]:
+        """The SFT command's ``summary.json`` fields of this run: the collapsed rank, windows visited, chain step."""
+        return {"cla": {"rank": self.rank, "windows": self.position + 1, "chain_every": self.every}}
 
     def _restore_chain(self, folder: Path) -> None:
         """Rebuild the chain recorded in a checkpoint (nothing for a checkpoint without one)."""

@@ -89,6 +89,21 @@ class GloraCallback(TrainerCallback):
         rng = random.Random(f"glora:{self.config.seed}:{step}")
         fix_choices(self.model, sample_choices(self.spaces, rng), self.config.adapter_name)
 
+    def run_summary(self) -> dict[str, Any]:
+        """The SFT command's ``summary.json`` fields of this run: the search's held-out loss, the chosen
+        configuration's size, and why its result is not LoRA-shaped (``None`` when it is)."""
+        from lora_over_trl.methods.glora.export import lora_expressible
+
+        search = self.search
+        return {
+            "glora": {
+                "held_out_loss": -search.fitness,
+                "params": search.params,
+                "evaluations": search.evaluations,
+                "not_lora": lora_expressible(self.model, self.config.adapter_name),
+            }
+        }
+
     def params(self, choices: dict[str, Choice]) -> int:
         """Adapter parameters of a configuration."""
         layers = glora_modules(self.model, self.config.adapter_name)

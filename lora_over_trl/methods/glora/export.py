@@ -23,9 +23,9 @@ from torch import nn
 
 from lora_over_trl.methods.glora.model import Choice, glora_modules
 from lora_over_trl.utils.atomic import staged_directory
-from lora_over_trl.utils.export import _load_base
+from lora_over_trl.utils.export import load_base
 
-__all__ = ["bias_switches", "export_glora", "export_glora_lora", "lora_expressible"]
+__all__ = ["bias_switches", "export_glora", "export_glora_lora", "lora_expressible", "save_glora_outputs"]
 
 
 def _chosen(model: nn.Module, adapter_name: str) -> dict[str, tuple[nn.Module, Choice]]:
@@ -64,7 +64,7 @@ def export_glora(
     if not base_path:
         raise ValueError("export_glora: the adapter config records no base model; pass `base_model_name_or_path`")
     quantization = getattr(model.get_base_model().config, "quantization_config", None)
-    base = _load_base(type(model.get_base_model()), base_path, quantization)
+    base = load_base(type(model.get_base_model()), base_path, quantization)
     new_biases = {}
     with torch.no_grad():
         for name, (supernet, choice) in chosen.items():
@@ -190,3 +190,10 @@ def export_glora_lora(
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
     return Path(output_dir)
+
+
+def save_glora_outputs(trainer: Any, tokenizer: Any, output_dir: Path) -> None:
+    """The SFT command's folders for a GLoRA run: ``merged/`` (the re-parameterized model) always, ``adapter/``
+    only where the chosen configuration is plain LoRA (:func:`export_glora_lora` leaves it out otherwise)."""
+    export_glora(trainer.model, output_dir / "merged", tokenizer=tokenizer, overwrite=True)
+    export_glora_lora(trainer.model, output_dir / "adapter", tokenizer=tokenizer, overwrite=True)

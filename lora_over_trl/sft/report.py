@@ -1,0 +1,130 @@
+"""After training: the run scored with :mod:`lora_over_trl.eval`, and the end-of-run report (what was written,
+the scores beside the base's, and the plain ``lm_eval`` line that reproduces them)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+from pathlib import Path
+from typing import Any
+
+from lora_over_trl.sft.checks import SUMMARY_FILE
+from lora_over_trl.sft.outputs import merged_dtype
+from lora_over_trl.sft.recipe import RecipeError
+from lora_over_trl.utils.errors import one_line
+
+__all__ = ["check_eval_args", "evaluate", "final_report"]
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate(output_dir: Path, run_args: Any, model_args: Any, training_args: Any) -> dict[str, Any]:
+    """Score the run's artifact (``adapter/``, or the method's ``merged/``) and the base with :mod:`lora_over_trl.eval`;
+    returns the metrics by model."""
+    from lora_over_trl.eval import command as lm_eval_command
+    from lora_over_trl.registry import get_method
+
+    common = _eval_flags(run_args)
+    if training_args.use_cpu:
+        common += ["--device", "cpu"]
+    quantized = ["--load_in_4bit"] if model_args.load_in_4bit else []
+    # an artifact other than the adapter (GLoRA's merged float32 model) is the trained function: not re-quantized
+    artifact = get_method(run_args.method).artifact
+    targets = {"adapter": (output_dir / artifact, quantized if artifact == "adapter" else [])}
+    if run_args.eval_base:
+        targets["base"] = (Path(model_args.model_name_or_path), quantized)
+    scores = {}
+    for label, (path, flags) in targets.items():
+        out = output_dir / ("eval" if label == "adapter" else "eval-base")
+        args = lm_eval_command.make_parser().parse_args([str(path), *common, *flags, "--output", str(out)])
+        written = lm_eval_command.run(args)
+        summary = json.loads((written / "summary.json").read_text())
+        scores[label] = summary.get("lm_eval", {})
+    return scores
+
+
+def check_eval_args(run_args: Any) -> None:
+    """Parse ``eval_tasks``/``eval_args`` now, so a typo fails before training rather than after."""
+    if not run_args.eval_tasks:  # no evaluation; `--eval_tasks=` turns a recipe's off, its eval_args left unused
+        if run_args.eval_base or run_args.eval_args:
+            logger.info("eval_tasks is empty: no evaluation (eval_base and eval_args are not used)")
+        return
+    from lora_over_trl.eval import command as lm_eval_command
+
+    parser = lm_eval_command.make_parser()
+    parser.exit_on_error = False  # bad values raise ArgumentError instead of printing usage and exiting
+    try:
+        args, unknown = parser.parse_known_args(["unused", *_eval_flags(run_args)])
+        if unknown:
+            raise lm_eval_command.UsageError(f"unknown flag {unknown[0]} (see python -m lora_over_trl.eval --help)")
+        lm_eval_command.check_args(args)
+    except (argparse.ArgumentError, lm_eval_command.UsageError) as err:
+        raise RecipeError(f"eval_tasks/eval_args: {one_line(err)}") from err
+
+
+def _eval_flags(run_args: Any) -> list[str]:
+    """The flags of :mod:`lora_over_trl.eval` the recipe asks for (tasks, then ``eval_args``)."""
+    return ["--tasks", run_args.eval_tasks, *shlex.split(run_args.eval_args)]
+
+
+def final_report(output_dir: Path, summary: dict[str, Any], run_args: Any, model_args, training_args) -> str:
+    """What the run produced, where, its scores (adapter beside base) and how plain lm-eval reproduces them."""
+    from lora_over_trl.lora_over.callback import HISTORY_FILE, PICTURE_FILE
+
+    lines = [f"done: {summary['method']}, {summary['steps']} steps in {summary['wall_seconds']:.0f} s; outputs:"]
+    outputs = [
+        ("adapter/", "the collapsed, standard PEFT LoRA adapter (with the tokenizer)"),
+        ("merged/", "the base with the update merged in: a plain model folder"),
+        (HISTORY_FILE, "the schedule's decisions, step by step"),
+        (PICTURE_FILE, "which modules held capacity when"),
+        ("eval/", "lm-eval results of adapter/ (eval-base/: of the base)"),
+        (SUMMARY_FILE, "losses, timings, memory, scores"),
+    ]
+    lines += [f"  {output_dir / name}  {what}" for name, what in outputs if (output_dir / name).exists()]
+    scores = summary.get("eval")
+    if scores:
+        lines += _score_table(scores)
+        lines += _reproduction(output_dir, run_args, model_args, training_args)
+    return "\n".join(lines)
+
+
+def _score_table(scores: dict[str, dict[str, Any]]) -> list[str]:
+    """``task  metric  adapter  base`` rows, the adapter's and the base's scores side by side."""
+    labels = [label for label in ("adapter", "base") if label in scores]
+    lines = ["scores:  " + "  ".join(f"{label:>8}" for label in labels) + "  task, metric (filter)"]
+    for task, metrics in scores["adapter"].items():
+        for key, value in metrics.items():
+            if not isinstance(value, int | float) or "_stderr" in key or key in ("sample_len", "sample_count"):
+                continue
+            row = [scores[label].get(task, {}).get(key) for label in labels]
+            cells = "  ".join(f"{v:>8.4f}" if isinstance(v, int | float) else f"{'-':>8}" for v in row)
+            size = metrics.get("sample_len")
+            lines.append(f"         {cells}  {task}, {key.replace(',', ' (')}){f', {size} items' if size else ''}")
+    return lines
+
+
+def _reproduction(output_dir: Path, run_args: Any, model_args, training_args) -> list[str]:
+    """The plain lm-eval line that gives the adapter's score: on ``merged/`` for a 4-bit run, else base + adapter."""
+    from lora_over_trl.eval import command as lm_eval_command
+
+    args = lm_eval_command.make_parser().parse_args(["unused", *_eval_flags(run_args)])
+    if training_args.use_cpu:
+        args.device = "cpu"
+    merged = output_dir / "merged"
+    if merged.is_dir():
+        args.dtype = str(merged_dtype(model_args)).removeprefix("torch.")
+        return [
+            "the adapter's score with plain lm-eval:",
+            "  " + lm_eval_command.plain_lm_eval_command(str(merged), args),
+        ]
+    if model_args.load_in_4bit:
+        return [
+            "plain lm-eval cannot load a 4-bit base: set merge: true for merged/ (the trained function, which it "
+            "scores as here); the adapter on the full-precision base scores differently (README, Evaluate)"
+        ]
+    command = lm_eval_command.plain_lm_eval_command(
+        model_args.model_name_or_path, args, peft=str(output_dir / "adapter")
+    )
+    return ["the adapter's score with plain lm-eval:", "  " + command]
