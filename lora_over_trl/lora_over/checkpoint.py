@@ -34,7 +34,9 @@ from lora_over_trl.utils.distributed import gathered
 __all__ = [
     "BANK_FILE",
     "LAYOUT_FILE",
+    "FSDP_MODEL_FILE",
     "check_resumable",
+    "keep_only_parameters",
     "load_lora_over",
     "read_layout_file",
     "save_lora_over",
@@ -44,6 +46,7 @@ __all__ = [
 
 LAYOUT_FILE = "lora_over.json"
 BANK_FILE = "lora_over_bank.safetensors"
+FSDP_MODEL_FILE = "pytorch_model_fsdp.bin"  # accelerate's model file under FSDP with FULL_STATE_DICT
 _FORMAT_VERSION = 2
 _READABLE = (1, 2)
 
@@ -103,6 +106,28 @@ def write_bank_file(tensors: dict[str, torch.Tensor], directory: str | os.PathLi
     save_file(tensors, handle.name)
     os.replace(handle.name, directory / BANK_FILE)
     return directory / BANK_FILE
+
+
+def keep_only_parameters(model: nn.Module, path: Path) -> None:
+    """Drop the banked factors' weights from accelerate's FSDP model file (``FULL_STATE_DICT``), keeping the rest.
+
+    A banked factor's ``weight`` is no parameter (the bank's storage, saved in the same file, defines it), yet its
+    ``state_dict`` entry is there so that the adapter file is a standard one. FSDP2's resume broadcasts the file
+    into the model's own parameters and fails on a key it has none for. Under PEFT the file holds the adapter only.
+
+    Args:
+        model: the model the file was saved from.
+        path: the file (``checkpoint-N/pytorch_model_fsdp.bin``); nothing is done when it is not there.
+    """
+    if not path.is_file():  # not an FSDP run, or a sharded state dict (a folder)
+        return
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    kept = {key: value for key, value in saved.items() if key in names}
+    if len(kept) < len(saved):
+        staging = path.with_name(f".{path.name}.tmp")
+        torch.save(kept, staging)
+        staging.replace(path)
 
 
 def _read(directory: str | os.PathLike) -> dict[str, Any]:
