@@ -1,7 +1,7 @@
 """Score a run's collapsed adapter (or a merged model) with lm-evaluation-harness, and write MT-Bench answers.
 
     python -m lora_over_trl.eval OUTPUT_DIR --tasks gsm8k,humaneval --limit 50 --confirm_run_unsafe_code
-    python -m lora_over_trl.eval OUTPUT_DIR/adapter --tasks gsm8k --gsm8k_dir ../shared/data/gsm8k
+    python -m lora_over_trl.eval OUTPUT_DIR/adapter --tasks gsm8k --gsm8k_dir tests/data/gsm8k
     python -m lora_over_trl.eval OUTPUT_DIR --tasks mt_bench --mt_bench_questions question.jsonl
 
 OUTPUT_DIR is a run folder (with ``adapter/`` or ``merged/``), a PEFT adapter folder, or a model folder.

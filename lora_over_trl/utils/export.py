@@ -3,7 +3,7 @@
 The merged model must reproduce the *trained* function. On a bitsandbytes 4-bit base that is the
 dequantized 4-bit weight plus the update, not the original unquantized weight plus the update. Merging
 in place into a 4-bit layer would re-quantize and lose most of the update, and on CPU an eval forward
-repacks the 4-bit weights in a layout PEFT's merge misreads. So, as verified in STACK_NOTES: save the
+repacks the 4-bit weights in a layout PEFT's merge misreads. So (checked by tests/test_export.py): save the
 adapter, reload the base with the same quantization, ``dequantize()`` it to float32 ``nn.Linear`` layers,
 load the adapter with stock PEFT, ``merge_and_unload()``, and save. One path serves every base.
 """
