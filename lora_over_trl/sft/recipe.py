@@ -16,13 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_over_trl.sft.checks import RecipeError, argument_problems, name_the_field
 from lora_over_trl.utils.errors import one_line
 
 __all__ = ["RecipeError", "RunArguments", "make_parser", "parse_recipe"]
-
-
-class RecipeError(ValueError):
-    """Bad input (recipe, flags, data, environment): one line on stderr, exit code 2, nothing written."""
 
 
 @dataclass
@@ -105,14 +102,10 @@ def parse_recipe(argv: list[str]) -> tuple[Any, ...]:
             args=flags, return_remaining_strings=True
         )
     except ValueError as err:  # dataclass __post_init__ checks (TRL, transformers)
-        from lora_over_trl.sft.checks import name_the_field
-
         raise RecipeError(name_the_field(one_line(err))) from err
     if rest:
         flag = rest[0].lstrip("-").split("=")[0]
         raise RecipeError(f"unknown flag {_did_you_mean(flag, known, prefix='--')}")
-    from lora_over_trl.sft.checks import argument_problems
-
     problems = argument_problems(training_args, model_args)
     try:
         method_config = _method_config(run_args, section_flags)

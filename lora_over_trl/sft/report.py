@@ -10,9 +10,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from lora_over_trl.sft.checks import SUMMARY_FILE
+from lora_over_trl.sft.checks import SUMMARY_FILE, RecipeError
 from lora_over_trl.sft.outputs import merged_dtype
-from lora_over_trl.sft.recipe import RecipeError
 from lora_over_trl.utils.errors import one_line
 
 __all__ = ["check_eval_args", "evaluate", "final_report"]

@@ -27,6 +27,7 @@ from typing import Any
 from lora_over_trl.registry import get_method, load
 from lora_over_trl.sft.checks import (
     SUMMARY_FILE,
+    RecipeError,
     check_environment,
     check_output_dir,
     name_the_field,
@@ -35,7 +36,7 @@ from lora_over_trl.sft.checks import (
 )
 from lora_over_trl.sft.data import load_train_eval_data
 from lora_over_trl.sft.outputs import gathered_adapter_state, remove_if_empty, run_summary, save_outputs, write_json
-from lora_over_trl.sft.recipe import RecipeError, make_parser, parse_recipe
+from lora_over_trl.sft.recipe import make_parser, parse_recipe
 from lora_over_trl.sft.report import check_eval_args, evaluate, final_report
 from lora_over_trl.sft.trainer import build_trainer, load_model_and_tokenizer
 from lora_over_trl.utils.callbacks import ScheduleSetupError

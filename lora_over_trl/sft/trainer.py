@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lora_over_trl.sft.recipe import RecipeError
+from lora_over_trl.sft.checks import RecipeError
 from lora_over_trl.utils.bnb_cpu import keep_cpu_4bit_layout
 from lora_over_trl.utils.errors import first_line
 
