@@ -35,8 +35,8 @@ stamp "pytest -m gpu"
   | tee "$out/pytest.log"
 code=${PIPESTATUS[0]}
 [ "$status" -eq 0 ] && status=$code
-stamp "pytest exit $code; benches/bench_gpu.py"
-"$python" benches/bench_gpu.py --out "$out" 2>&1 | tee "$out/bench.log"
+stamp "pytest exit $code; benches/cost/bench_gpu.py"
+"$python" benches/cost/bench_gpu.py --out "$out" 2>&1 | tee "$out/bench.log"
 code=${PIPESTATUS[0]}
 [ "$status" -eq 0 ] && status=$code
 stamp "bench exit $code; done (status $status)"

@@ -1,4 +1,5 @@
-"""The benchmark scripts still run: a quick, tiny-model pass of benches/bench_inference.py (no timings checked)."""
+"""The benchmark scripts still run: quick, tiny-model passes of benches/cost/, benches/quality/ and benches/study/
+(no timings or quality checked)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_inference_quick():
-    cmd = [sys.executable, str(ROOT / "benches" / "bench_inference.py"), "--quick", "--section", "all"]
+    cmd = [sys.executable, str(ROOT / "benches" / "cost" / "bench_inference.py"), "--quick", "--section", "all"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     for header in (
@@ -22,7 +23,7 @@ def test_bench_inference_quick():
 
 
 def test_bench_methods_quick():
-    cmd = [sys.executable, str(ROOT / "benches" / "bench_methods.py"), "--quick", "--arms", "c3la", "glora"]
+    cmd = [sys.executable, str(ROOT / "benches" / "cost" / "bench_methods.py"), "--quick", "--arms", "c3la", "glora"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     table = done.stdout.split("method ")[-1].splitlines()
@@ -30,7 +31,7 @@ def test_bench_methods_quick():
 
 
 def _quick(script: str, tmp_path) -> str:
-    cmd = [sys.executable, str(ROOT / "benches" / script), "--quick", "--out", str(tmp_path / "out")]
+    cmd = [sys.executable, str(ROOT / "benches" / "quality" / script), "--quick", "--out", str(tmp_path / "out")]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "FAILED" not in done.stderr, done.stderr[-4000:]
@@ -40,7 +41,7 @@ def _quick(script: str, tmp_path) -> str:
 
 
 def test_bench_quality_quick(tmp_path):
-    """benches/bench_quality.py --quick: a tiny Llama through sweep and final (no quality checked)."""
+    """benches/quality/bench_quality.py --quick: a tiny Llama through sweep and final (no quality checked)."""
     out = _quick("bench_quality.py", tmp_path)
     assert "| method | lr 0.001 | lr 0.01 | best lr |" in out, out
     assert "| method | lr | answer NLL mean ± std | Δ vs lora | verdict |" in out, out
@@ -48,7 +49,7 @@ def test_bench_quality_quick(tmp_path):
 
 
 def test_bench_quality_cls_quick(tmp_path):
-    """benches/bench_quality_cls.py --quick: a tiny BERT classifier through sweep and final."""
+    """benches/quality/bench_quality_cls.py --quick: a tiny BERT classifier through sweep and final."""
     out = _quick("bench_quality_cls.py", tmp_path)
     assert "| method | lr 0.001 | lr 0.01 | best lr |" in out, out
     assert "| method | lr | accuracy mean ± std | Δ vs lora | verdict |" in out, out
@@ -56,13 +57,13 @@ def test_bench_quality_cls_quick(tmp_path):
 
 
 def test_study_regime_quick(tmp_path):
-    """benches/study_regime.py --quick: a tiny BERT through every stage. The checkpoint reported as best is the
+    """benches/study/study_regime.py --quick: a tiny BERT through every stage. The checkpoint reported as best is the
     evaluation with the best validation score, its test score was measured there, the collapsed adapter scores
     as the last in-training evaluation did, and an aux_lr ablation reaches the worker as a multiple of the lr."""
     import json
 
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "benches" / "study_regime.py"), "--quick", "--out", str(out)]
+    cmd = [sys.executable, str(ROOT / "benches" / "study" / "study_regime.py"), "--quick", "--out", str(out)]
     cmd += ["--methods", "lora", "lora_over_static", "--extend-edges", "0", "--ablations", "aux_lr 3x"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -1,4 +1,4 @@
-"""benches/check_vllm.py without vLLM: its token comparison on fake decodings, its rank and argument handling."""
+"""benches/checks/check_vllm.py without vLLM: its token comparison on fake decodings, its rank and argument handling."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("check_vllm", ROOT / "benches" / "check_vllm.py")
+_spec = importlib.util.spec_from_file_location("check_vllm", ROOT / "benches" / "checks" / "check_vllm.py")
 check_vllm = importlib.util.module_from_spec(_spec)
 sys.modules["check_vllm"] = check_vllm  # dataclasses look their module up there
 _spec.loader.exec_module(check_vllm)

@@ -12,12 +12,15 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from gpu_wheels import slim_bitsandbytes  # noqa: E402
 
 
+@pytest.mark.slow
 def test_gpu_tests_pass_on_cpu():
     """`pytest -m gpu` on CPU (LORA_OVER_GPU_TESTS_ON_CPU=1): the tests are right before a GPU runs them."""
     env = {**os.environ, "LORA_OVER_GPU_TESTS_ON_CPU": "1"}
@@ -27,8 +30,9 @@ def test_gpu_tests_pass_on_cpu():
     assert "8 passed" in done.stdout, done.stdout[-2000:]
 
 
+@pytest.mark.slow
 def test_bench_gpu_quick(tmp_path):
-    cmd = [sys.executable, str(ROOT / "benches" / "bench_gpu.py"), "--quick", "--out", str(tmp_path)]
+    cmd = [sys.executable, str(ROOT / "benches" / "cost" / "bench_gpu.py"), "--quick", "--out", str(tmp_path)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads((tmp_path / "bench_gpu.json").read_text())

@@ -1,6 +1,6 @@
-"""A test-only Axolotl plugin for ``scripts/check_axolotl.py``: what the trained model computed, and how fast.
+"""A test-only Axolotl plugin for ``benches/checks/check_axolotl.py``: what the trained model computed, and how fast.
 
-Listed after ``LoraOverPlugin`` in the check's YAML (``scripts/`` on ``PYTHONPATH``), it puts its callback first
+Listed after ``LoraOverPlugin`` in the check's YAML (``benches/checks/`` on ``PYTHONPATH``), it puts its callback first
 in the Trainer, so at ``on_train_end`` it records the logits of the model exactly as trained (LoRA-Over's
 cores, cLA's chain), before the method's own callback collapses it. It also records each optimizer step's
 wall and CPU time. Both go to ``$AXOLOTL_PROBE_OUT`` (a ``.pt`` file), read back by the check.

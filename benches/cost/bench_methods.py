@@ -1,11 +1,12 @@
 """Training cost of every method against PEFT LoRA of the same rank, each through its own callback.
 
-    python benches/bench_methods.py --repeats 3 --steps 16
-    python benches/bench_methods.py --quick                     # a tiny Llama, seconds: keeps the script alive
+    python benches/cost/bench_methods.py --repeats 3 --steps 16
+    python benches/cost/bench_methods.py --quick                     # a tiny Llama, seconds: keeps the script alive
 
 SmolLM2-135M-Instruct in 4-bit NF4 (bfloat16 compute on CUDA, float32 on CPU), LoRA r=16 on every linear
-layer, TRL SFTTrainer, real GSM8K text, batch 2 x 128, gradient checkpointing, AdamW (``--optim``, by default
-the Trainer's own default, ``adamw_torch_fused``). Arms:
+layer, TRL SFTTrainer, real GSM8K text (`--gsm8k-dir`), batch 2 x 128, gradient checkpointing, AdamW
+(``--optim``, by default the Trainer's own default, ``adamw_torch_fused``). Arms, each through its callback from
+``lora_over_trl.registry.build_callback`` (``SETTINGS`` below):
 
 - ``lora``: plain PEFT LoRA (the reference);
 - ``lora-over``: LoRA-Over, static, capacity 1 on every factor;
@@ -26,56 +27,40 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from alternate import run_alternating
-from bench_core import _status_kb, peak_rss_reset
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benches/, where benchlib lives
+from benchlib.cost import peak_rss_reset, run_alternating, sft_step_config, smollm2_nf4, status_kb  # noqa: E402
+from benchlib.data import add_gsm8k_dir, gsm8k_rows  # noqa: E402
+from benchlib.methods import method_callback  # noqa: E402
+from benchlib.models import save_tiny_llama  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 ARMS = ["lora", "lora-over", "lora-over-dynamic", "cla", "c3la", "glora"]
 
 
-def method_callback(arm: str):
-    """The callback that turns a LoRA run into ``arm`` (``None`` for plain LoRA)."""
-    from lora_over_trl import ClaCallback, ClaConfig, GloraCallback, GloraConfig, LoraOverCallback, LoraOverConfig
-
-    if arm == "lora":
-        return None
-    if arm == "lora-over":
-        return LoraOverCallback(LoraOverConfig(capacity=1.0))
-    if arm == "lora-over-dynamic":
-        config = LoraOverConfig(
-            capacity=1.0, schedule="dynamic", budget_ratio=0.5, interval=4, warmup_steps=2, final_steps=0
-        )
-        return LoraOverCallback(config)
-    if arm in ("cla", "c3la"):
-        return ClaCallback(ClaConfig(method=arm, chain_interval=4))
-    if arm == "glora":
-        return GloraCallback(GloraConfig(ranks=[8, 16]))
-    raise ValueError(f"unknown arm {arm!r}; allowed: {ARMS}")
+# Each arm's settings on top of what its label stands for (benchlib.methods.LABELS): a chain step every 4 steps,
+# a re-allocation every 4 steps, GLoRA's ranks 8 and 16.
+SETTINGS: dict[str, dict] = {
+    "lora-over-dynamic": {"budget_ratio": 0.5, "interval": 4, "warmup_steps": 2, "final_steps": 0},
+    "cla": {"chain_interval": 4},
+    "c3la": {"chain_interval": 4},
+    "glora": {"ranks": [8, 16]},
+}
 
 
-def load_model(quick: bool):
+def load_model(quick: bool, gsm8k_dir: str):
     """``(model, tokenizer, device name)``: SmolLM2-135M-Instruct in NF4, or (``quick``) a tiny fp32 Llama."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if quick:
-        from tiny_model import save_tiny_llama
-
-        folder = save_tiny_llama(tempfile.mkdtemp(prefix="bench-methods-"))
+        folder = save_tiny_llama(tempfile.mkdtemp(prefix="bench-methods-"), gsm8k_dir=gsm8k_dir)
         return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), "cpu"
-    from lora_over_trl.utils.smollm2 import smollm2_folder
-
     cuda = torch.cuda.is_available()
-    compute = torch.bfloat16 if cuda else torch.float32
-    folder = smollm2_folder()
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, quantization_config=quant, dtype=compute, device_map="cuda" if cuda else "cpu"
-    )
+    model, folder = smollm2_nf4(torch.bfloat16 if cuda else torch.float32, "cuda" if cuda else "cpu")
     if not cuda:
         from lora_over_trl import keep_cpu_4bit_layout
 
@@ -83,12 +68,12 @@ def load_model(quick: bool):
     return model, AutoTokenizer.from_pretrained(folder), torch.cuda.get_device_name() if cuda else "cpu"
 
 
-def worker(arm: str, steps: int, quick: bool, optim: str = "adamw_torch_fused") -> dict:
+def worker(arm: str, steps: int, quick: bool, optim: str, gsm8k_dir: str) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
@@ -105,8 +90,8 @@ def worker(arm: str, steps: int, quick: bool, optim: str = "adamw_torch_fused") 
             self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     cuda = torch.cuda.is_available() and not quick
-    model, tokenizer, device = load_model(quick)
-    rows = [json.loads(line) for _, line in zip(range(256), DATA.open(), strict=False)]
+    model, tokenizer, device = load_model(quick, gsm8k_dir)
+    rows = gsm8k_rows(gsm8k_dir, "train", 256)
     data = Dataset.from_list([{"text": r["question"] + "\n" + r["answer"]} for r in rows])
     if cuda:  # from here on: what training adds to the loaded model
         torch.cuda.synchronize()
@@ -115,23 +100,9 @@ def worker(arm: str, steps: int, quick: bool, optim: str = "adamw_torch_fused") 
     else:
         start_mem = peak_rss_reset()
     timer = StepTimer()
-    callback = method_callback(arm)
+    callback = method_callback(arm, SETTINGS.get(arm))
     with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(
-            output_dir=out,
-            use_cpu=not cuda,
-            bf16=cuda,
-            max_steps=steps,
-            per_device_train_batch_size=2,
-            max_length=128,
-            logging_steps=100,
-            save_strategy="no",
-            report_to=[],
-            seed=0,
-            optim=optim,
-            activation_checkpointing=True,
-            disable_tqdm=True,
-        )
+        args = sft_step_config(out, steps, cuda, optim)
         trainer = SFTTrainer(
             model=model,
             args=args,
@@ -141,7 +112,7 @@ def worker(arm: str, steps: int, quick: bool, optim: str = "adamw_torch_fused") 
             callbacks=[timer] if callback is None else [callback, timer],
         )
         trainer.train()
-    total = torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") * 1024
+    total = torch.cuda.max_memory_allocated() if cuda else status_kb("VmHWM") * 1024
     return {
         "step_s": statistics.median(timer.times[2:]),
         "train_bytes": total - start_mem,
@@ -159,15 +130,17 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     parser.add_argument("--quick", action="store_true", help="a tiny fp32 Llama, 1 repeat, 4 steps")
     parser.add_argument("--optim", default="adamw_torch_fused", help="the Trainer's `optim` (default: its default)")
+    add_gsm8k_dir(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.steps = 1, 4
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.quick, args.optim)))
+        print(json.dumps(worker(args.worker, args.steps, args.quick, args.optim, args.gsm8k_dir)))
         return
     arms = ["lora"] + [a for a in args.arms if a != "lora"]
-    extra = ["--steps", str(args.steps), "--optim", args.optim] + (["--quick"] if args.quick else [])
+    extra = ["--steps", str(args.steps), "--optim", args.optim, "--gsm8k-dir", args.gsm8k_dir]
+    extra += ["--quick"] if args.quick else []
     results = run_alternating(__file__, arms, args.repeats, extra)
 
     def median(arm: str, key: str) -> float:

@@ -1,9 +1,9 @@
 """Cost of the dynamic capacity scheduler: step time of the dynamic schedule against a fixed allocation.
 
-    python benches/bench_schedule.py --repeats 3 --steps 16
+    python benches/cost/bench_schedule.py --repeats 3 --steps 16
 
 SmolLM2-135M-Instruct in 4-bit NF4, LoRA r=16 on every linear layer, TRL SFTTrainer with LoraOverCallback,
-real GSM8K text, batch 2 x 128, gradient checkpointing, fused AdamW (the Trainer's default). Both arms
+real GSM8K text (`--gsm8k-dir`), batch 2 x 128, gradient checkpointing, fused AdamW (the Trainer's default). Both arms
 spend the same budget of auxiliary parameters (budget_ratio) at the same capacity: ``prepass`` fixes the
 modules once before training, ``dynamic`` measures sensitivity every step (gradient hooks, |W * dL/dW|) and
 re-allocates every ``--interval`` steps; ``dynamic-levels3`` does the same with three capacity levels
@@ -17,26 +17,25 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from alternate import run_alternating
-from bench_core import _status_kb, peak_rss_reset
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benches/, where benchlib lives
+from benchlib.cost import peak_rss_reset, run_alternating, sft_step_config, smollm2_nf4, status_kb  # noqa: E402
+from benchlib.data import add_gsm8k_dir, gsm8k_rows  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 
-
-def worker(schedule: str, steps: int, interval: int, budget_ratio: float) -> dict:
+def worker(schedule: str, steps: int, interval: int, budget_ratio: float, gsm8k_dir: str) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import SFTTrainer
 
     from lora_over_trl import LoraOverCallback, LoraOverConfig
     from lora_over_trl.lora_over.model import banks
-    from lora_over_trl.utils.smollm2 import smollm2_folder
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
@@ -53,16 +52,11 @@ def worker(schedule: str, steps: int, interval: int, budget_ratio: float) -> dic
             self.factors = max(self.factors, sum(len(bank.layouts) for bank in held))
 
     cuda = torch.cuda.is_available()
-    compute = torch.bfloat16 if cuda else torch.float32
-    folder = smollm2_folder()
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, quantization_config=quant, dtype=compute, device_map="cuda" if cuda else "cpu"
-    )
+    model, folder = smollm2_nf4(torch.bfloat16 if cuda else torch.float32, "cuda" if cuda else "cpu")
     loaded = torch.cuda.memory_allocated() if cuda else peak_rss_reset()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    rows = [json.loads(line) for _, line in zip(range(256), DATA.open(), strict=False)]
+    rows = gsm8k_rows(gsm8k_dir, "train", 256)
     data = Dataset.from_list([{"text": r["question"] + "\n" + r["answer"]} for r in rows])
     schedule, _, levels = schedule.partition("-levels")
     config = LoraOverConfig(
@@ -77,21 +71,7 @@ def worker(schedule: str, steps: int, interval: int, budget_ratio: float) -> dic
     )
     timer, callback = StepTimer(), LoraOverCallback(config)
     with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(
-            output_dir=out,
-            use_cpu=not cuda,
-            bf16=cuda,
-            max_steps=steps,
-            per_device_train_batch_size=2,
-            max_length=128,
-            logging_steps=100,
-            save_strategy="no",
-            report_to=[],
-            seed=0,
-            optim="adamw_torch_fused",
-            activation_checkpointing=True,
-            disable_tqdm=True,
-        )
+        args = sft_step_config(out, steps, cuda)
         trainer = SFTTrainer(
             model=model,
             args=args,
@@ -101,7 +81,7 @@ def worker(schedule: str, steps: int, interval: int, budget_ratio: float) -> dic
             callbacks=[callback, timer],
         )
         trainer.train()
-    peak = torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") * 1024
+    peak = torch.cuda.max_memory_allocated() if cuda else status_kb("VmHWM") * 1024
     device = torch.cuda.get_device_name() if cuda else "cpu"
     moves = [entry["seconds"] for entry in callback.history if entry["event"] == "reallocate"]
     return {
@@ -121,17 +101,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--interval", type=int, default=4)
     parser.add_argument("--budget-ratio", type=float, default=0.5)
+    add_gsm8k_dir(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.interval, args.budget_ratio)))
+        print(json.dumps(worker(args.worker, args.steps, args.interval, args.budget_ratio, args.gsm8k_dir)))
         return
     arms = ["prepass", "dynamic", "dynamic-levels3"]
     results = run_alternating(
         __file__,
         arms,
         args.repeats,
-        ["--steps", str(args.steps), "--interval", str(args.interval), "--budget-ratio", str(args.budget_ratio)],
+        ["--steps", str(args.steps), "--interval", str(args.interval), "--budget-ratio", str(args.budget_ratio)]
+        + ["--gsm8k-dir", args.gsm8k_dir],
     )
     base = statistics.median(r["step_s"] for r in results["prepass"])
     print(

@@ -1,6 +1,6 @@
 """Peak memory of one re-allocation of the factor bank (what the dynamic schedule does every `interval` steps).
 
-    OMP_NUM_THREADS=1 python benches/probe_move_memory.py
+    OMP_NUM_THREADS=1 python benches/cost/probe_move_memory.py
 
 SmolLM2-135M-Instruct in bfloat16 (PEFT keeps the LoRA weights, hence the bank, in float32), LoRA r=16 on
 every linear layer; every second module over-parameterized at capacity 1, one AdamW step (so the storage has moments);
@@ -11,16 +11,20 @@ size, the move's time and the resident set's peak during the move above the resi
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import torch
-from bench_core import _status_kb, peak_rss_reset
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from lora_over_trl import LoraOverConfig
 from lora_over_trl.lora_over.model import banks, lora_modules, module_layouts, set_layouts
 from lora_over_trl.utils.smollm2 import smollm2_folder
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benches/, where benchlib lives
+from benchlib.cost import peak_rss_reset, status_kb  # noqa: E402
 
 
 def main() -> None:
@@ -49,12 +53,12 @@ def main() -> None:
     optimizer.step()
     storage = next(iter(banks(model).values())).storage
     move = targets(names[1::2][:60] + first[:60])
-    before = _status_kb("VmRSS")
+    before = status_kb("VmRSS")
     peak_rss_reset()
     began = time.perf_counter()
     set_layouts(model, move, config, optimizer=optimizer)
     seconds = time.perf_counter() - began
-    peak = (_status_kb("VmHWM") - before) / 1024
+    peak = (status_kb("VmHWM") - before) / 1024
     megabytes = storage.numel() * storage.element_size() / 2**20
     print(f"bank {storage.numel():,} elements ({megabytes:.1f} MiB, {storage.dtype}); 60 modules out, 60 in")
     print(f"move {seconds:.3f} s; peak resident set during the move, above before it: {peak:.1f} MiB")

@@ -1,10 +1,10 @@
 """Where LoRA-Over's step overhead over PEFT LoRA goes, by category, in one process.
 
-    python benches/profile_step.py --threads 1 --repeats 7 [--no-checkpointing] [--capacity 1.0]
+    python benches/cost/profile_step.py --threads 1 --repeats 7 [--no-checkpointing] [--capacity 1.0]
 
-SmolLM2-135M-Instruct in 4-bit NF4, LoRA r=16 on every linear layer, real GSM8K text, batch 2 x 128, AdamW.
-One model; the step is timed as plain LoRA, then with LoRA-Over installed (the LoRA weights copied into the
-bank: the same function), alternating the two over ``--repeats`` rounds; medians. Categories of the
+SmolLM2-135M-Instruct in 4-bit NF4, LoRA r=16 on every linear layer, real GSM8K text (`--gsm8k-dir`), batch
+2 x 128, AdamW. One model; the step is timed as plain LoRA, then with LoRA-Over installed (the LoRA weights copied
+into the bank: the same function), alternating the two over ``--repeats`` rounds; medians. Categories of the
 difference:
 
 - contraction: the bank's forward (one batched contraction per layout, the slices handed to the LoRA
@@ -21,20 +21,15 @@ Aten operation counts (one profiled step each) are printed per category too.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
-
-
-def aten_count(fn) -> int:
-    import torch
-
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        fn()
-    return sum(e.count for e in profile.key_averages() if e.key.startswith("aten::"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benches/, where benchlib lives
+from benchlib.cost import aten_ops as aten_count  # noqa: E402
+from benchlib.cost import smollm2_nf4  # noqa: E402
+from benchlib.data import add_gsm8k_dir, gsm8k_rows  # noqa: E402
 
 
 def main() -> None:
@@ -43,27 +38,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--capacity", type=float, default=1.0)
     parser.add_argument("--no-checkpointing", action="store_true")
+    add_gsm8k_dir(parser)
     args = parser.parse_args()
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoTokenizer
 
     from lora_over_trl import LoraOverConfig, apply_lora_over, collapse
     from lora_over_trl.lora_over.model import banks
-    from lora_over_trl.utils.smollm2 import smollm2_folder
 
     torch.set_num_threads(args.threads)
-    folder = smollm2_folder()
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.float32)
+    model, folder = smollm2_nf4(torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     if not args.no_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    rows = [json.loads(line) for _, line in zip(range(2), DATA.open(), strict=False)]
+    rows = gsm8k_rows(args.gsm8k_dir, "train", 2)
     enc = tokenizer([r["question"] + "\n" + r["answer"] for r in rows], return_tensors="pt", padding="max_length",
                     truncation=True, max_length=128)  # fmt: skip
 

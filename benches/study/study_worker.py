@@ -1,13 +1,13 @@
-"""One run of the over-parameterization study (``benches/study_regime.py``): a fixed, limited training set seen
+"""One run of the over-parameterization study (``benches/study/study_regime.py``): a fixed, limited training set seen
 for several epochs, validation scored after every epoch, the test split scored whenever validation improves
 (so the checkpoint that is best on validation has its test score without keeping checkpoints) and at the end.
 
 Two tasks, each through the package's callbacks as users run them:
 
 - ``privacy_qa``: all-MiniLM-L6-v2 (the real pretrained encoder) with a new two-way head on PrivacyQA, the
-  transformers ``Trainer``; scores accuracy and cross-entropy (benches/bench_quality_cls.py's data and scoring).
+  transformers ``Trainer``; scores accuracy and cross-entropy (``benches/benchlib/classification.py``).
 - ``gsm8k``: SmolLM2-135M-Instruct in 4-bit NF4, TRL's ``SFTTrainer``; scores the answer NLL
-  (benches/bench_quality.py's data and scoring). Exact match is left out: this model answers 0-1 of 24 test
+  (``benches/benchlib/data.py``). Exact match is left out: this model answers 0-1 of 24 test
   questions whatever the method (BENCHMARKS.md), so it cannot separate anything.
 
 Scores during training are of the training-time model. LoRA-Over's factors are exact reshapes of LoRA factors, so
@@ -17,44 +17,47 @@ that is the function its collapse writes; the run checks it once more after the 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
-from bench_quality import (
-    C3LA_WINDOWS,
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benches/, where benchlib lives
+from benchlib.classification import TARGETS, classify, encode, splits  # noqa: E402
+from benchlib.data import (  # noqa: E402
     SPLIT_SEED,
-    adapter_to_float32,
-    answer_nll_rows,
+    answer_fits,
+    answer_nll,
     batch_order,
     encode_answers,
-    finish_run,
     gsm8k_rows,
     gsm8k_splits,
-    load_causal_base,
-    lora_rank,
-    pooled_nll,
     prompt_completion,
-    quiet_worker,
-    step_clock,
     train_rows,
 )
-from bench_quality_cls import classify, encode, load_cls_base, splits
+from benchlib.methods import (  # noqa: E402
+    C3LA_WINDOWS,
+    adapter_to_float32,
+    finish_run,
+    lora_rank,
+    method_callback,
+    put_first,
+    quiet_worker,
+    step_clock,
+    training_arguments,
+)
+from benchlib.models import load_causal_base, load_cls_base  # noqa: E402
 
 
-def method_callback(method: str, knobs: dict, seed: int):
-    """The package's callback for ``method`` with the study's ``knobs`` (LoraOverConfig fields), or ``None``."""
-    from lora_over_trl import ClaCallback, ClaConfig, LoraOverCallback, LoraOverConfig
+def study_callback(method: str, knobs: dict, seed: int):
+    """The package's callback for ``method`` with the study's ``knobs`` (LoraOverConfig fields), or ``None``:
+    c3LA moves its window every half of the run (two windows, as the quality benchmarks' c3LA)."""
+    settings = {"chain_interval": 1 / C3LA_WINDOWS} if method == "c3la" else {}
+    return method_callback(method, {**settings, **knobs, "seed": seed})
 
-    if method == "lora":
-        return None
-    if method.startswith("lora_over_"):
-        schedule = method.removeprefix("lora_over_")
-        return LoraOverCallback(LoraOverConfig(schedule=schedule, seed=seed, **knobs))
-    if method == "cla":
-        return ClaCallback(ClaConfig(method="cla", seed=seed))
-    if method == "c3la":
-        return ClaCallback(ClaConfig(method="c3la", chain_interval=1 / C3LA_WINDOWS, seed=seed))
-    raise ValueError(f"unknown method {method!r}")
+
+def max_steps(spec: dict) -> int:
+    """The run's optimizer steps: every epoch of the fixed training set (warm-up 5% of them, cosine decay)."""
+    return spec["epochs"] * spec["steps_per_epoch"]
 
 
 def epoch_order(lengths: list[int], spec: dict) -> list[int]:
@@ -103,13 +106,11 @@ def epoch_evaluator(spec: dict, score_val, score_test, better):
 
 def fit(spec: dict, trainer_factory, rows_count: int) -> dict:
     """Train with the method's callback and the evaluator; the record (and ``_model``)."""
-    callback = method_callback(spec["method"], spec["knobs"], spec["seed"])
+    callback = study_callback(spec["method"], spec["knobs"], spec["seed"])
     clock = step_clock()  # trainable parameters at train begin (LoRA plus the auxiliary cores)
     evaluator, trainer = trainer_factory(callback)
     trainer.add_callback(clock)
-    if callback is not None:  # first, as lora_over_trl.sft orders it
-        trainer.callback_handler.callbacks.remove(callback)
-        trainer.callback_handler.callbacks.insert(0, callback)
+    put_first(trainer, callback)
     began = time.time()
     trainer.train()
     params = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -133,30 +134,6 @@ def fit(spec: dict, trainer_factory, rows_count: int) -> dict:
     return record
 
 
-def training_arguments(spec: dict, config_class, **extra):
-    """The Trainer settings every run shares: AdamW, cosine decay over the whole run, 5% warm-up, no saving."""
-    return config_class(
-        output_dir=str(Path(spec["out"]).with_suffix(".trainer")),
-        use_cpu=True,
-        max_steps=spec["epochs"] * spec["steps_per_epoch"],
-        per_device_train_batch_size=spec["batch"],
-        learning_rate=spec["lr"],
-        lr_scheduler_type="cosine",
-        warmup_steps=0.05,
-        optim="adamw_torch",
-        weight_decay=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to=[],
-        seed=spec["seed"],
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        train_sampling_strategy="sequential",  # epoch_order(): the same batches for every method
-        **extra,
-    )
-
-
 def run_privacy_qa(spec: dict) -> tuple[dict, object, object]:
     """MiniLM on PrivacyQA; returns (record, model, evaluator scoring function for the collapse check)."""
     from datasets import Dataset
@@ -171,7 +148,7 @@ def run_privacy_qa(spec: dict) -> tuple[dict, object, object]:
     order = epoch_order([len(e["input_ids"]) for e in train_enc], spec)
     rank = lora_rank(spec["method"], spec["rank"])
     lora = LoraConfig(
-        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["query", "key", "value", "dense"],
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS,
         modules_to_save=["classifier"], task_type="SEQ_CLS",
     )  # fmt: skip
 
@@ -190,7 +167,7 @@ def run_privacy_qa(spec: dict) -> tuple[dict, object, object]:
         evaluator = epoch_evaluator(spec, score_val, score_test, better)
         trainer = Trainer(
             model=get_peft_model(base, lora),
-            args=training_arguments(spec, TrainingArguments),
+            args=training_arguments(TrainingArguments, spec, max_steps(spec), 0.05),
             train_dataset=Dataset.from_list([train_enc[i] for i in order]),
             data_collator=DataCollatorWithPadding(tokenizer),
             callbacks=[c for c in (callback, evaluator) if c is not None],
@@ -207,29 +184,26 @@ def run_gsm8k(spec: dict) -> tuple[dict, object, object]:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    pool, val = gsm8k_splits(spec["n_val"])
-    test = gsm8k_rows("test")[: spec["n_test"]]
+    pool, val = gsm8k_splits(spec["gsm8k_dir"], spec["n_val"])
+    test = gsm8k_rows(spec["gsm8k_dir"], "test", spec["n_test"], "--n-test")
     model, tokenizer = load_causal_base(spec)
 
-    def fits(row: dict) -> bool:  # at least one answer token within max_length (TRL would drop the others)
-        return encode_answers(tokenizer, [row], spec["max_length"])[0][1] < spec["max_length"] - 1
-
-    rows = fixed_rows(pool, spec["train_rows"], fits)
+    rows = fixed_rows(pool, spec["train_rows"], answer_fits(tokenizer, spec["max_length"]))
     order = epoch_order([len(ids) for ids, _ in encode_answers(tokenizer, rows, spec["max_length"])], spec)
     rank = lora_rank(spec["method"], spec["rank"])
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 
     def score_val(model) -> dict:
-        return {"val_nll": pooled_nll(answer_nll_rows(model, tokenizer, val, spec["max_length"], spec["eval_batch"]))}
+        return {"val_nll": answer_nll(model, tokenizer, val, spec["max_length"], spec["eval_batch"])}
 
     def score_test(model) -> dict:
-        return {"test_nll": pooled_nll(answer_nll_rows(model, tokenizer, test, spec["max_length"], spec["eval_batch"]))}
+        return {"test_nll": answer_nll(model, tokenizer, test, spec["max_length"], spec["eval_batch"])}
 
     def factory(callback):
         evaluator = epoch_evaluator(spec, score_val, score_test, lambda a, b: a["val_nll"] < b["val_nll"])
         trainer = SFTTrainer(
             model=model,
-            args=training_arguments(spec, SFTConfig, bf16=False, max_length=spec["max_length"]),
+            args=training_arguments(SFTConfig, spec, max_steps(spec), 0.05, bf16=False, max_length=spec["max_length"]),
             train_dataset=Dataset.from_list([prompt_completion(rows[i]) for i in order]),
             processing_class=tokenizer,
             peft_config=lora,
@@ -258,6 +232,4 @@ def worker(spec: dict) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     worker(json.loads(sys.argv[1]))
