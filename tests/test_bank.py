@@ -122,6 +122,7 @@ def test_a_new_factor_takes_a_fresh_adams_first_step(wrapped, request):
         assert (new - old).abs().max() <= lr * 1.0001  # zero moments at step 41 would move up to 3.2 * lr
 
 
+@pytest.mark.slow
 def test_fsdp2_shards_the_bank_and_matches_one_process(tiny_llama_dir, tmp_path):
     """Two processes under torch's FSDP2 (gloo), the bank's storage sharded as a DTensor, a re-allocation with
     the optimizer's sharded moments in the middle: the collapsed adapter is the single process's, bit for bit

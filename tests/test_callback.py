@@ -340,7 +340,8 @@ def test_bad_schedules_fail_before_any_step(tiny_llama_dir, tokenizer, tmp_path)
         )
 
 
-def run_two_processes(tiny_llama_dir, tokenizer, out, schedule, **env):
+def run_two_processes(tiny_llama_dir, tokenizer, out, schedules, **env):
+    """torchrun: two ddp_worker.py processes, training ``schedules`` (comma-separated) one after the other."""
     tokenizer.save_pretrained(out / "tokenizer")
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [
@@ -351,16 +352,24 @@ def run_two_processes(tiny_llama_dir, tokenizer, out, schedule, **env):
         tiny_llama_dir,
         str(out / "tokenizer"),
         str(out),
-        schedule,
+        schedules,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **env})
 
 
-@pytest.mark.parametrize("schedule", ["static", "prepass", "dynamic"])
-def test_two_processes_keep_every_rank_identical(tiny_llama_dir, tokenizer, tmp_path, schedule):
-    done = run_two_processes(tiny_llama_dir, tokenizer, tmp_path, schedule)
+@pytest.fixture(scope="module")
+def two_process_runs(tiny_llama_dir, tokenizer, tmp_path_factory) -> Path:
+    """One launch of two processes that train the static, prepass and dynamic schedules in turn."""
+    out = tmp_path_factory.mktemp("two-processes")
+    done = run_two_processes(tiny_llama_dir, tokenizer, out, "static,prepass,dynamic")
     assert done.returncode == 0, done.stderr[-2000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["static", "prepass", "dynamic"])
+def test_two_processes_keep_every_rank_identical(two_process_runs, schedule):
+    ranks = [json.loads((two_process_runs / f"rank{r}-{schedule}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
     # different data shards, one set of trainable parameters: every gradient was averaged, cores installed
     # after DDP wrapped the model included; and every rank took the same decisions from averaged statistics
@@ -370,19 +379,28 @@ def test_two_processes_keep_every_rank_identical(tiny_llama_dir, tokenizer, tmp_
         assert len({tuple(h) for h in ranks[0]["history"]}) > 1  # the allocation really changed
 
 
+@pytest.fixture(scope="module")
+def refused_launch(tiny_llama_dir, tokenizer, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One launch of two processes without ``ddp_find_unused_parameters`` that tries the dynamic and the prepass
+    schedule in turn: its folder and its result."""
+    out = tmp_path_factory.mktemp("refused")
+    done = run_two_processes(tiny_llama_dir, tokenizer, out, "dynamic,prepass", LORA_OVER_TEST_FIND_UNUSED="0")
+    return out, done
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
-    "schedule, env, message",
+    "schedule, message",
     [
-        ("dynamic", {"LORA_OVER_TEST_FIND_UNUSED": "0"}, "needs `ddp_find_unused_parameters=True`"),
-        ("prepass", {"LORA_OVER_TEST_FIND_UNUSED": "0"}, "schedule='prepass' with 2 processes needs"),
+        ("dynamic", "schedule='dynamic' with 2 processes needs `ddp_find_unused_parameters=True`"),
+        ("prepass", "schedule='prepass' with 2 processes needs"),
     ],
 )
-def test_two_processes_refuse_what_they_cannot_do_before_training(
-    tiny_llama_dir, tokenizer, tmp_path, schedule, env, message
-):
-    done = run_two_processes(tiny_llama_dir, tokenizer, tmp_path, schedule, **env)
-    assert done.returncode != 0 and message in done.stderr
-    assert not list(tmp_path.glob("rank*.json"))
+def test_two_processes_refuse_what_they_cannot_do_before_training(refused_launch, schedule, message):
+    out, done = refused_launch
+    assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+    assert f"refused {schedule}: LoraOverCallback: {message}" in done.stderr
+    assert not list(out.glob("rank*.json"))  # neither schedule trained
 
 
 def test_moving_between_levels_grows_exactly_and_shrinks_by_the_reported_error(tiny_llama_dir, tokenizer, tmp_path):

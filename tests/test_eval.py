@@ -6,15 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SHARED, make_peft, save_tiny_llama
+from conftest import GSM8K_DIR, make_peft, mt_bench_questions_path, save_tiny_llama
 from test_patch import train_steps
 
 from lora_over_trl import LoraOverConfig, apply_lora_over, collapse, export_merged, save_lora_over
 from lora_over_trl.eval.command import main
 
 ROOT = Path(__file__).resolve().parents[1]
-GSM8K_DIR = SHARED / "data" / "gsm8k"
-QUESTIONS = SHARED / "data" / "mt_bench" / "question.jsonl"
+QUESTIONS = mt_bench_questions_path()
 
 
 def score(path: Path, out: Path, *extra: str, tasks: str = "gsm8k", limit: int = 2) -> int:

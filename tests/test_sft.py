@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import gsm8k_rows, load_base, logits, save_tiny_llama
+from conftest import GSM8K_DIR, gsm8k_rows, load_base, logits, save_tiny_llama
 from safetensors.torch import load_file
 
-from lora_over_trl.sft.command import main
+from lora_over_trl.sft import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,18 +71,37 @@ def run_command(*args: str, launcher: list[str] | None = None) -> subprocess.Com
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ})
 
 
+def run_in_process(*args: str) -> None:
+    """The command run by ``main`` in this process, which must succeed (its stderr is in pytest's report): the same
+    run as ``python -m lora_over_trl.sft`` without a fresh interpreter's imports. The module entry point itself runs
+    in the launcher tests here and in test_distributed, and the installed console script in test_wheel."""
+    assert main(list(args)) == 0
+
+
 def stock_peft_logits(base_dir: str, adapter: Path, kind: str, batch) -> torch.Tensor:
     from peft import PeftModel
 
     return logits(PeftModel.from_pretrained(load_base(base_dir, kind), adapter), *batch)
 
 
+@pytest.fixture(scope="module")
+def default_run(workspace, tmp_path_factory) -> Path:
+    """The default recipe (fp32, dynamic LoRA-Over, 8 steps, checkpoints at 4 and 8) with ``merge``, through the
+    command once: the fp32 case of the recipe test, and the resume test's uninterrupted run and interrupted one (a
+    copy, cut back to checkpoint-4). Returns its output folder; tests copy it before changing anything."""
+    out = tmp_path_factory.mktemp("default")
+    run_in_process(str(write_recipe(workspace, out, merge=True)))
+    return out / "run"
+
+
 @pytest.mark.parametrize("kind", ["fp32", "nf4"])
-def test_recipe_trains_collapses_and_writes_a_standard_adapter(workspace, tmp_path, gsm8k_batch, kind):
-    extra = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"} if kind == "nf4" else {"merge": True}
-    done = run_command(str(write_recipe(workspace, tmp_path, **extra)))
-    assert done.returncode == 0, done.stderr[-3000:]
-    run = tmp_path / "run"
+def test_recipe_trains_collapses_and_writes_a_standard_adapter(workspace, tmp_path, gsm8k_batch, kind, request):
+    if kind == "fp32":
+        run = request.getfixturevalue("default_run")
+    else:
+        extra = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+        run_in_process(str(write_recipe(workspace, tmp_path, **extra)))
+        run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["method"] == "lora_over" and summary["world_size"] == 1
     assert len(summary["losses"]) == 8 and all(torch.isfinite(torch.tensor(s["loss"])) for s in summary["losses"])
@@ -109,33 +129,31 @@ def test_recipe_trains_collapses_and_writes_a_standard_adapter(workspace, tmp_pa
         assert (logits(merged, *gsm8k_batch) - expected).abs().max() <= 1e-4
 
 
-def test_resume_continues_to_the_same_adapter(workspace, tmp_path):
-    whole = run_command(str(write_recipe(workspace, tmp_path / "a")))
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    recipe = write_recipe(workspace, tmp_path / "b")
-    first = run_command(str(recipe))
-    assert first.returncode == 0, first.stderr[-3000:]
-    # an interruption after step 4: only checkpoint-4 is left
+def test_resume_continues_to_the_same_adapter(workspace, tmp_path, default_run):
+    # the uninterrupted run is default_run; a copy of it, cut back to what an interruption after step 4 leaves
+    # (only checkpoint-4), is resumed with the same recipe in its own folder
+    recipe = write_recipe(workspace, tmp_path / "b", merge=True)
     run = tmp_path / "b" / "run"
-    for name in ("checkpoint-8", "adapter", "summary.json"):
+    shutil.copytree(default_run, run)
+    for name in ("checkpoint-8", "adapter", "merged", "summary.json"):
         subprocess.run(["rm", "-rf", str(run / name)], check=True)
     # a marker in the checkpoint's log history shows the resumed run really started from it
     state_file = run / "checkpoint-4" / "trainer_state.json"
     state = json.loads(state_file.read_text())
     state["log_history"][0]["loss"] = 123.0
     state_file.write_text(json.dumps(state))
-    again = run_command(str(recipe), "--resume_from_checkpoint", "true")
-    assert again.returncode == 0, again.stderr[-3000:]
+    run_in_process(str(recipe), "--resume_from_checkpoint", "true")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["losses"][0]["loss"] == 123.0
     assert summary["resumed_from"] == str(run / "checkpoint-4")
     ours = load_file(run / "adapter" / "adapter_model.safetensors")
-    reference = load_file(tmp_path / "a" / "run" / "adapter" / "adapter_model.safetensors")
+    reference = load_file(default_run / "adapter" / "adapter_model.safetensors")
     assert ours.keys() == reference.keys()
     for key in ours:
         torch.testing.assert_close(ours[key], reference[key], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_two_processes_through_accelerate(workspace, tmp_path, gsm8k_batch):
     # The shipped DDP config as GPU users run it: on CPU `accelerate launch --cpu` would run one process; its
     # `distributed_type: MULTI_GPU` is the torchrun launcher, and the recipe's `use_cpu: true` makes the Trainer use
@@ -163,15 +181,13 @@ def test_two_processes_through_accelerate(workspace, tmp_path, gsm8k_batch):
 
 
 def test_plain_lora_twin_trains_then_scores_adapter_and_base(workspace, tmp_path):
-    gsm8k = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
     scoring = {
         "eval_tasks": "gsm8k",
         "eval_base": True,
-        "eval_args": f"--gsm8k_dir {gsm8k} --limit 2 --num_fewshot 0 --gen_kwargs max_gen_toks=8",
+        "eval_args": f"--gsm8k_dir {GSM8K_DIR} --limit 2 --num_fewshot 0 --gen_kwargs max_gen_toks=8",
     }
     recipe = write_recipe(workspace, tmp_path, method="lora", lora_over=None, **scoring)
-    done = run_command(str(recipe), "--max_steps", "2")
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_in_process(str(recipe), "--max_steps", "2")
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == "lora" and summary["steps"] == 2 and "collapse_max_error" not in summary
@@ -192,8 +208,7 @@ def test_plain_lora_twin_trains_then_scores_adapter_and_base(workspace, tmp_path
 
 def test_chained_cla_through_the_command_on_a_4bit_base(workspace, tmp_path, gsm8k_batch):
     recipe = write_recipe(workspace, tmp_path, method="c3la", lora_over=None, load_in_4bit=True)
-    done = run_command(str(recipe), "--cla.chain_interval", "3")
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_in_process(str(recipe), "--cla.chain_interval", "3")
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == "c3la" and summary["cla"] == {"rank": 24, "windows": 3, "chain_every": 3}  # 3, 6
@@ -215,13 +230,11 @@ def test_glora_through_the_command_on_a_4bit_base(workspace, tmp_path):
         "search_batches": 2,
         "search_fraction": 0.25,
     }
-    gsm8k = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
-    scoring = {"eval_tasks": "gsm8k", "eval_args": f"--gsm8k_dir {gsm8k} --limit 2 --gen_kwargs max_gen_toks=8"}
+    scoring = {"eval_tasks": "gsm8k", "eval_args": f"--gsm8k_dir {GSM8K_DIR} --limit 2 --gen_kwargs max_gen_toks=8"}
     recipe = write_recipe(
         workspace, tmp_path, method="glora", lora_over=None, load_in_4bit=True, glora=search, **scoring
     )
-    done = run_command(str(recipe), "--glora.mutation_count", "3", "--glora.crossover_count", "3")
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_in_process(str(recipe), "--glora.mutation_count", "3", "--glora.crossover_count", "3")
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
     record = json.loads((run / "glora_search.json").read_text())

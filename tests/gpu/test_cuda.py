@@ -27,7 +27,7 @@ pytestmark = [
     pytest.mark.skipif(DEVICE is None, reason="needs a CUDA device (LORA_OVER_GPU_TESTS_ON_CPU=1: run on CPU)"),
 ]
 ROOT = Path(__file__).resolve().parents[2]
-# Word problems shipped in the tree (GSM8K's fields and style): a lent device has no ../shared beside the tree.
+# Word problems shipped in the tree (GSM8K's fields and style): a GPU machine has only the tree and what is carried.
 PROBLEMS = ROOT / "recipes" / "data" / "arithmetic" / "train.jsonl"
 
 
