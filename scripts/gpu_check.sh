@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The whole procedure on a lent GPU machine (README "On a GPU"), as one command: `make gpu-check`.
+# The whole procedure on a GPU machine without network access (docs/gpu.md), as one command: `make gpu-check`.
 # Unpacks the wheels `make gpu-wheels` fetched into .whl/ (carried with the tree) into a temporary folder put first
 # on PYTHONPATH, runs the GPU tests, then the GPU benchmark. Logs, pytest's JUnit XML and the benchmark's JSON and
-# Markdown land in $OUT when the device tool sets it (else runs/gpu_check). Each part runs even if one before it
+# Markdown land in $OUT when it is set (else runs/gpu_check). Each part runs even if one before it
 # failed; the exit status is the first failure's. Meant to finish in under 8 minutes on an H200.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

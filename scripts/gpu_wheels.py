@@ -1,9 +1,9 @@
-"""The wheels a lent GPU machine lacks (README "On a GPU"), fetched here and unpacked there.
+"""The wheels a GPU machine without network access lacks (docs/gpu.md), fetched here and unpacked there.
 
     python scripts/gpu_wheels.py --download .whl            # here (`make gpu-wheels`): pip can reach a registry
     python scripts/gpu_wheels.py --install .whl --target T  # there (`make gpu-check`): no network, no pip needed
 
-The device (one H200; the `device` tool's README) has Python 3.12, torch 2.11 (CUDA 13), transformers 5.17,
+The GPU machine this was prepared for (one H200) has Python 3.12, torch 2.11 (CUDA 13), transformers 5.17,
 accelerate 1.15, peft and safetensors, and no network; the working tree and carried paths may total 64 MiB.
 So the wheels are the versions this project's CI runs (read from this environment), for CPython 3.12 on
 manylinux x86_64, and bitsandbytes' wheel (43 MB: one kernel library per CUDA release from 11.8 to 13.2) keeps

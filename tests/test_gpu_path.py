@@ -1,5 +1,5 @@
-"""The GPU procedure stays runnable where no GPU is lent: the GPU tests themselves on CPU, bench_gpu.py's quick
-mode, and the slimmed bitsandbytes wheel `make gpu-wheels` builds (README "On a GPU")."""
+"""The GPU procedure stays runnable on a machine without a GPU: the GPU tests themselves on CPU, bench_gpu.py's quick
+mode, and the slimmed bitsandbytes wheel `make gpu-wheels` builds (docs/gpu.md)."""
 
 from __future__ import annotations
 

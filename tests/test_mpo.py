@@ -265,7 +265,7 @@ def test_invalid_layouts_and_inputs_are_clear_errors():
         mpo.decompose(torch.ones(8, 32), small, std=1.0)
 
 
-PINNED_LAYOUTS = {  # (p, q, num_cores, aux_size): the layout DESIGN.md's rule gives (the README's example first)
+PINNED_LAYOUTS = {  # (p, q, num_cores, aux_size): the layout choose_layout's rule gives, worked out by hand
     (16, 4096, 2, 16): ((4, 4), (4, 1024), (16,), 1),
     (4096, 16, 2, 16): ((4, 1024), (4, 4), (16,), 1),
     (16, 11008, 3, 16): ((4, 1, 4), (4, 688, 4), (16, 16), 1),

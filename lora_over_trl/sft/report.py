@@ -121,7 +121,7 @@ def _reproduction(output_dir: Path, run_args: Any, model_args, training_args) ->
     if model_args.load_in_4bit:
         return [
             "plain lm-eval cannot load a 4-bit base: set merge: true for merged/ (the trained function, which it "
-            "scores as here); the adapter on the full-precision base scores differently (README, Evaluate)"
+            "scores as here); the adapter on the full-precision base scores differently (docs/evaluation.md)"
         ]
     command = lm_eval_command.plain_lm_eval_command(
         model_args.model_name_or_path, args, peft=str(output_dir / "adapter")

@@ -7,7 +7,7 @@ a script says it with ``TrainingArguments(fsdp=..., fsdp_config=...)`` or ``deep
 before anything is loaded, so a combination that cannot work stops in one line instead of failing (or silently
 training something else) after the first steps.
 
-What runs where (README, "Several processes", has the table with the tests):
+What runs where (docs/distributed.md has the table with the tests):
 
 - FSDP2: plain LoRA and LoRA-Over's ``static`` schedule. The bank is the root unit's parameter and every
   factor is in it before accelerate shards the model. ``prepass`` and ``dynamic`` are refused: a module that

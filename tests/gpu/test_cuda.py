@@ -1,10 +1,10 @@
 """The GPU path: every method on a tiny Llama in bitsandbytes 4-bit NF4 on CUDA with bfloat16 compute and
 activation checkpointing, trained through transformers' ``Trainer`` (TRL's ``SFTTrainer`` is its subclass; TRL
-itself needs pyarrow, which a lent device lacks, so the one SFT-command test skips without it).
+itself needs pyarrow, which a bare GPU machine may lack, so the one SFT-command test skips without it).
 
 Skipped without CUDA. ``LORA_OVER_GPU_TESTS_ON_CPU=1`` runs them on CPU instead (same code, bf16 compute on
-the CPU 4-bit kernels) to check the tests themselves where no GPU is lent; the numbers they assert are the
-GPU's to meet. ``make gpu-check`` runs them on a lent device (README "On a GPU").
+the CPU 4-bit kernels) to check the tests themselves on a machine without a GPU; the numbers they assert are the
+GPU's to meet. ``make gpu-check`` runs them on a GPU machine (docs/gpu.md).
 """
 
 from __future__ import annotations
