@@ -81,6 +81,30 @@ def test_every_named_path_exists(doc):
     assert missing_paths(doc.read_text(), ROOT, base=doc.parent) == []
 
 
+TEST_NAME = re.compile(r"\b(test_\w+\.py)::(test_\w+)")
+
+
+def missing_tests(markdown: str, tests: Path) -> list[str]:
+    """The ``test_file.py::test_name`` references of a markdown text with no such test function in ``tests``."""
+    missing = []
+    for file, name in TEST_NAME.findall(markdown):
+        path = tests / file
+        if not path.is_file() or not re.search(rf"^def {name}\(", path.read_text(), re.MULTILINE):
+            missing.append(f"{file}::{name}")
+    return missing
+
+
+def test_missing_tests_finds_a_renamed_test(tmp_path):
+    (tmp_path / "test_a.py").write_text("def test_kept(x):\n    pass\n")
+    text = "`test_a.py::test_kept`, `test_a.py::test_renamed`, `test_b.py::test_kept`"
+    assert missing_tests(text, tmp_path) == ["test_a.py::test_renamed", "test_b.py::test_kept"]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_named_test_exists(doc):
+    assert missing_tests(doc.read_text(), ROOT / "tests") == []
+
+
 # ---- commands -------------------------------------------------------------------------------------------
 
 
