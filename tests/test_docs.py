@@ -207,3 +207,33 @@ def test_shell_words_in_commands_parse():
         if lang == "bash":
             shlex.split(re.sub(r"\\\n", " ", block), comments=True)
     assert "make demo" in text and "make test" in text
+
+
+# ---- the README's methods table against the registry ------------------------------------------------------
+
+
+def readme_method_rows(text: str) -> dict[str, str]:
+    """Each method's "runs under" cell of the README's methods table, ``as `other``` resolved."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and re.fullmatch(r"`\w+`", cells[0]):
+            rows[cells[0].strip("`")] = cells[2]
+    for name, cell in rows.items():
+        if (alias := re.fullmatch(r"as `(\w+)`", cell)) is not None:
+            rows[name] = rows[alias.group(1)]
+    return rows
+
+
+def test_the_readme_methods_table_says_what_the_registry_allows():
+    from lora_over_trl.registry import METHODS, build_config, refusal
+    from lora_over_trl.utils.distributed import ShardedMode
+
+    rows = readme_method_rows((ROOT / "README.md").read_text())
+    assert sorted(rows) == sorted(METHODS)
+    for name, method in METHODS.items():
+        config = build_config(name, {})  # the defaults (LoRA-Over: the static schedule)
+        row = rows[name]
+        assert ("FSDP2" in row) == (refusal(name, config, ShardedMode("fsdp", 2)) is None), name
+        assert ("DeepSpeed" in row) == (refusal(name, config, ShardedMode("deepspeed", 2)) is None), name
+        assert ("not Axolotl" in row) == (method.axolotl_refusal is not None), name

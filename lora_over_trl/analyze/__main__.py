@@ -1,4 +1,4 @@
-"""``python -m lora_over_trl.analyze`` (and ``accelerate launch -m lora_over_trl.analyze``)."""
+"""``python -m lora_over_trl.analyze``."""
 
 import sys
 

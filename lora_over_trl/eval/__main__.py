@@ -1,4 +1,4 @@
-"""``python -m lora_over_trl.eval`` (and ``accelerate launch -m lora_over_trl.eval``)."""
+"""``python -m lora_over_trl.eval``."""
 
 import sys
 
