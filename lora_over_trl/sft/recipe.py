@@ -12,10 +12,11 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_over_trl.registry import METHODS, Method, sections
 from lora_over_trl.sft.checks import RecipeError, argument_problems, name_the_field
 from lora_over_trl.utils.errors import one_line
 
@@ -23,27 +24,12 @@ __all__ = ["RecipeError", "RunArguments", "make_parser", "parse_recipe"]
 
 
 @dataclass
-class RunArguments:
-    """The recipe keys this command adds to TRL's."""
+class _CommandArguments:
+    """The recipe keys this command adds to TRL's, but the methods' sections."""
 
     method: str = field(
         default="lora_over",
-        metadata={
-            "help": "the method (lora_over_trl.registry.METHODS): `lora_over` (over-parameterized factors, "
-            "collapsed at the end), `lora` (plain LoRA), `cla` / `rcla` / `c3la` / `rc3la` (fixed column windows "
-            "for A; chained for c3la), or `glora` (supernet of support tensors, search, merged at the end)"
-        },
-    )
-    lora_over: dict | str | None = field(
-        default=None,
-        metadata={"help": "LoRA-Over settings (LoraOverConfig fields: capacity, schedule, budget_ratio, rules ...)"},
-    )
-    cla: dict | str | None = field(
-        default=None, metadata={"help": "cLA-family settings (ClaConfig fields: chain_interval, chain_unit, seed)"}
-    )
-    glora: dict | str | None = field(
-        default=None,
-        metadata={"help": "GLoRA settings (GloraConfig fields: ranks, population, generations, param_limit ...)"},
+        metadata={"help": "the method: " + "; ".join(f"`{name}`: {method.help}" for name, method in METHODS.items())},
     )
     dataset_columns: dict | str | None = field(
         default=None,
@@ -60,6 +46,22 @@ class RunArguments:
     eval_args: str = field(
         default="", metadata={"help": "more flags for lora_over_trl.eval, e.g. `--limit 50 --num_fewshot 0`"}
     )
+
+
+def _section_field(method: Method) -> tuple[str, Any, Any]:
+    config_class = method.config.rpartition(":")[2]
+    help = f"{method.label} settings ({config_class} fields), a mapping; `--{method.section}.KEY value` sets one"
+    return method.section, dict | str | None, field(default=None, metadata={"help": help})
+
+
+# One section per method that has settings (lora_over:, cla:, glora:), as the registry names them.
+RunArguments = make_dataclass(
+    "RunArguments",
+    [_section_field(next(m for m in METHODS.values() if m.section == name)) for name in sections()],
+    bases=(_CommandArguments,),
+    namespace={"__doc__": "The recipe keys this command adds to TRL's: method, its section, data, merge, evaluation."},
+)
+RunArguments.__module__ = __name__
 
 
 def make_parser():
@@ -128,10 +130,8 @@ def _split_section_flags(flags: list[str]) -> tuple[dict[str, dict[str, Any]], l
     """``--SECTION.KEY VALUE`` (or ``=VALUE``) flags by section, values read as YAML; the other flags."""
     import yaml
 
-    from lora_over_trl.registry import sections as method_sections
-
-    names = method_sections()
-    sections: dict[str, dict[str, Any]] = {name: {} for name in names}
+    names = sections()
+    given: dict[str, dict[str, Any]] = {name: {} for name in names}
     rest, i = [], 0
     while i < len(flags):
         flag = flags[i]
@@ -144,14 +144,14 @@ def _split_section_flags(flags: list[str]) -> tuple[dict[str, dict[str, Any]], l
                 if i + 1 >= len(flags):
                     raise RecipeError(f"{flag} needs a value")
                 i, value = i + 1, flags[i + 1]
-            sections[section][key] = yaml.safe_load(value)
+            given[section][key] = yaml.safe_load(value)
         i += 1
-    return sections, rest
+    return given, rest
 
 
-def _method_config(run_args: RunArguments, overrides: dict[str, dict[str, Any]]):
+def _method_config(run_args: Any, overrides: dict[str, dict[str, Any]]):
     """The method's config from its recipe section and ``--SECTION.KEY`` flags (``None`` for plain LoRA)."""
-    from lora_over_trl.registry import build_config, get_method, sections
+    from lora_over_trl.registry import build_config, get_method
 
     try:
         method = get_method(run_args.method)
