@@ -23,18 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from lora_over_trl.utils.errors import first_line, one_line
+from lora_over_trl.analyze.adapters import AnalysisError, BaseWeights, adapter_folder, adapter_updates
+from lora_over_trl.analyze.landscape_report import run_landscape
 
-__all__ = ["AnalysisError", "main", "spectrum_report"]
-
-
-class AnalysisError(ValueError):
-    """Bad input: reported as one line, exit code 2."""
+__all__ = ["main", "make_parser", "spectrum_report"]
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -71,106 +67,6 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------
-
-
-def adapter_folder(path: Path) -> Path:
-    """The PEFT adapter folder in ``path`` (itself or its ``adapter/``)."""
-    for candidate in (path, path / "adapter"):
-        if (candidate / "adapter_config.json").is_file():
-            if (candidate / "lora_over.json").is_file():
-                raise AnalysisError(
-                    f"{candidate} is an over-parameterized training checkpoint; analyze the run's adapter/"
-                )
-            return candidate
-    raise AnalysisError(f"{path}: no adapter_config.json in it or in its adapter/ folder")
-
-
-def adapter_updates(folder: Path, pattern: str | None) -> tuple[dict[str, Any], dict[str, tuple]]:
-    """``(adapter config, {module: (B, A, scaling)})`` from a PEFT LoRA adapter folder."""
-    from safetensors.torch import load_file
-
-    config = json.loads((folder / "adapter_config.json").read_text())
-    if config.get("peft_type") != "LORA":
-        raise AnalysisError(f"{folder}: a {config.get('peft_type')} adapter; only LoRA adapters are analyzed")
-    weights = load_file(folder / "adapter_model.safetensors")
-    updates = {}
-    for key, a in weights.items():
-        if not key.endswith("lora_A.weight"):
-            continue
-        module = key.removesuffix(".lora_A.weight").removeprefix("base_model.model.")
-        if pattern and not re.search(pattern, module):
-            continue
-        b = weights[key.replace("lora_A", "lora_B")]
-        r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
-        updates[module] = (b.float(), a.float(), alpha / (r**0.5 if config.get("use_rslora") else r))
-    if not updates:
-        raise AnalysisError(f"{folder}: no LoRA module" + (f" matches --modules {pattern!r}" if pattern else ""))
-    return config, dict(sorted(updates.items(), key=lambda item: _module_order(item[0])))
-
-
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    for key, value in patterns.items():  # PEFT: a key matches a module name that ends with it (regex)
-        if re.search(rf"(^|\.){key}$", module):
-            return value
-    return default
-
-
-def _module_order(name: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in name.split("."))
-
-
-class BaseWeights:
-    """Weights of a base checkpoint, read one tensor at a time from its safetensors files."""
-
-    def __init__(self, name_or_path: str, load_in_4bit: bool = False) -> None:
-        from safetensors import safe_open
-
-        folder = Path(name_or_path)
-        if not folder.is_dir():
-            folder = self._from_hub_cache(name_or_path)
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise AnalysisError(f"base {name_or_path}: no .safetensors weights in {folder}")
-        self.name, self.load_in_4bit, self.files = name_or_path, load_in_4bit, {}
-        for file in files:
-            with safe_open(file, framework="pt") as handle:
-                self.files.update(dict.fromkeys(handle.keys(), file))
-
-    @staticmethod
-    def _from_hub_cache(name: str) -> Path:
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(name, allow_patterns=["*.safetensors", "*.json"]))
-        except Exception as err:
-            raise AnalysisError(
-                f"base {name}: not a local folder and not available from the hub ({first_line(err)})"
-            ) from err
-
-    def weight(self, module: str, shape: tuple[int, int]):
-        """``W0`` of ``module`` in float32 (after an NF4 round trip with ``load_in_4bit``)."""
-        from safetensors import safe_open
-
-        key = next((k for k in (f"{module}.weight", f"model.{module}.weight") if k in self.files), None)
-        if key is None:
-            raise AnalysisError(f"base {self.name} has no weight for the adapter's module {module}")
-        with safe_open(self.files[key], framework="pt") as handle:
-            weight = handle.get_tensor(key)
-        if tuple(weight.shape) != shape:
-            raise AnalysisError(
-                f"base {self.name} does not match the adapter: {module} is {tuple(weight.shape)} there, "
-                f"{shape} in the adapter"
-            )
-        if self.load_in_4bit:
-            import bitsandbytes.functional as bnb_functional
-
-            quantized, state = bnb_functional.quantize_4bit(weight.float(), blocksize=64, quant_type="nf4")
-            weight = bnb_functional.dequantize_4bit(quantized, state)
-        return weight.float()
-
-
-# ---- the report ---------------------------------------------------------------------------------------------
 
 
 def spectrum_report(path: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -273,145 +169,6 @@ def run_spectrum(args: argparse.Namespace) -> Path:
         draw_spectra(reports, staging / "spectra.png", staging / "effective_rank.png")
     print(text)
     return output
-
-
-def example_texts(path: Path, tokenizer: Any, limit: int) -> list[tuple[str, str]]:
-    """Up to ``limit`` ``(prompt, completion)`` pairs from a ``.jsonl`` file (prompt empty for plain text and
-    chats); an AnalysisError when no row is usable. The loss is taken on the completion, as SFT trained it."""
-    texts = []
-    with path.open() as handle:
-        for line in handle:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(row, dict):
-                continue
-            if isinstance(row.get("text"), str):
-                texts.append(("", row["text"]))
-            elif isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
-                texts.append((row["prompt"], row["completion"]))
-            elif isinstance(row.get("question"), str) and isinstance(row.get("answer"), str):
-                texts.append((f"Question: {row['question']}\nAnswer:", " " + row["answer"]))  # lm-eval's GSM8K prompt
-            elif isinstance(row.get("messages"), list) and getattr(tokenizer, "chat_template", None):
-                texts.append(("", tokenizer.apply_chat_template(row["messages"], tokenize=False)))
-            if len(texts) == limit:
-                break
-    if not texts:
-        raise AnalysisError(
-            f"--data {path}: no usable rows (need text, prompt + completion, question + answer, or messages)"
-        )
-    return texts
-
-
-def run_landscape(args: argparse.Namespace) -> Path:
-    import torch
-    from tqdm.auto import tqdm
-
-    from lora_over_trl.analyze.landscape import filter_normalized_direction, landscape_grid, sharpness
-    from lora_over_trl.eval.command import load_model
-    from lora_over_trl.utils.atomic import staged_directory
-
-    path, data = Path(args.path), Path(args.data)
-    if not path.exists():
-        raise AnalysisError(f"{path} does not exist")
-    if not data.is_file():
-        raise AnalysisError(f"--data {data} is not a file")
-    if args.grid < 2:
-        raise AnalysisError(f"--grid must be at least 2 (points per direction), got {args.grid}")
-    if args.radius <= 0 or args.examples < 1 or args.batch_size < 1:
-        raise AnalysisError("--radius must be > 0, --examples and --batch_size >= 1")
-    folder = adapter_folder(path)
-    config = json.loads((folder / "adapter_config.json").read_text())
-    base = args.base or config.get("base_model_name_or_path")
-    if not base:
-        raise AnalysisError(f"{folder}/adapter_config.json names no base model; pass --base")
-    if not Path(base).is_dir():
-        BaseWeights._from_hub_cache(base)  # a clear error when the base is nowhere
-    loading = argparse.Namespace(device=args.device, dtype="float32", load_in_4bit=args.load_in_4bit)
-    try:
-        model, tokenizer = load_model(base, folder, loading)
-    except (OSError, RuntimeError) as err:  # shapes that do not match, unreadable files
-        raise AnalysisError(f"cannot load {folder} on {base}: {one_line(err)[:300]}") from err
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"  # prompts are masked from the left of each row
-    texts = example_texts(data, tokenizer, args.examples)
-    batches = []
-    for start in range(0, len(texts), args.batch_size):
-        batch = texts[start : start + args.batch_size]
-        enc = tokenizer(
-            [prompt + completion for prompt, completion in batch],
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=args.max_length,
-        )
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        for row, (prompt, _) in enumerate(batch):  # no loss on the prompt (right padding assumed)
-            labels[row, : len(tokenizer(prompt, add_special_tokens=True)["input_ids"]) if prompt else 0] = -100
-        batches.append({**{k: v.to(model.device) for k, v in enc.items()}, "labels": labels.to(model.device)})
-
-    def loss() -> float:  # token-weighted mean over every batch
-        total = tokens = 0.0
-        for batch in batches:
-            count = float((batch["labels"][:, 1:] != -100).sum())
-            total += float(model(**batch).loss) * count
-            tokens += count
-        return total / tokens
-
-    params = [p for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name]
-    generator = torch.Generator().manual_seed(args.seed)
-    directions = [filter_normalized_direction(params, generator) for _ in range(args.dims)]
-    coordinates = torch.linspace(-args.radius, args.radius, args.grid).tolist()
-    with tqdm(total=args.grid**args.dims, desc="loss landscape") as bar:
-        losses = landscape_grid(loss, params, directions, coordinates, progress=bar.update)
-    summary = sharpness(losses, coordinates)
-    output = Path(args.output) if args.output else path / "analysis-landscape"
-    report = {
-        "adapter": str(folder),
-        "base": base,
-        "data": str(data),
-        "examples": len(texts),
-        "dims": args.dims,
-        "seed": args.seed,
-        "coordinates": coordinates,
-        "losses": losses,
-        "sharpness": summary,
-    }
-    with staged_directory(output, overwrite=True) as staging:
-        (staging / "landscape.json").write_text(json.dumps(report, indent=1))
-        draw_landscape(report, staging / "landscape.png")
-    print(
-        f"| adapter | center loss | mean rise at radius {summary['radius']:g} | max rise |\n|---|---:|---:|---:|\n"
-        f"| {folder} | {summary['center_loss']:.4f} | {summary['mean_rise_at_radius']:.4f} | "
-        f"{summary['max_rise']:.4f} |"
-    )
-    return output
-
-
-def draw_landscape(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    coordinates, losses = report["coordinates"], report["losses"]
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    if report["dims"] == 1:
-        ax.plot(coordinates, losses, marker=".")
-        ax.set_xlabel("alpha (filter-normalized direction)")
-        ax.set_ylabel("loss")
-    else:
-        contour = ax.contourf(coordinates, coordinates, losses, levels=20, cmap="viridis")
-        ax.contour(coordinates, coordinates, losses, levels=20, colors="white", linewidths=0.3)
-        fig.colorbar(contour, ax=ax, label="loss")
-        ax.set_xlabel("beta (direction 2)")
-        ax.set_ylabel("alpha (direction 1)")
-    ax.set_title(f"loss landscape: {Path(report['adapter']).parent.name}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
