@@ -34,7 +34,16 @@ def test_bench_methods_quick():
 
 
 def _quick(script: str, tmp_path) -> str:
-    cmd = [sys.executable, str(ROOT / "benches" / "quality" / script), "--quick", "--out", str(tmp_path / "out")]
+    # two runs at a time, as `make bench-quality` runs them (a run's time is mostly its process start)
+    cmd = [
+        sys.executable,
+        str(ROOT / "benches" / "quality" / script),
+        "--quick",
+        "--jobs",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "FAILED" not in done.stderr, done.stderr[-4000:]
@@ -66,7 +75,15 @@ def test_study_regime_quick(tmp_path):
     import json
 
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "benches" / "study" / "study_regime.py"), "--quick", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benches" / "study" / "study_regime.py"),
+        "--quick",
+        "--jobs",
+        "2",
+        "--out",
+        str(out),
+    ]
     cmd += ["--methods", "lora", "lora_over_static", "--extend-edges", "0", "--ablations", "aux_lr 3x"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
