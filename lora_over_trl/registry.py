@@ -39,7 +39,7 @@ class Method:
         artifact: the folder that holds the trained function and that evaluation scores (``adapter`` or ``merged``).
         held_out: the share of the training rows it holds out for scoring after training when the recipe gives no
             evaluation split, read from its config (GLoRA's search); ``None``: it needs none.
-        outputs: files its callback writes into the output folder.
+        outputs: ``(file, what it holds)`` for each file its callback or its ``finish`` writes into the output folder.
         finish: ``"module:function"`` called as ``finish(trainer, output_dir=...)`` on the main process after
             training (GLoRA's search).
         save: ``"module:function"`` that writes the run's folders instead of the default ``adapter/`` (and
@@ -62,12 +62,17 @@ class Method:
     replaces_lora_a: str | None = None
     artifact: str = "adapter"
     held_out: Callable[[Any], float] | None = None
-    outputs: tuple[str, ...] = ()
+    outputs: tuple[tuple[str, str], ...] = ()
     finish: str | None = None
     save: str | None = None
     fsdp2: str | Callable[[Any], str | None] | None = None
     deepspeed: str | Callable[[Any], str | None] | None = None
     unused_parameters: Callable[[Any], bool] = lambda config: False
+
+    @property
+    def output_files(self) -> tuple[str, ...]:
+        """The names of :attr:`outputs`."""
+        return tuple(name for name, _ in self.outputs)
 
     def config_class(self) -> type | None:
         return load(self.config) if self.config else None
@@ -126,7 +131,10 @@ METHODS: dict[str, Method] = {
             config="lora_over_trl.lora_over.config:LoraOverConfig",
             callback="lora_over_trl.lora_over.callback:LoraOverCallback",
             axolotl_section="lora_over",
-            outputs=("lora_over_history.json", "lora_over_allocation.png"),
+            outputs=(
+                ("lora_over_history.json", "the schedule's decisions, step by step"),
+                ("lora_over_allocation.png", "which modules held capacity when"),
+            ),
             fsdp2=_lora_over_sharded("fsdp"),
             deepspeed=_lora_over_sharded("deepspeed"),
             unused_parameters=_scheduled,
@@ -147,7 +155,7 @@ METHODS: dict[str, Method] = {
             "Axolotl saves; train it with `python -m lora_over_trl.sft` and `method: glora`",
             artifact="merged",
             held_out=lambda config: config.search_fraction,
-            outputs=("glora_search.json",),
+            outputs=(("glora_search.json", "the search's generations and the chosen configuration"),),
             finish="lora_over_trl.methods.glora.callback:search_glora",
             save="lora_over_trl.methods.glora.export:save_glora_outputs",
             fsdp2=_GLORA,

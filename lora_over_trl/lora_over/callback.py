@@ -60,7 +60,7 @@ from lora_over_trl.lora_over.optim import group_index, sync_optimizer
 from lora_over_trl.lora_over.schedule.picture import draw_allocation
 from lora_over_trl.lora_over.schedule.scheduler import CapacityScheduler
 from lora_over_trl.lora_over.sensitivity import SensitivityHooks, fisher_scores
-from lora_over_trl.registry import refusal
+from lora_over_trl.registry import METHODS, refusal
 from lora_over_trl.utils.callbacks import ScheduleSetupError, restore_before_load
 from lora_over_trl.utils.collectives import synchronize_new_parameters
 from lora_over_trl.utils.distributed import launch_mode
@@ -68,8 +68,8 @@ from lora_over_trl.utils.distributed import launch_mode
 __all__ = ["LoraOverCallback"]
 
 SCHEDULER_FILE = "lora_over_scheduler.json"
-HISTORY_FILE = "lora_over_history.json"
-PICTURE_FILE = "lora_over_allocation.png"
+# Written into output_dir at the end of a run; the registry lists them, with what each holds, for the SFT command.
+HISTORY_FILE, PICTURE_FILE = METHODS["lora_over"].output_files
 
 
 class LoraOverCallback(TrainerCallback):

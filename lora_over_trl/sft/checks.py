@@ -196,7 +196,7 @@ def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> list[
     from lora_over_trl.registry import METHODS
 
     outputs = {"adapter", "merged", "eval", "eval-base", SUMMARY_FILE}
-    outputs |= {name for method in METHODS.values() for name in method.outputs}
+    outputs |= {name for method in METHODS.values() for name in method.output_files}
     previous = sorted(p for p in output_dir.iterdir() if p.name.startswith("checkpoint-") or p.name in outputs)
     if previous and not (resuming or overwrite):
         raise RecipeError(

@@ -70,14 +70,13 @@ def _eval_flags(run_args: Any) -> list[str]:
 
 def final_report(output_dir: Path, summary: dict[str, Any], run_args: Any, model_args, training_args) -> str:
     """What the run produced, where, its scores (adapter beside base) and how plain lm-eval reproduces them."""
-    from lora_over_trl.lora_over.callback import HISTORY_FILE, PICTURE_FILE
+    from lora_over_trl.registry import get_method
 
     lines = [f"done: {summary['method']}, {summary['steps']} steps in {summary['wall_seconds']:.0f} s; outputs:"]
     outputs = [
         ("adapter/", "the collapsed, standard PEFT LoRA adapter (with the tokenizer)"),
         ("merged/", "the base with the update merged in: a plain model folder"),
-        (HISTORY_FILE, "the schedule's decisions, step by step"),
-        (PICTURE_FILE, "which modules held capacity when"),
+        *get_method(run_args.method).outputs,
         ("eval/", "lm-eval results of adapter/ (eval-base/: of the base)"),
         (SUMMARY_FILE, "losses, timings, memory, scores"),
     ]

@@ -36,13 +36,13 @@ from lora_over_trl.methods.glora.model import (
     sample_choices,
 )
 from lora_over_trl.methods.glora.search import SearchResult, evolutionary_search
-from lora_over_trl.registry import refusal
+from lora_over_trl.registry import METHODS, refusal
 from lora_over_trl.utils.callbacks import ScheduleSetupError
 from lora_over_trl.utils.distributed import launch_mode
 
 __all__ = ["SEARCH_FILE", "GloraCallback", "held_out_fitness", "search_glora"]
 
-SEARCH_FILE = "glora_search.json"
+(SEARCH_FILE,) = METHODS["glora"].output_files  # named in the registry, with what it holds
 
 
 class GloraCallback(TrainerCallback):
