@@ -18,7 +18,6 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
-from lora_over_trl.lora_over.model import lora_modules
 from lora_over_trl.methods.cla.callback import ClaCallback
 from lora_over_trl.methods.cla.config import ClaConfig
 from lora_over_trl.methods.cla.model import (
@@ -29,6 +28,7 @@ from lora_over_trl.methods.cla.model import (
     window_indices,
     window_offsets,
 )
+from lora_over_trl.utils.peft_layers import lora_modules
 
 
 def make_trainer(tiny_llama_dir, tokenizer, out, config, kind="fp32", **overrides):

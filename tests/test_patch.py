@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 
 from lora_over_trl import LoraOverConfig, apply_lora_over, collapse
 from lora_over_trl.lora_over import mpo
-from lora_over_trl.lora_over.model import banks, lora_modules, over_parameterized_factors, set_layouts
+from lora_over_trl.lora_over.model import banks, over_parameterized_factors, set_layouts
+from lora_over_trl.utils.peft_layers import lora_modules
 
 
 def train_steps(model, batch, steps: int, lr: float = 1e-2, groups=None, eps: float = 1e-8):

@@ -82,7 +82,7 @@ def collapse_llama7b(rank: int, capacity: float, layers: int = 32, seed: int = 0
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lora_over_trl import LoraOverConfig, apply_lora_over, collapse, over_parameterized_factors
-    from lora_over_trl.lora_over.model import lora_modules
+    from lora_over_trl.utils.peft_layers import lora_modules
 
     config = LlamaConfig(
         hidden_size=4096,

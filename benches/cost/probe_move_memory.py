@@ -20,7 +20,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from lora_over_trl import LoraOverConfig
-from lora_over_trl.lora_over.model import banks, lora_modules, module_layouts, set_layouts
+from lora_over_trl.lora_over.model import banks, module_layouts, set_layouts
+from lora_over_trl.utils.peft_layers import lora_modules
 from lora_over_trl.utils.smollm2 import smollm2_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benches/, where benchlib lives

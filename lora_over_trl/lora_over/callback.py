@@ -51,7 +51,6 @@ from lora_over_trl.lora_over.model import (
     banks,
     collapse,
     factor_linears,
-    lora_modules,
     module_layouts,
     over_parameterized_factors,
     set_layouts,
@@ -64,6 +63,7 @@ from lora_over_trl.registry import METHODS, refusal
 from lora_over_trl.utils.callbacks import ScheduleSetupError, restore_before_load
 from lora_over_trl.utils.collectives import synchronize_new_parameters
 from lora_over_trl.utils.distributed import launch_mode
+from lora_over_trl.utils.peft_layers import lora_modules
 
 __all__ = ["LoraOverCallback"]
 

@@ -28,8 +28,9 @@ from torch import nn
 
 from lora_over_trl.lora_over import mpo
 from lora_over_trl.lora_over.config import LoraOverConfig
-from lora_over_trl.lora_over.model import BANK_ATTR, banks, lora_modules, over_parameterized_factors, set_layouts
+from lora_over_trl.lora_over.model import BANK_ATTR, banks, over_parameterized_factors, set_layouts
 from lora_over_trl.utils.distributed import gathered
+from lora_over_trl.utils.peft_layers import lora_modules
 
 __all__ = [
     "BANK_FILE",

@@ -23,13 +23,13 @@ from lora_over_trl.lora_over import mpo
 from lora_over_trl.lora_over.bank import FactorBank, FactorHandle
 from lora_over_trl.lora_over.config import LoraOverConfig
 from lora_over_trl.utils.fields import module_matches
+from lora_over_trl.utils.peft_layers import lora_modules
 
 __all__ = [
     "ApplyReport",
     "apply_lora_over",
     "banks",
     "collapse",
-    "lora_modules",
     "over_parameterized_factors",
     "plan_layout",
     "set_layouts",
@@ -37,27 +37,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_PEFT_PREFIX = "base_model.model."
 FACTOR_NAMES = {"A": "lora_A", "B": "lora_B"}
 FACTOR_OF_ATTR = {attr: which for which, attr in FACTOR_NAMES.items()}
 BANK_ATTR = "lora_over_bank"  # "lora_" in the name: PEFT saves and loads it with the adapter's own tensors
 _HOOK_ATTR = "_lora_over_refresh_hook"
-
-
-def _user_name(name: str) -> str:
-    """Module names as PEFT's ``target_modules`` sees them (inside the base model)."""
-    return name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
-
-
-def lora_modules(model: nn.Module, adapter_name: str = "default") -> dict[str, LoraLayer]:
-    """Linear LoRA layers of ``model`` that carry ``adapter_name``, by name inside the base model."""
-    return {
-        _user_name(name): module
-        for name, module in model.named_modules()
-        if isinstance(module, LoraLayer)
-        and adapter_name in module.lora_A
-        and isinstance(module.lora_A[adapter_name], nn.Linear)
-    }
 
 
 def factor_linears(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Linear]:

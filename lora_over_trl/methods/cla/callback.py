@@ -23,13 +23,13 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-from lora_over_trl.lora_over.model import lora_modules
 from lora_over_trl.methods.cla.config import ClaConfig
 from lora_over_trl.methods.cla.model import collapse_cla, install_cla, next_window, restore_chain
 from lora_over_trl.registry import refusal
 from lora_over_trl.utils.callbacks import ScheduleSetupError, restore_before_load
 from lora_over_trl.utils.distributed import launch_mode
 from lora_over_trl.utils.fields import resolve_phase
+from lora_over_trl.utils.peft_layers import lora_modules
 
 __all__ = ["ClaCallback", "CHAIN_FILE", "CHAIN_TENSORS"]
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_over_trl.lora_over.model import lora_modules
 from lora_over_trl.methods.cla.config import ClaConfig
+from lora_over_trl.utils.peft_layers import lora_modules
 
 __all__ = [
     "ChainedB",

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from lora_over_trl.lora_over.model import lora_modules
 from lora_over_trl.methods.glora.config import GloraConfig
 from lora_over_trl.methods.glora.model import (
     Choice,
@@ -39,6 +38,7 @@ from lora_over_trl.methods.glora.search import SearchResult, evolutionary_search
 from lora_over_trl.registry import METHODS, refusal
 from lora_over_trl.utils.callbacks import ScheduleSetupError
 from lora_over_trl.utils.distributed import launch_mode
+from lora_over_trl.utils.peft_layers import lora_modules
 
 __all__ = ["SEARCH_FILE", "GloraCallback", "held_out_fitness", "search_glora"]
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_over_trl.lora_over.model import _user_name, lora_modules
 from lora_over_trl.methods.glora.config import GloraConfig
+from lora_over_trl.utils.peft_layers import lora_modules, user_name
 
 __all__ = [
     "TENSORS",
@@ -277,7 +277,7 @@ def choice_params(choice: Choice, n_out: int, n_in: int) -> int:
 def glora_modules(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Module]:
     """The PEFT LoRA layers of ``model`` that are GLoRA layers, by name inside the base model."""
     return {
-        _user_name(name): module
+        user_name(name): module
         for name, module in model.named_modules()
         if hasattr(module, "lora_A")
         and isinstance(module.lora_A, nn.ModuleDict)
