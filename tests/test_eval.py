@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import GSM8K_DIR, make_peft, mt_bench_questions_path, save_tiny_llama
+from judge_server import MODEL, judge_server
 from test_patch import train_steps
 
 from lora_over_trl import LoraOverConfig, apply_lora_over, collapse, export_merged, save_lora_over
@@ -48,11 +49,25 @@ def test_runner_scores_gsm8k_humaneval_and_writes_mt_bench_answers(run_dir, tmp_
     samples = [json.loads(line) for line in (out / "samples_humaneval_local.jsonl").read_text().splitlines()]
     assert {s["doc_id"] for s in samples} == {0, 1}
     assert "gsm8k_local" in capsys.readouterr().out  # the table
-    answers = [json.loads(line) for line in (out / "mt_bench" / "adapter.jsonl").read_text().splitlines()]
+    answer_file = out / "mt_bench" / "model_answer" / f"{run_dir.name}.jsonl"  # named after the run, as FastChat reads
+    answers = [json.loads(line) for line in answer_file.read_text().splitlines()]
     assert [a["question_id"] for a in answers] == [81, 82]
-    assert all(len(a["choices"][0]["turns"]) == 2 and a["model_id"] == "adapter" for a in answers)
+    assert all(len(a["choices"][0]["turns"]) == 2 and a["model_id"] == run_dir.name for a in answers)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["adapter"] == str(run_dir / "adapter") and summary["base"] == str(run_dir / "base")
+
+
+def test_runner_writes_mt_bench_answers_and_judges_them(run_dir, tmp_path, capsys):
+    """Answers, then judgments at an OpenAI-compatible endpoint (tests/judge_server.py), the scores in summary.json."""
+    out = tmp_path / "judged"
+    with judge_server() as server:
+        argv = ["--max_new_tokens", "4", "--judge_model", MODEL, "--judge_base_url", server.url]
+        assert score(run_dir, out, *argv, tasks="mt_bench", limit=2) == 0
+        assert server.chats == 4  # 2 questions x 2 turns, single grading
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mt_bench"]["single"]["judged"] == 4 and summary["mt_bench"]["judge"] == MODEL
+    assert (out / "mt_bench" / "model_judgment" / f"{MODEL}_single.jsonl").is_file()
+    assert "# MT-Bench, judged by" in capsys.readouterr().out
 
 
 def test_runner_scores_a_merged_model_like_its_adapter(run_dir, tmp_path):
@@ -75,7 +90,13 @@ def test_runner_loads_a_4bit_base(run_dir, tmp_path):
         (["{run}/nowhere"], "does not exist"),
         (["{run}", "--tasks", "humaneval"], "add --confirm_run_unsafe_code"),
         (["{run}", "--tasks", "gsm8k,not_a_task"], "unknown task(s) ['not_a_task']"),
-        (["{run}", "--tasks", "mt_bench"], "mt_bench needs --mt_bench_questions"),
+        (["{run}", "--tasks", "mt_bench", "--judge_baseline", "{run}"], "needs a judge: add --judge_model"),
+        (["{run}", "--judge_model", "gpt-4"], "add mt_bench to --tasks"),
+        (["{run}", "--tasks", "mt_bench", "--judge_model", "gpt-4"], "$NO_SUCH_KEY is not set"),
+        (
+            ["{run}", "--tasks", "mt_bench", "--judge_model", "j", "--judge_base_url", "http://127.0.0.1:9/v1"],
+            "--judge_base_url http://127.0.0.1:9/v1: no endpoint",
+        ),
         (["{run}/checkpoint"], "over-parameterized training checkpoint"),
         (["{run}/base/..", "--limit", "0"], "--limit must be > 0"),
         (["{tmp}"], "no adapter_config.json or config.json"),
@@ -84,7 +105,7 @@ def test_runner_loads_a_4bit_base(run_dir, tmp_path):
 def test_runner_bad_input_is_one_line_and_exit_2(run_dir, tmp_path, capsys, argv, message):
     argv = [a.format(run=run_dir, tmp=tmp_path) for a in argv]
     before = sorted(p.name for p in run_dir.iterdir())
-    assert main([*argv, "--gsm8k_dir", str(GSM8K_DIR)]) == 2
+    assert main([*argv, "--gsm8k_dir", str(GSM8K_DIR), "--judge_api_key_env", "NO_SUCH_KEY"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert sorted(p.name for p in run_dir.iterdir()) == before  # nothing written

@@ -13,6 +13,8 @@ import pytest
 import torch
 import yaml
 from conftest import GSM8K_DIR, gsm8k_rows, load_base, logits, save_tiny_llama
+from judge_server import MODEL as JUDGE
+from judge_server import judge_server
 from safetensors.torch import load_file
 
 from lora_over_trl.sft import main
@@ -180,16 +182,23 @@ def test_two_processes_through_accelerate(workspace, tmp_path, gsm8k_batch):
     assert (out - initial).abs().max() > 1e-3  # and it moved after step 4: the comparison is not vacuous
 
 
-def test_plain_lora_twin_trains_then_scores_adapter_and_base(workspace, tmp_path):
+def test_plain_lora_twin_trains_then_scores_adapter_and_base(workspace, tmp_path, capsys):
+    judge = f"--max_new_tokens 4 --judge_model {JUDGE}"  # MT-Bench judged at a local OpenAI-compatible endpoint
     scoring = {
-        "eval_tasks": "gsm8k",
+        "eval_tasks": "gsm8k,mt_bench",
         "eval_base": True,
-        "eval_args": f"--gsm8k_dir {GSM8K_DIR} --limit 2 --num_fewshot 0 --gen_kwargs max_gen_toks=8",
+        "eval_args": f"--gsm8k_dir {GSM8K_DIR} --limit 2 --num_fewshot 0 --gen_kwargs max_gen_toks=8 {judge}",
     }
-    recipe = write_recipe(workspace, tmp_path, method="lora", lora_over=None, **scoring)
-    run_in_process(str(recipe), "--max_steps", "2")
+    with judge_server() as server:
+        scoring["eval_args"] += f" --judge_base_url {server.url}"
+        recipe = write_recipe(workspace, tmp_path, method="lora", lora_over=None, **scoring)
+        run_in_process(str(recipe), "--max_steps", "2")
+        assert server.chats == 2 * 4  # adapter and base: 2 questions x 2 turns each
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
+    judged = summary["eval"]["adapter"][f"mt_bench (judge {JUDGE})"]
+    assert judged["score"] == json.loads((run / "eval" / "summary.json").read_text())["mt_bench"]["single"]["score"]
+    assert f"mt_bench (judge {JUDGE}), score" in capsys.readouterr().out  # in the final report, beside GSM8K
     assert summary["method"] == "lora" and summary["steps"] == 2 and "collapse_max_error" not in summary
     assert not (run / "lora_over_history.json").exists()
     for label, folder in (("adapter", "eval"), ("base", "eval-base")):
@@ -274,6 +283,11 @@ BAD_INPUT = [
     ({}, ["--resume_from_checkpoint", "true"], "resume_from_checkpoint: no checkpoint-N folder"),
     ({"eval_tasks": "gsm9k"}, [], "eval_tasks/eval_args: unknown task(s) ['gsm9k']"),
     ({"eval_tasks": "gsm8k", "eval_args": "--bogus 1"}, [], "eval_tasks/eval_args: unknown flag --bogus"),
+    (
+        {"eval_tasks": "mt_bench", "eval_args": "--judge_model gpt-4 --judge_api_key_env NO_KEY_HERE"},
+        [],
+        "eval_tasks/eval_args: --judge_api_key_env: $NO_KEY_HERE is not set",
+    ),
     ({"lora_over": {"schedule": "dynamic", "budget": 1}}, [], "lora_over: LoraOverCallback: a budget of 1"),
     # values TRL, transformers or PEFT would take and then fail on deep inside (or silently train nothing with)
     ({"learning_rate": -1}, [], "learning_rate: -1 is not allowed; use a number > 0"),

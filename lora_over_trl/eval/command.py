@@ -1,28 +1,35 @@
-"""Score a run's collapsed adapter (or a merged model) with lm-evaluation-harness, and write MT-Bench answers.
+"""Score a run's collapsed adapter (or a merged model) with lm-evaluation-harness, and MT-Bench with an LLM judge.
 
     python -m lora_over_trl.eval OUTPUT_DIR --tasks gsm8k,humaneval --limit 50 --confirm_run_unsafe_code
     python -m lora_over_trl.eval OUTPUT_DIR/adapter --tasks gsm8k --gsm8k_dir tests/data/gsm8k
-    python -m lora_over_trl.eval OUTPUT_DIR --tasks mt_bench --mt_bench_questions question.jsonl
+    python -m lora_over_trl.eval OUTPUT_DIR --tasks mt_bench --judge_model gpt-4 [--judge_baseline OTHER_RUN]
+    python -m lora_over_trl.eval OUTPUT_DIR/eval --judge_model gpt-4      # judge (or finish judging) answers
 
 OUTPUT_DIR is a run folder (with ``adapter/`` or ``merged/``), a PEFT adapter folder, or a model folder.
 The model is built here (base, 4-bit when asked, plus the adapter with stock PEFT) and handed to lm-eval
 as an instance: lm-eval's own ``model_args`` cannot load a 4-bit base. Task names: ``gsm8k``, ``gsm8k_cot``
 (chat, 8-shot chain of thought), ``humaneval``, ``humaneval_instruct``, ``humaneval_64`` (our offline
 wrappers, shipped in the package: ``--tasks_dir`` prints their folder), ``mt_bench``, or any lm-eval task
-name. Results (JSON, per-sample logs, a table) go to ``OUTPUT_DIR/eval-<time>/``, written whole or not at
-all.
+name. Results (JSON, per-sample logs, a table, MT-Bench answers) go to ``OUTPUT_DIR/eval-<time>/``, written whole
+or not at all. MT-Bench judgments are then appended to ``mt_bench/model_judgment/`` there, resumably: given an
+eval folder that holds ``mt_bench/model_answer/``, the command judges those answers and skips the rows already
+judged. The judge's API key is read from the variable ``--judge_api_key_env`` names (never from a file).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import shlex
 import sys
 import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from lora_over_trl.eval.judge import JudgeError
 
 TASK_ALIASES = {
     "gsm8k": "gsm8k_local",
@@ -71,8 +78,24 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--apply_chat_template", action="store_true")
     parser.add_argument("--gen_kwargs", default=None, help="lm-eval generation overrides, e.g. max_gen_toks=256")
     parser.add_argument("--gsm8k_dir", default=None, help="local GSM8K folder (train.jsonl, test.jsonl)")
-    parser.add_argument("--mt_bench_questions", default=None, help="FastChat question.jsonl (for mt_bench)")
-    parser.add_argument("--max_new_tokens", type=int, default=1024, help="MT-Bench answer length")
+    parser.add_argument(
+        "--mt_bench_questions", default=None, help="a FastChat question.jsonl (default: FastChat's 80 questions)"
+    )
+    parser.add_argument("--max_new_tokens", type=int, default=1024, help="MT-Bench answer length (FastChat's: 1024)")
+    parser.add_argument("--model_id", default=None, help="the name MT-Bench answers carry (default: the run folder's)")
+    judge = parser.add_argument_group("MT-Bench judge (any OpenAI-compatible chat endpoint)")
+    judge.add_argument("--judge_model", default=None, help="the judge model's name at the endpoint, e.g. gpt-4")
+    judge.add_argument("--judge_base_url", default=None, help="e.g. http://localhost:8000/v1 (default: OpenAI's)")
+    judge.add_argument(
+        "--judge_api_key_env", default="OPENAI_API_KEY", help="the environment variable holding the judge's API key"
+    )
+    judge.add_argument(
+        "--judge_baseline",
+        default=None,
+        help="also judge pairwise against these answers: another run or eval folder, or a model_answer .jsonl",
+    )
+    judge.add_argument("--judge_parallel", type=int, default=8, help="concurrent judge requests (default: 8)")
+    judge.add_argument("--judge_max_tokens", type=int, default=2048, help="judge reply length (FastChat's: 2048)")
     parser.add_argument("--include_path", default=str(TASKS_DIR), help="folder of lm-eval task YAMLs")
     parser.add_argument("--output", default=None, help="results folder (default: PATH/eval-<time>)")
     parser.add_argument(
@@ -119,8 +142,6 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], bool]:
     tasks = [TASK_ALIASES.get(n, n) for n in names if n != "mt_bench"]
     if any(t.startswith("humaneval") for t in tasks) and not args.confirm_run_unsafe_code:
         raise UsageError("HumanEval executes model-written code: add --confirm_run_unsafe_code to allow it")
-    if "mt_bench" in names and not args.mt_bench_questions:
-        raise UsageError("mt_bench needs --mt_bench_questions FILE (FastChat's question.jsonl)")
     for flag in ("mt_bench_questions", "gsm8k_dir"):
         value = getattr(args, flag)
         if value and not Path(value).exists():
@@ -129,12 +150,76 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], bool]:
         raise UsageError(f"--include_path {args.include_path} is not a folder of task YAMLs")
     if args.limit is not None and args.limit <= 0:
         raise UsageError(f"--limit must be > 0, got {args.limit:g}")
+    if "mt_bench" in names:
+        check_mt_bench_args(args)
+    elif args.judge_model:
+        raise UsageError(f"--judge_model {args.judge_model} judges MT-Bench answers: add mt_bench to --tasks")
     if tasks:
         known = set(task_manager(args.include_path, tasks).all_tasks)
         unknown = [t for t in tasks if t not in known]
         if unknown:
             raise UsageError(f"unknown task(s) {unknown}; ours: {sorted(TASK_ALIASES)} + mt_bench, or any lm-eval task")
     return tasks, "mt_bench" in names
+
+
+def check_mt_bench_args(args: argparse.Namespace) -> None:
+    """The MT-Bench data and the judge's settings, checked without contacting the judge."""
+    try:
+        from lora_over_trl.eval.fastchat_data import llm_judge_folder
+
+        if not args.mt_bench_questions or args.judge_model:  # FastChat's questions, or its judge prompts
+            llm_judge_folder()
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from err
+    if not args.judge_model:
+        for flag in ("judge_baseline", "judge_base_url"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag} {getattr(args, flag)} needs a judge: add --judge_model")
+        return
+    if importlib.util.find_spec("openai") is None:
+        raise UsageError("--judge_model needs the `openai` client: pip install 'lora-over-trl[judge]'")
+    for flag in ("judge_parallel", "judge_max_tokens"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.judge_base_url is None and not os.environ.get(args.judge_api_key_env):
+        raise UsageError(
+            f"--judge_api_key_env: ${args.judge_api_key_env} is not set; OpenAI's API needs a key there "
+            "(a local judge: give its --judge_base_url)"
+        )
+    if args.judge_baseline:
+        baseline_answers(args.judge_baseline)
+
+
+def baseline_answers(where: str) -> Path:
+    """The ``model_answer`` file of ``--judge_baseline``: the file itself, or the one answer file of a run folder,
+    an eval folder or an MT-Bench folder."""
+    from lora_over_trl.eval.mt_bench import answer_files
+
+    path = Path(where)
+    if path.is_file():
+        return path
+    for folder in (path / "eval" / "mt_bench", path / "mt_bench", path):
+        files = answer_files(folder)
+        if len(files) == 1:
+            return files[0]
+        if len(files) > 1:
+            raise UsageError(f"--judge_baseline {where}: {len(files)} answer files in {folder}/model_answer; name one")
+    raise UsageError(f"--judge_baseline {where}: no MT-Bench answers (model_answer/*.jsonl) in it or its eval/")
+
+
+def judge_settings(args: argparse.Namespace) -> Any:
+    """The judge's settings from the flags, or None without ``--judge_model``."""
+    if not args.judge_model:
+        return None
+    from lora_over_trl.eval.judge import JudgeSettings
+
+    return JudgeSettings(
+        model=args.judge_model,
+        base_url=args.judge_base_url,
+        api_key_env=args.judge_api_key_env,
+        parallel=args.judge_parallel,
+        max_tokens=args.judge_max_tokens,
+    )
 
 
 def load_model(base: str, adapter: Path | None, args: argparse.Namespace) -> tuple[Any, Any]:
@@ -162,12 +247,24 @@ def load_model(base: str, adapter: Path | None, args: argparse.Namespace) -> tup
 
 
 def run(args: argparse.Namespace) -> Path:
+    from lora_over_trl.eval.mt_bench import answer_files
     from lora_over_trl.utils.atomic import staged_directory
 
     path = Path(args.path)
     if not path.exists():
         raise UsageError(f"{path} does not exist")
+    if answer_files(path / "mt_bench"):  # an eval folder: judge (or finish judging) its MT-Bench answers
+        if not args.judge_model:
+            raise UsageError(f"{path} holds MT-Bench answers: name a judge with --judge_model to score them")
+        check_mt_bench_args(args)
+        record_judgment(path, args)
+        return path
     tasks, mt_bench = check_args(args)
+    settings = judge_settings(args)
+    if settings is not None:
+        from lora_over_trl.eval.judge import connect
+
+        connect(settings)  # before anything is loaded: a dead endpoint or a wrong name costs nothing yet
     base, adapter = resolve_checkpoint(path, args.base)
     model, tokenizer = load_model(base, adapter, args)
     output = Path(args.output) if args.output else path / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -176,14 +273,51 @@ def run(args: argparse.Namespace) -> Path:
         if tasks:
             summary["lm_eval"] = run_lm_eval(model, tokenizer, tasks, args, staging)
         if mt_bench:
-            from lora_over_trl.eval.mt_bench import generate_answers, read_questions, write_answers
+            from lora_over_trl.eval.mt_bench import answer_questions, hf_generator, read_questions, write_answers
 
             questions = read_questions(args.mt_bench_questions, int(args.limit) if args.limit else None)
-            model_id = (adapter or Path(base)).name
-            answers = generate_answers(model, tokenizer, questions, model_id, max_new_tokens=args.max_new_tokens)
-            summary["mt_bench_answers"] = str(write_answers(answers, staging / "mt_bench" / f"{model_id}.jsonl"))
+            generate = hf_generator(model, tokenizer, max_new_tokens=args.max_new_tokens)
+            answers = answer_questions(questions, generate, args.model_id or model_name(path, base, adapter))
+            written = write_answers(answers, staging / "mt_bench")
+            summary["mt_bench_answers"] = str(output / written.relative_to(staging))
         (staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if settings is not None:
+        record_judgment(output, args)
     return output
+
+
+def model_name(path: Path, base: str, adapter: Path | None) -> str:
+    """The name MT-Bench answers carry: the run folder's for a run's ``adapter/`` or ``merged/``, else the folder's."""
+    folder = adapter if adapter is not None else Path(base)
+    return folder.parent.name if folder.name in ("adapter", "merged") and folder.parent.name else folder.name
+
+
+def record_judgment(eval_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Judge ``eval_dir/mt_bench``'s answers (resuming), print the tables and add the scores to its summary.json.
+
+    Raises:
+        JudgeError: the judge failed; the answers and every judgment written so far stay in ``eval_dir``.
+    """
+    from lora_over_trl.eval.mt_bench import judge_folder, read_questions
+
+    baseline = baseline_answers(args.judge_baseline) if args.judge_baseline else None
+    try:
+        result = judge_folder(
+            eval_dir / "mt_bench", judge_settings(args), read_questions(args.mt_bench_questions), baseline=baseline
+        )
+    except JudgeError as err:
+        raise JudgeError(
+            f"{err}. The answers stay in {eval_dir}; judge them with `python -m lora_over_trl.eval {eval_dir} "
+            "--judge_model ...` (rows already judged are kept)"
+        ) from err
+    summary_file = eval_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    summary["mt_bench"] = result
+    staged = summary_file.with_name(f".summary.json.{os.getpid()}")
+    staged.write_text(json.dumps(summary, indent=2, default=str))
+    os.replace(staged, summary_file)
+    print((eval_dir / "mt_bench" / "results.md").read_text())
+    return result
 
 
 def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], args: argparse.Namespace, out: Path) -> dict:
@@ -248,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         output = run(args)
-    except (UsageError, FileNotFoundError, FileExistsError) as err:
+    except (UsageError, FileNotFoundError, FileExistsError, ValueError, JudgeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"results written to {output}")

@@ -38,10 +38,26 @@ def evaluate(output_dir: Path, run_args: Any, model_args: Any, training_args: An
     for label, (path, flags) in targets.items():
         out = output_dir / ("eval" if label == "adapter" else "eval-base")
         args = lm_eval_command.make_parser().parse_args([str(path), *common, *flags, "--output", str(out)])
-        written = lm_eval_command.run(args)
+        try:
+            written = lm_eval_command.run(args)
+        except lm_eval_command.JudgeError as err:  # training's outputs are saved; the answers stay in `out`
+            raise RecipeError(f"eval_args: {err}") from err
         summary = json.loads((written / "summary.json").read_text())
-        scores[label] = summary.get("lm_eval", {})
+        scores[label] = summary.get("lm_eval", {}) | mt_bench_scores(summary.get("mt_bench"))
     return scores
+
+
+def mt_bench_scores(judged: dict[str, Any] | None) -> dict[str, dict[str, float]]:
+    """The judged MT-Bench numbers as one more task in the score table: mean rating (overall, per turn) and, against
+    a baseline, the win/tie/loss rates."""
+    if not judged:
+        return {}
+    single, pairwise = judged["single"], judged.get("pairwise") or {}
+    scores = {key: single[key] for key in ("score", "turn_1", "turn_2", "unparsable") if single.get(key) is not None}
+    for key in ("win_rate", "loss_rate", "win_rate_adjusted"):
+        if pairwise.get(key) is not None:
+            scores[f"{key} vs {pairwise['baseline']}"] = pairwise[key]
+    return {f"mt_bench (judge {judged['judge']})": scores}
 
 
 def check_eval_args(run_args: Any) -> None:
@@ -99,7 +115,8 @@ def _score_table(scores: dict[str, dict[str, Any]]) -> list[str]:
             row = [scores[label].get(task, {}).get(key) for label in labels]
             cells = "  ".join(f"{v:>8.4f}" if isinstance(v, int | float) else f"{'-':>8}" for v in row)
             size = metrics.get("sample_len")
-            lines.append(f"         {cells}  {task}, {key.replace(',', ' (')}){f', {size} items' if size else ''}")
+            metric = f"{key.replace(',', ' (')})" if "," in key else key  # lm-eval's "metric,filter"
+            lines.append(f"         {cells}  {task}, {metric}{f', {size} items' if size else ''}")
     return lines
 
 
