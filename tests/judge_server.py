@@ -43,6 +43,7 @@ class JudgeServer:
         self.fail_first = fail_first
         self.chats = 0
         self.requests = 0
+        self.regexes: list[str] = []  # structured-output patterns asked for
         self.lock = threading.Lock()
         judge = self
 
@@ -79,6 +80,8 @@ class JudgeServer:
                 text = reply_for(body["messages"][1]["content"])
                 with judge.lock:
                     judge.chats += 1
+                    if "structured_outputs" in body:
+                        judge.regexes.append(body["structured_outputs"]["regex"])
                 self._send(
                     200,
                     {

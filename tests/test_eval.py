@@ -98,6 +98,7 @@ def test_runner_loads_a_4bit_base(run_dir, tmp_path):
             "--judge_base_url http://127.0.0.1:9/v1: no endpoint",
         ),
         (["{run}/checkpoint"], "over-parameterized training checkpoint"),
+        (["{run}", "--backend", "vllm", "--load_in_4bit"], "score the run's merged/"),
         (["{run}/base/..", "--limit", "0"], "--limit must be > 0"),
         (["{tmp}"], "no adapter_config.json or config.json"),
     ],
@@ -109,3 +110,34 @@ def test_runner_bad_input_is_one_line_and_exit_2(run_dir, tmp_path, capsys, argv
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert sorted(p.name for p in run_dir.iterdir()) == before  # nothing written
+
+
+def test_the_printed_lm_eval_lines_use_arguments_lm_eval_takes(run_dir):
+    """The hf and vllm lines of the end-of-run report: lm-eval's own argument names (read from its source, vLLM
+    being absent here), the adapter as a LoRA request whose rank limit vLLM accepts."""
+    import ast
+
+    import lm_eval
+
+    from lora_over_trl.eval.backends import VLLM_LORA_RANKS, choose_backend
+    from lora_over_trl.eval.command import make_parser, plain_lm_eval_command
+
+    args = make_parser().parse_args(["x", "--tasks", "gsm8k", "--limit", "5", "--dtype", "bfloat16"])
+    adapter = run_dir / "adapter"
+    hf = plain_lm_eval_command(str(run_dir / "base"), args, peft=str(adapter))
+    vllm = plain_lm_eval_command(str(run_dir / "base"), args, peft=str(adapter), model="vllm")
+    assert f"pretrained={run_dir / 'base'},dtype=bfloat16,peft={adapter}" in hf and "--model hf" in hf
+    rank = json.loads((adapter / "adapter_config.json").read_text())["r"]
+    limit = min(r for r in VLLM_LORA_RANKS if r >= rank)
+    assert f"dtype=bfloat16,lora_local_path={adapter},max_lora_rank={limit}" in vllm and "--batch_size auto" in vllm
+    source = Path(lm_eval.__file__).parent / "models" / "vllm_causallms.py"
+    model_class = next(
+        node
+        for node in ast.walk(ast.parse(source.read_text()))
+        if isinstance(node, ast.ClassDef) and node.name == "VLLM"
+    )
+    init = next(node for node in model_class.body if isinstance(node, ast.FunctionDef) and node.name == "__init__")
+    accepted = {a.arg for a in init.args.args + init.args.kwonlyargs}
+    model_args = vllm.split("--model_args ")[1].split()[0]
+    assert {pair.split("=")[0] for pair in model_args.split(",")} <= accepted
+    assert choose_backend("auto") == "hf"  # no vLLM here

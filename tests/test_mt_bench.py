@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import random
+import sys
 from pathlib import Path
 from statistics import mean
 
@@ -19,6 +20,9 @@ from lora_over_trl.eval.judge_results import pairwise_rates, single_scores
 from lora_over_trl.eval.mt_bench import MAX_NEW_TOKENS, TEMPERATURE, answer_questions, read_questions
 
 QUESTIONS = read_questions()
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benches" / "checks"))
+import check_judge  # noqa: E402  (benches/checks/check_judge.py: FastChat's show_result.py, run and read)
 
 
 def test_sampling_is_the_judge_packages_own():
@@ -160,6 +164,14 @@ def test_judging_single_and_pairwise_resumes_and_counts_unparsable_replies(tmp_p
     assert "judged by recorded-judge" in capsys.readouterr().out
     assert (eval_dir / "mt_bench" / "results.md").is_file() and (eval_dir / "mt_bench" / "categories.png").is_file()
 
+    # FastChat's own show_result.py reads the files back to the same numbers (the check's parser of its print)
+    shown = check_judge.fastchat_show_result(judgments / f"{MODEL}_single.jsonl", "single")
+    assert check_judge.show_result_value(shown, "########## Average ##########", "lora_over_run") == scores["score"]
+    shown = check_judge.fastchat_show_result(judgments / f"{MODEL}_pair.jsonl", "pairwise-all")
+    header = next(line for line in shown.splitlines() if "win_rate_adjusted" in line).split()
+    row = next(line for line in shown.splitlines() if line.startswith("lora_over_run")).split()
+    assert float(row[header.index("win_rate_adjusted") + 1]) == rates["win_rate_adjusted"]
+
     # a judgment lost (an interrupted run) is the only one asked for again
     lines = (judgments / f"{MODEL}_single.jsonl").read_text().splitlines()
     (judgments / f"{MODEL}_single.jsonl").write_text("\n".join(lines[1:]) + "\n")
@@ -203,3 +215,24 @@ def test_judge_failures_are_one_line_and_keep_the_answers(tmp_path, capsys, monk
     assert f"--judge_base_url {dead}" in err and "\n" not in err
     assert sorted(p.relative_to(eval_dir) for p in eval_dir.rglob("*")) == before
     assert answers.is_file()
+
+
+def test_structured_outputs_ask_for_fastchats_verdict_format(tmp_path, monkeypatch):
+    """--judge_structured_outputs sends a regex that the judge's well-formed replies match and bracket-free rambling
+    cannot end without a verdict."""
+    import re
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    eval_dir, baseline = tmp_path / "eval", tmp_path / "twin"
+    write_answers(eval_dir, "run", "GOOD", IDS[:1])
+    write_answers(baseline, "twin", "BAD", IDS[:1])
+    argv = [str(eval_dir), "--judge_model", MODEL, "--judge_baseline", str(baseline), "--judge_structured_outputs"]
+    with judge_server() as server:
+        assert main([*argv, "--judge_base_url", server.url, "--judge_max_tokens", "64"]) == 0
+    single, pair = sorted(set(server.regexes), key=len, reverse=True)
+    assert len(server.regexes) == 2 + 4  # every request carried one
+    assert re.fullmatch(single, "Accurate and detailed. Rating: [[8]]")
+    assert re.fullmatch(single, "Rating: [[10]]") and not re.fullmatch(single, "Rating: [[11]]")
+    assert not re.fullmatch(single, "Good answer, I would say [8] overall")
+    assert not re.fullmatch(single, "x" * 2 * 64 + "Rating: [[5]]")  # no room past the token budget
+    assert re.fullmatch(pair, "A follows the question more closely. [[A]]") and not re.fullmatch(pair, "[[D]]")

@@ -198,7 +198,9 @@ def test_plain_lora_twin_trains_then_scores_adapter_and_base(workspace, tmp_path
     summary = json.loads((run / "summary.json").read_text())
     judged = summary["eval"]["adapter"][f"mt_bench (judge {JUDGE})"]
     assert judged["score"] == json.loads((run / "eval" / "summary.json").read_text())["mt_bench"]["single"]["score"]
-    assert f"mt_bench (judge {JUDGE}), score" in capsys.readouterr().out  # in the final report, beside GSM8K
+    report = capsys.readouterr().out
+    assert f"mt_bench (judge {JUDGE}), score" in report  # in the final report, beside GSM8K
+    assert "lm_eval --model hf" in report and f"lora_local_path={run / 'adapter'}" in report  # and the vllm line
     assert summary["method"] == "lora" and summary["steps"] == 2 and "collapse_max_error" not in summary
     assert not (run / "lora_over_history.json").exists()
     for label, folder in (("adapter", "eval"), ("base", "eval-base")):

@@ -29,6 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from lora_over_trl.eval.backends import load, vllm_lora_rank
 from lora_over_trl.eval.judge import JudgeError
 
 TASK_ALIASES = {
@@ -71,6 +72,14 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=float, default=None, help="documents per task (int) or fraction (< 1)")
     parser.add_argument("--base", default=None, help="base model path or hub id (default: from adapter_config)")
     parser.add_argument("--load_in_4bit", action="store_true", help="load the base in 4-bit NF4 (bitsandbytes)")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "hf", "vllm"],
+        help="hf: transformers + PEFT; vllm: lm-eval's vLLM model, batched MT-Bench answers (auto: vllm when it is "
+        "installed and a GPU is present)",
+    )
+    parser.add_argument("--max_model_len", type=int, default=None, help="vLLM's context length (default: the model's)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available)")
     parser.add_argument("--batch_size", type=int, default=1)
@@ -96,6 +105,11 @@ def make_parser() -> argparse.ArgumentParser:
     )
     judge.add_argument("--judge_parallel", type=int, default=8, help="concurrent judge requests (default: 8)")
     judge.add_argument("--judge_max_tokens", type=int, default=2048, help="judge reply length (FastChat's: 2048)")
+    judge.add_argument(
+        "--judge_structured_outputs",
+        action="store_true",
+        help="decode the judge under a regex ending in the verdict (vLLM/SGLang servers), for small local judges",
+    )
     parser.add_argument("--include_path", default=str(TASKS_DIR), help="folder of lm-eval task YAMLs")
     parser.add_argument("--output", default=None, help="results folder (default: PATH/eval-<time>)")
     parser.add_argument(
@@ -150,6 +164,11 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], bool]:
         raise UsageError(f"--include_path {args.include_path} is not a folder of task YAMLs")
     if args.limit is not None and args.limit <= 0:
         raise UsageError(f"--limit must be > 0, got {args.limit:g}")
+    if args.load_in_4bit and args.backend == "vllm":
+        raise UsageError(
+            "--backend vllm with --load_in_4bit: vLLM's 4-bit is not the NF4 base the adapter was trained on; score "
+            "the run's merged/ (merge: true), the trained function, or use --backend hf"
+        )
     if "mt_bench" in names:
         check_mt_bench_args(args)
     elif args.judge_model:
@@ -219,31 +238,8 @@ def judge_settings(args: argparse.Namespace) -> Any:
         api_key_env=args.judge_api_key_env,
         parallel=args.judge_parallel,
         max_tokens=args.judge_max_tokens,
+        structured=args.judge_structured_outputs,
     )
-
-
-def load_model(base: str, adapter: Path | None, args: argparse.Namespace) -> tuple[Any, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if args.load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
-        )
-        kwargs["device_map"] = device
-    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    if not args.load_in_4bit:
-        model = model.to(device)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    has_tokenizer = adapter is not None and (adapter / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else base)
-    return model.eval(), tokenizer
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -266,18 +262,19 @@ def run(args: argparse.Namespace) -> Path:
 
         connect(settings)  # before anything is loaded: a dead endpoint or a wrong name costs nothing yet
     base, adapter = resolve_checkpoint(path, args.base)
-    model, tokenizer = load_model(base, adapter, args)
+    loaded = load(base, adapter, args)
     output = Path(args.output) if args.output else path / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     with staged_directory(output) as staging:
         summary: dict[str, Any] = {"base": base, "adapter": str(adapter) if adapter else None}
+        summary["backend"] = loaded.backend
         if tasks:
-            summary["lm_eval"] = run_lm_eval(model, tokenizer, tasks, args, staging)
+            summary["lm_eval"] = run_lm_eval(loaded.lm, tasks, args, staging)
         if mt_bench:
-            from lora_over_trl.eval.mt_bench import answer_questions, hf_generator, read_questions, write_answers
+            from lora_over_trl.eval.mt_bench import answer_questions, read_questions, write_answers
 
             questions = read_questions(args.mt_bench_questions, int(args.limit) if args.limit else None)
-            generate = hf_generator(model, tokenizer, max_new_tokens=args.max_new_tokens)
-            answers = answer_questions(questions, generate, args.model_id or model_name(path, base, adapter))
+            name = args.model_id or model_name(path, base, adapter)
+            answers = answer_questions(questions, loaded.generator, name)
             written = write_answers(answers, staging / "mt_bench")
             summary["mt_bench_answers"] = str(output / written.relative_to(staging))
         (staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -320,11 +317,10 @@ def record_judgment(eval_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], args: argparse.Namespace, out: Path) -> dict:
+def run_lm_eval(lm: Any, tasks: list[str], args: argparse.Namespace, out: Path) -> dict:
     import logging
 
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
 
     # lm-eval narrates every phase at INFO (tasks selected, contexts built, seeds set); its warnings stay
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
@@ -333,7 +329,7 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], args: argparse.Nam
     metadata = {"gsm8k_dir": str(Path(args.gsm8k_dir).resolve())} if args.gsm8k_dir else None
     limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
     results = lm_eval.simple_evaluate(
-        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size),
+        model=lm,
         tasks=tasks,
         task_manager=task_manager(args.include_path, tasks, metadata),
         num_fewshot=args.num_fewshot,
@@ -354,17 +350,24 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], args: argparse.Nam
     return results["results"]
 
 
-def plain_lm_eval_command(pretrained: str, args: argparse.Namespace, peft: str | None = None) -> str:
-    """The ``lm_eval`` command line that scores a model folder (or a base plus ``peft`` adapter) as ``args`` asked.
+def plain_lm_eval_command(pretrained: str, args: argparse.Namespace, peft: str | None = None, model: str = "hf") -> str:
+    """The ``lm_eval`` command line that scores a model folder (or a base plus ``peft`` adapter) as ``args`` asked,
+    with lm-eval's ``hf`` or ``vllm`` model.
 
     Plain lm-eval loads ``pretrained`` in ``args.dtype`` without quantization: for a run trained on a 4-bit base
     give it the run's ``merged/`` folder (the dequantized base plus the update, the trained function).
     """
     tasks, _ = check_args(args) if args.tasks else ([], False)
-    model_args = f"pretrained={pretrained}" + (f",peft={peft}" if peft else "") + f",dtype={args.dtype}"
-    parts = ["lm_eval", "--model", "hf", "--model_args", model_args, "--include_path", args.include_path]
-    parts += ["--tasks", ",".join(tasks), "--batch_size", str(args.batch_size)]
-    if args.device:
+    model_args = f"pretrained={pretrained},dtype={args.dtype}"
+    if model == "hf":
+        model_args += f",peft={peft}" if peft else ""
+        batch_size = str(args.batch_size)
+    else:
+        model_args += f",lora_local_path={peft},max_lora_rank={vllm_lora_rank(Path(peft))}" if peft else ""
+        batch_size = "auto"
+    parts = ["lm_eval", "--model", model, "--model_args", model_args, "--include_path", args.include_path]
+    parts += ["--tasks", ",".join(tasks), "--batch_size", batch_size]
+    if args.device and model == "hf":
         parts += ["--device", args.device]
     for flag in ("num_fewshot", "limit", "gen_kwargs"):
         value = getattr(args, flag)

@@ -64,6 +64,10 @@ class JudgeSettings:
     max_tokens: int = 2048  # FastChat's judge budget
     max_retries: int = 6
     timeout: float = 600.0
+    # Decode under a regex ending in the verdict (vLLM's and SGLang's structured outputs; OpenAI's API refuses it):
+    # for a small local judge that otherwise rarely writes one. It changes what the judge may say, so its scores
+    # compare only with scores judged the same way.
+    structured: bool = False
 
     @property
     def slug(self) -> str:
@@ -207,14 +211,30 @@ class _Prompts:
         return [{"role": "system", "content": prompt["system_prompt"]}, {"role": "user", "content": user}]
 
 
-def _ask(client: Any, settings: JudgeSettings, messages: list[dict[str, str]]) -> tuple[str, str | None]:
+def verdict_regex(settings: JudgeSettings, pairwise: bool) -> str:
+    """The structured-output pattern: an explanation without brackets that fits the reply's token budget (counted at
+    2 characters a token: a small judge's repetitive text runs below 3), then FastChat's verdict (``Rating:
+    [[1-10]]``, or ``[[A]]``/``[[B]]``/``[[C]]``)."""
+    room = max(0, 2 * (settings.max_tokens - 16))
+    verdict = r"\[\[(A|B|C)\]\]" if pairwise else r"Rating: \[\[(10|[1-9])\]\]"
+    return rf"[^\[\]]{{0,{room}}}{verdict}"
+
+
+def _ask(
+    client: Any, settings: JudgeSettings, messages: list[dict[str, str]], pairwise: bool
+) -> tuple[str, str | None]:
     """The judge's reply, or ``("", why)`` for a request the endpoint refuses as such (400: e.g. longer than its
     context). Failures of the setting itself (model, key, connection after the retries) raise JudgeError."""
     from openai import APIConnectionError, AuthenticationError, BadRequestError, NotFoundError
 
+    extra = {"structured_outputs": {"regex": verdict_regex(settings, pairwise)}} if settings.structured else None
     try:
         reply = client.chat.completions.create(
-            model=settings.model, messages=messages, temperature=0.0, max_tokens=settings.max_tokens
+            model=settings.model,
+            messages=messages,
+            temperature=0.0,
+            max_tokens=settings.max_tokens,
+            extra_body=extra,
         )
     except NotFoundError as err:
         raise JudgeError(f"--judge_model {settings.model}: the endpoint has no such model ({one_line(err)})") from err
@@ -230,7 +250,7 @@ def _ask(client: Any, settings: JudgeSettings, messages: list[dict[str, str]]) -
 
 def _judge_single(client: Any, settings: JudgeSettings, prompts: _Prompts, match: Match) -> dict[str, Any]:
     messages = prompts.messages(match, match.answer)
-    judgment, error = _ask(client, settings, messages)
+    judgment, error = _ask(client, settings, messages, pairwise=False)
     row = {
         "question_id": match.question["question_id"],
         "model": match.model,
@@ -258,7 +278,7 @@ def _judge_pair(client: Any, settings: JudgeSettings, prompts: _Prompts, match: 
         ("g2", (match.baseline_answer, match.answer), {"A": "model_2", "B": "model_1"}),
     ):
         messages = prompts.messages(match, first, second)
-        judgment, error = _ask(client, settings, messages)
+        judgment, error = _ask(client, settings, messages, pairwise=True)
         errors += [error] if error else []
         verdict = parse_winner(judgment)
         row |= {f"{game}_winner": names.get(verdict, verdict), f"{game}_user_prompt": messages[1]["content"]}
@@ -293,7 +313,11 @@ def run_matches(
     """Judge the matches not yet recorded in ``path``, ``settings.parallel`` at a time, appending each row as it
     completes; returns how many were judged now. On a JudgeError the rows written so far stay, the rest are
     cancelled, and the error is raised."""
-    pending = [m for m in matches if m.key not in recorded_keys(path, pairwise=m.baseline is not None)]
+    matches = list(matches)
+    if not matches:
+        return 0
+    recorded = recorded_keys(path, pairwise=matches[0].baseline is not None)
+    pending = [match for match in matches if match.key not in recorded]
     if not pending:
         return 0
     prompts = _Prompts()

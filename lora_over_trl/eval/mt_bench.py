@@ -34,6 +34,7 @@ __all__ = [
     "read_questions",
     "answer_questions",
     "hf_generator",
+    "vllm_generator",
     "write_answers",
     "read_answers",
     "answer_files",
@@ -131,6 +132,19 @@ def hf_generator(model: Any, tokenizer: Any, *, max_new_tokens: int = MAX_NEW_TO
             )
             replies.append(tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip())
         return replies
+
+    return generate
+
+
+def vllm_generator(llm: Any, lora_request: Any = None, *, max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0):
+    """Replies from a vLLM engine's ``chat``: the conversations of a turn in one batch, each with its own
+    temperature (vLLM samples greedily at 0), the engine's tokenizer and chat template."""
+    from vllm import SamplingParams
+
+    def generate(conversations: list[list[dict[str, str]]], temperatures: list[float]) -> list[str]:
+        params = [SamplingParams(temperature=t, max_tokens=max_new_tokens, seed=seed) for t in temperatures]
+        outputs = llm.chat(conversations, params, use_tqdm=False, lora_request=lora_request)
+        return [output.outputs[0].text.strip() for output in outputs]
 
     return generate
 

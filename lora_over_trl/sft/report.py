@@ -121,25 +121,28 @@ def _score_table(scores: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _reproduction(output_dir: Path, run_args: Any, model_args, training_args) -> list[str]:
-    """The plain lm-eval line that gives the adapter's score: on ``merged/`` for a 4-bit run, else base + adapter."""
+    """The plain lm-eval lines that give the adapter's score, with lm-eval's ``hf`` model and its ``vllm`` one: on
+    ``merged/`` for a 4-bit run, else base + adapter."""
     from lora_over_trl.eval import command as lm_eval_command
 
     args = lm_eval_command.make_parser().parse_args(["unused", *_eval_flags(run_args)])
+    if not lm_eval_command.check_args(args)[0]:
+        return []  # MT-Bench only: no lm-eval task to reproduce
     if training_args.use_cpu:
         args.device = "cpu"
     merged = output_dir / "merged"
     if merged.is_dir():
         args.dtype = str(merged_dtype(model_args)).removeprefix("torch.")
-        return [
-            "the adapter's score with plain lm-eval:",
-            "  " + lm_eval_command.plain_lm_eval_command(str(merged), args),
-        ]
-    if model_args.load_in_4bit:
+        pretrained, peft = str(merged), None
+    elif model_args.load_in_4bit:
         return [
             "plain lm-eval cannot load a 4-bit base: set merge: true for merged/ (the trained function, which it "
             "scores as here); the adapter on the full-precision base scores differently (docs/evaluation.md)"
         ]
-    command = lm_eval_command.plain_lm_eval_command(
-        model_args.model_name_or_path, args, peft=str(output_dir / "adapter")
-    )
-    return ["the adapter's score with plain lm-eval:", "  " + command]
+    else:
+        pretrained, peft = model_args.model_name_or_path, str(output_dir / "adapter")
+    return [
+        "the adapter's score with plain lm-eval (transformers; on a GPU with vLLM installed, the second line):",
+        "  " + lm_eval_command.plain_lm_eval_command(pretrained, args, peft=peft),
+        "  " + lm_eval_command.plain_lm_eval_command(pretrained, args, peft=peft, model="vllm"),
+    ]
