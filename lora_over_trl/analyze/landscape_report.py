@@ -48,7 +48,7 @@ def run_landscape(args: argparse.Namespace) -> Path:
     from tqdm.auto import tqdm
 
     from lora_over_trl.analyze.landscape import filter_normalized_direction, landscape_grid, sharpness
-    from lora_over_trl.eval.command import load_model
+    from lora_over_trl.eval.backends import load_transformers
     from lora_over_trl.utils.atomic import staged_directory
 
     path, data = Path(args.path), Path(args.data)
@@ -67,9 +67,9 @@ def run_landscape(args: argparse.Namespace) -> Path:
         raise AnalysisError(f"{folder}/adapter_config.json names no base model; pass --base")
     if not Path(base).is_dir():
         BaseWeights.from_hub_cache(base)  # a clear error when the base is nowhere
-    loading = argparse.Namespace(device=args.device, dtype="float32", load_in_4bit=args.load_in_4bit)
+    loading = {"device": args.device, "dtype": "float32", "load_in_4bit": args.load_in_4bit}
     try:
-        model, tokenizer = load_model(base, folder, loading)
+        model, tokenizer = load_transformers(base, folder, **loading)
     except (OSError, RuntimeError) as err:  # shapes that do not match, unreadable files
         raise AnalysisError(f"cannot load {folder} on {base}: {one_line(err)[:300]}") from err
     if tokenizer.pad_token is None:

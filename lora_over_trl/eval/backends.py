@@ -21,7 +21,7 @@ from typing import Any
 from lora_over_trl.eval.mt_bench import Generator, hf_generator, vllm_generator
 from lora_over_trl.utils.errors import first_line
 
-__all__ = ["BACKENDS", "BackendError", "Loaded", "choose_backend", "load", "vllm_lora_rank"]
+__all__ = ["BACKENDS", "BackendError", "Loaded", "choose_backend", "load", "load_transformers", "vllm_lora_rank"]
 
 BACKENDS = ("auto", "hf", "vllm")
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
@@ -67,28 +67,38 @@ def load(base: str, adapter: Path | None, args: argparse.Namespace) -> Loaded:
     return _load_hf(base, adapter, args)
 
 
-def _load_hf(base: str, adapter: Path | None, args: argparse.Namespace) -> Loaded:
+def load_transformers(
+    base: str, adapter: Path | None, *, device: str | None, dtype: str, load_in_4bit: bool
+) -> tuple[Any, Any]:
+    """``(model, tokenizer)``: the base (in 4-bit NF4 when asked) with the adapter through stock PEFT, in eval mode,
+    and the run's tokenizer (the adapter's folder when it holds one)."""
     import torch
-    from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if args.load_in_4bit:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = getattr(torch, dtype)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype
         )
         kwargs["device_map"] = device
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    if not args.load_in_4bit:
+    if not load_in_4bit:
         model = model.to(device)
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    model = model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_folder(base, adapter))
+    return model.eval(), AutoTokenizer.from_pretrained(_tokenizer_folder(base, adapter))
+
+
+def _load_hf(base: str, adapter: Path | None, args: argparse.Namespace) -> Loaded:
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = load_transformers(
+        base, adapter, device=args.device, dtype=args.dtype, load_in_4bit=args.load_in_4bit
+    )
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
     return Loaded(lm, hf_generator(model, tokenizer, max_new_tokens=args.max_new_tokens), "hf")
 
