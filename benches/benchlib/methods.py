@@ -6,11 +6,11 @@ training, the step clock, and a run's last part (scores, timings, versions, atom
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 from benchlib.report import library_versions
+from lora_over_trl.utils.atomic import write_json
 
 C3LA_WINDOWS = 2  # c3LA trains at LoRA r/2 through two windows: its collapsed adapter has rank r, as the others'
 
@@ -164,14 +164,7 @@ def finish_run(spec: dict, result: dict, scores: dict, model, began: float, scor
         model.save_pretrained(str(Path(spec["out"]).with_suffix("")))
     result["wall_seconds"] = round(time.time() - began, 1)
     result["versions"] = library_versions()
-    write_json(Path(spec["out"]), result)
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write ``payload`` atomically."""
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(payload, indent=1, default=str))
-    os.replace(staging, path)
+    write_json(Path(spec["out"]), result, indent=1)
 
 
 def training_arguments(config_class, spec: dict, max_steps: int, warmup_steps: int | float, **extra):

@@ -296,6 +296,7 @@ def record_judgment(eval_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         JudgeError: the judge failed; the answers and every judgment written so far stay in ``eval_dir``.
     """
     from lora_over_trl.eval.mt_bench import judge_folder, read_questions
+    from lora_over_trl.utils.atomic import write_json
 
     baseline = baseline_answers(args.judge_baseline) if args.judge_baseline else None
     try:
@@ -310,9 +311,7 @@ def record_judgment(eval_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     summary_file = eval_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     summary["mt_bench"] = result
-    staged = summary_file.with_name(f".summary.json.{os.getpid()}")
-    staged.write_text(json.dumps(summary, indent=2, default=str))
-    os.replace(staged, summary_file)
+    write_json(summary_file, summary)
     print((eval_dir / "mt_bench" / "results.md").read_text())
     return result
 

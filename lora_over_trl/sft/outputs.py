@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import json
-import os
 import resource
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["gathered_adapter_state", "merged_dtype", "remove_if_empty", "run_summary", "save_outputs", "write_json"]
+__all__ = ["gathered_adapter_state", "merged_dtype", "remove_if_empty", "run_summary", "save_outputs"]
 
 
 def gathered_adapter_state(model) -> dict[str, Any] | None:
@@ -105,9 +103,3 @@ def remove_if_empty(folder: Path, existed: bool) -> None:
     """The Trainer creates ``output_dir`` at construction: take it back when the run stops before starting."""
     if not existed and folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(staging, path)

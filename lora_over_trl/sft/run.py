@@ -35,10 +35,11 @@ from lora_over_trl.sft.checks import (
     resume_checkpoint,
 )
 from lora_over_trl.sft.data import load_train_eval_data
-from lora_over_trl.sft.outputs import gathered_adapter_state, remove_if_empty, run_summary, save_outputs, write_json
+from lora_over_trl.sft.outputs import gathered_adapter_state, remove_if_empty, run_summary, save_outputs
 from lora_over_trl.sft.recipe import make_parser, parse_recipe
 from lora_over_trl.sft.report import check_eval_args, evaluate, final_report
 from lora_over_trl.sft.trainer import build_trainer, load_model_and_tokenizer
+from lora_over_trl.utils.atomic import write_json
 from lora_over_trl.utils.callbacks import ScheduleSetupError
 from lora_over_trl.utils.distributed import launch_mode
 from lora_over_trl.utils.errors import one_line

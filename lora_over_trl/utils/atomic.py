@@ -1,15 +1,17 @@
-"""Write a whole output folder or nothing: stage it beside the target, then rename it into place."""
+"""Write a whole output folder or file, or nothing: stage it beside the target, then rename it into place."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-__all__ = ["staged_directory"]
+__all__ = ["staged_directory", "write_json"]
 
 
 @contextmanager
@@ -38,3 +40,11 @@ def staged_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
     os.replace(staging, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, payload: dict[str, Any], *, indent: int = 2) -> None:
+    """Replace ``path`` with ``payload`` as indented JSON, whole: a crash leaves the old file or the new one."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(payload, indent=indent, default=str))
+    os.replace(staging, path)

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import random
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from lora_over_trl.methods.glora.model import (
 )
 from lora_over_trl.methods.glora.search import SearchResult, evolutionary_search
 from lora_over_trl.registry import METHODS, refusal
+from lora_over_trl.utils.atomic import write_json
 from lora_over_trl.utils.callbacks import ScheduleSetupError
 from lora_over_trl.utils.distributed import launch_mode
 from lora_over_trl.utils.peft_layers import lora_modules
@@ -184,12 +184,10 @@ def search_glora(
     if output_dir is not None:
         path = Path(output_dir) / SEARCH_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.tmp")
         payload = {"config": vars(config), **result.to_dict()}
         if not math.isfinite(result.fitness):
             payload["fitness"] = str(result.fitness)
-        staging.write_text(json.dumps(payload, indent=2))
-        staging.replace(path)
+        write_json(path, payload)
     return result
 
 
