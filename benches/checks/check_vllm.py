@@ -41,10 +41,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benches/, where benchlib lives
 from benchlib.data import add_gsm8k_dir, gsm8k_rows  # noqa: E402
 
+from lora_over_trl.eval.backends import adapter_rank, vllm_rank_limit  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 GENERATE = Path(__file__).resolve().with_name("check_vllm_generate.py")
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks (0.32)
-
 # The training recipe every method shares: float32 (the base vLLM serves, so identity is expected), a few steps
 # of short GSM8K-style problems, no evaluation, no checkpoints, merged/ written too.
 RECIPE: dict[str, Any] = {
@@ -174,18 +174,11 @@ def prompts_differing(first: list[list[int]], second: list[list[int]]) -> int:
 
 
 def lora_rank_limit(ranks: list[int]) -> int:
-    """The smallest ``max_lora_rank`` vLLM accepts that holds every adapter rank."""
-    top = max(ranks)
-    for allowed in VLLM_RANKS:
-        if allowed >= top:
-            return allowed
-    raise CheckError(f"adapter rank {top} is above vLLM's largest max_lora_rank {VLLM_RANKS[-1]}")
-
-
-def adapter_rank(adapter: Path) -> int:
-    """The largest rank in ``adapter_config.json`` (``r`` and any ``rank_pattern`` entry)."""
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    return max([int(config["r"]), *map(int, (config.get("rank_pattern") or {}).values())])
+    """The smallest ``max_lora_rank`` vLLM accepts that holds every adapter rank (the eval command's rule)."""
+    try:
+        return vllm_rank_limit(ranks)
+    except ValueError as err:
+        raise CheckError(str(err)) from None
 
 
 def method_recipe(method: str, steps: int, output_dir: Path) -> dict[str, Any]:

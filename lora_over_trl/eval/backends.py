@@ -21,10 +21,20 @@ from typing import Any
 from lora_over_trl.eval.mt_bench import Generator, hf_generator, vllm_generator
 from lora_over_trl.utils.errors import first_line
 
-__all__ = ["BACKENDS", "BackendError", "Loaded", "choose_backend", "load", "load_transformers", "vllm_lora_rank"]
+__all__ = [
+    "BACKENDS",
+    "BackendError",
+    "Loaded",
+    "adapter_rank",
+    "choose_backend",
+    "load",
+    "load_transformers",
+    "vllm_lora_rank",
+    "vllm_rank_limit",
+]
 
 BACKENDS = ("auto", "hf", "vllm")
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks (0.32)
 
 
 @dataclass
@@ -47,11 +57,28 @@ def choose_backend(requested: str) -> str:
     return "vllm" if torch.cuda.is_available() else "hf"
 
 
-def vllm_lora_rank(adapter: Path) -> int:
-    """The smallest ``max_lora_rank`` vLLM accepts that holds the adapter's largest rank."""
+def adapter_rank(adapter: Path) -> int:
+    """The largest rank in ``adapter_config.json`` (``r`` and any ``rank_pattern`` entry)."""
     config = json.loads((adapter / "adapter_config.json").read_text())
-    rank = max([int(config["r"]), *map(int, (config.get("rank_pattern") or {}).values())])
-    return next(limit for limit in VLLM_LORA_RANKS if limit >= rank)
+    return max([int(config["r"]), *map(int, (config.get("rank_pattern") or {}).values())])
+
+
+def vllm_rank_limit(ranks: list[int]) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds every rank.
+
+    Raises:
+        ValueError: a rank above vLLM's largest limit.
+    """
+    top = max(ranks)
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= top:
+            return allowed
+    raise ValueError(f"adapter rank {top} is above vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
+
+
+def vllm_lora_rank(adapter: Path) -> int:
+    """The ``max_lora_rank`` vLLM needs to serve ``adapter``."""
+    return vllm_rank_limit([adapter_rank(adapter)])
 
 
 def _tokenizer_folder(base: str, adapter: Path | None) -> str:
