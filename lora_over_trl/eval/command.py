@@ -29,7 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from lora_over_trl.eval.backends import load, vllm_lora_rank
+from lora_over_trl.eval.backends import BACKENDS, load, vllm_lora_rank
 from lora_over_trl.eval.judge import JudgeError
 
 TASK_ALIASES = {
@@ -75,7 +75,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--backend",
         default="auto",
-        choices=["auto", "hf", "vllm"],
+        choices=BACKENDS,
         help="hf: transformers + PEFT; vllm: lm-eval's vLLM model, batched MT-Bench answers (auto: vllm when it is "
         "installed and a GPU is present)",
     )
@@ -148,12 +148,22 @@ def task_manager(include_path: str, tasks: list[str], metadata: dict[str, Any] |
     return TaskManager(include_path=include_path, metadata=metadata)
 
 
+def task_names(args: argparse.Namespace) -> list[str]:
+    """The names in ``--tasks``, as given."""
+    return [t.strip() for t in args.tasks.split(",") if t.strip()]
+
+
+def lm_eval_tasks(args: argparse.Namespace) -> list[str]:
+    """The lm-eval task names ``--tasks`` stands for (our aliases resolved, MT-Bench left out), unchecked."""
+    return [TASK_ALIASES.get(n, n) for n in task_names(args) if n != "mt_bench"]
+
+
 def check_args(args: argparse.Namespace) -> tuple[list[str], bool]:
     """lm-eval task names and whether MT-Bench was asked for; every problem is a UsageError."""
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    names = task_names(args)
     if not names:
         raise UsageError("--tasks is empty; name at least one task, e.g. --tasks gsm8k")
-    tasks = [TASK_ALIASES.get(n, n) for n in names if n != "mt_bench"]
+    tasks = lm_eval_tasks(args)
     if any(t.startswith("humaneval") for t in tasks) and not args.confirm_run_unsafe_code:
         raise UsageError("HumanEval executes model-written code: add --confirm_run_unsafe_code to allow it")
     for flag in ("mt_bench_questions", "gsm8k_dir"):
@@ -354,9 +364,10 @@ def plain_lm_eval_command(pretrained: str, args: argparse.Namespace, peft: str |
     with lm-eval's ``hf`` or ``vllm`` model.
 
     Plain lm-eval loads ``pretrained`` in ``args.dtype`` without quantization: for a run trained on a 4-bit base
-    give it the run's ``merged/`` folder (the dequantized base plus the update, the trained function).
+    give it the run's ``merged/`` folder (the dequantized base plus the update, the trained function). ``args`` are
+    taken as already checked (:func:`check_args`).
     """
-    tasks, _ = check_args(args) if args.tasks else ([], False)
+    tasks = lm_eval_tasks(args)
     model_args = f"pretrained={pretrained},dtype={args.dtype}"
     if model == "hf":
         model_args += f",peft={peft}" if peft else ""

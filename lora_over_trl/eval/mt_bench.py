@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lora_over_trl.eval.fastchat_data import JUDGE_PACKAGE, questions_file
 from lora_over_trl.eval.judge import JudgeSettings, connect, judgment_files, make_matches, run_matches
 from lora_over_trl.eval.judge_results import (
     pairwise_rates,
@@ -64,8 +65,6 @@ def read_questions(path: str | Path | None = None, limit: int | None = None) -> 
     """Questions from a FastChat ``question.jsonl`` (FastChat's own 80 when ``path`` is None); each needs
     ``question_id``, ``category`` and ``turns``."""
     if path is None:
-        from lora_over_trl.eval.fastchat_data import questions_file
-
         path = questions_file()
     questions = []
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
@@ -174,7 +173,6 @@ def judge_folder(
     questions: list[dict[str, Any]],
     *,
     baseline: Path | None = None,
-    client: Any = None,
 ) -> dict[str, Any]:
     """Judge the answers in ``folder/model_answer`` (one model), single-answer and, with ``baseline`` (another
     ``model_answer`` file), pairwise; rows already judged are kept. Writes ``results.md`` and ``categories.png``
@@ -185,7 +183,7 @@ def judge_folder(
     """
     (answers_path,) = answer_files(folder)
     model, answers = read_answers(answers_path)
-    client = client or connect(settings)
+    client = connect(settings)
     files = judgment_files(folder, settings)
     categories = {q["question_id"]: q["category"] for q in questions}
 
@@ -206,8 +204,6 @@ def judge_folder(
     (folder / "results.md").write_text(results_markdown(settings.model, single, pairwise))
     if single["categories"]:
         plot_categories(single, folder / "categories.png")
-    from lora_over_trl.eval.fastchat_data import JUDGE_PACKAGE
-
     result = {
         "judge": settings.model,
         "judge_base_url": settings.base_url,

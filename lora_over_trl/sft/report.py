@@ -126,7 +126,7 @@ def _reproduction(output_dir: Path, run_args: Any, model_args, training_args) ->
     from lora_over_trl.eval import command as lm_eval_command
 
     args = lm_eval_command.make_parser().parse_args(["unused", *_eval_flags(run_args)])
-    if not lm_eval_command.check_args(args)[0]:
+    if not lm_eval_command.lm_eval_tasks(args):
         return []  # MT-Bench only: no lm-eval task to reproduce
     if training_args.use_cpu:
         args.device = "cpu"
