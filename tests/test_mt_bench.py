@@ -168,9 +168,7 @@ def test_judging_single_and_pairwise_resumes_and_counts_unparsable_replies(tmp_p
     shown = check_judge.fastchat_show_result(judgments / f"{MODEL}_single.jsonl", "single")
     assert check_judge.show_result_value(shown, "########## Average ##########", "lora_over_run") == scores["score"]
     shown = check_judge.fastchat_show_result(judgments / f"{MODEL}_pair.jsonl", "pairwise-all")
-    header = next(line for line in shown.splitlines() if "win_rate_adjusted" in line).split()
-    row = next(line for line in shown.splitlines() if line.startswith("lora_over_run")).split()
-    assert float(row[header.index("win_rate_adjusted") + 1]) == rates["win_rate_adjusted"]
+    assert check_judge.show_result_column(shown, "lora_over_run", "win_rate_adjusted") == rates["win_rate_adjusted"]
 
     # a judgment lost (an interrupted run) is the only one asked for again
     lines = (judgments / f"{MODEL}_single.jsonl").read_text().splitlines()

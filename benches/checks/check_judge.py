@@ -45,6 +45,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from check_vllm import CheckError, run_logged, train_runs  # noqa: E402
 
+from lora_over_trl.eval.judge_results import read_rows  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 JUDGE_NAME = "smollm2-judge"
 # writing, and the three categories graded against GPT-4's reference answers: reasoning, math, coding
@@ -179,8 +181,11 @@ class JudgeServer:
                 self.process.wait()
 
 
-def judge(eval_dir: Path, url: str, args: argparse.Namespace, *extra: str) -> subprocess.CompletedProcess:
-    command = eval_command(str(eval_dir), "--judge_model", JUDGE_NAME, "--judge_base_url", url)
+def judge(
+    eval_dir: Path, url: str, args: argparse.Namespace, *extra: str, model: str = JUDGE_NAME
+) -> subprocess.CompletedProcess:
+    """The eval command judging ``eval_dir``'s answers at ``url``."""
+    command = eval_command(str(eval_dir), "--judge_model", model, "--judge_base_url", url)
     command += ["--mt_bench_questions", str(args.out / "questions.jsonl")]
     command += ["--judge_max_tokens", str(args.judge_max_tokens), *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -208,6 +213,30 @@ def show_result_value(text: str, section: str, model: str) -> float | None:
         if fields and fields[0] == model:
             return float(fields[-1])
     return None
+
+
+def show_result_column(text: str, model: str, column: str) -> float | None:
+    """``column`` of ``model``'s row in ``show_result.py``'s pairwise table (its pandas print)."""
+    header = next((line.split() for line in text.splitlines() if column in line.split()), None)
+    row = next((line.split() for line in text.splitlines() if line.split()[:1] == [model]), None)
+    return float(row[header.index(column) + 1]) if header and row else None
+
+
+def agree(theirs: float | None, ours: float | None) -> bool:
+    """Both missing, or both there and equal to 1e-3 (FastChat prints pandas' rounding, ours is rounded to 4)."""
+    if theirs is None or ours is None:
+        return theirs is None and ours is None
+    return abs(theirs - ours) < 1e-3
+
+
+def unparsable_counted(label: str, eval_dir: Path) -> tuple[str, bool, str]:
+    """The single-grading rows with no rating in the judgment file, against the count ``summary.json`` reports."""
+    scores = json.loads((eval_dir / "summary.json").read_text())["mt_bench"]["single"]
+    rows = read_rows(eval_dir / "mt_bench" / "model_judgment" / f"{JUDGE_NAME}_single.jsonl")
+    unparsable = sum(1 for row in rows if row["score"] == -1)
+    reported = scores["unparsable"] + scores["refused"]
+    detail = f"{unparsable} of {len(rows)} unparsable, reported {reported}"
+    return (f"{label}: unparsable replies counted", reported == unparsable, detail)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,53 +271,31 @@ def main(argv: list[str] | None = None) -> int:
         print(mine.stdout[mine.stdout.find("# MT-Bench") :].split("results written")[0], flush=True)
         print(f"judging both runs: {seconds:.0f} s", flush=True)
 
-        twin_scores = json.loads((answers["lora"] / "summary.json").read_text())["mt_bench"]["single"]
-        twin_file = answers["lora"] / "mt_bench" / "model_judgment" / f"{JUDGE_NAME}_single.jsonl"
-        twin_rows = [json.loads(line) for line in twin_file.read_text().splitlines()]
-        unparsable = sum(1 for row in twin_rows if row["score"] == -1)
-        reported = twin_scores["unparsable"] + twin_scores["refused"]
-        detail = f"{unparsable} of {len(twin_rows)} unparsable, reported {reported}"
-        checks.append(("plain judge: unparsable replies counted", reported == unparsable, detail))
-
+        checks.append(unparsable_counted("plain judge", answers["lora"]))
         folder = answers["lora_over_dynamic"] / "mt_bench"
         summary = json.loads((answers["lora_over_dynamic"] / "summary.json").read_text())["mt_bench"]
         single_file = folder / "model_judgment" / f"{JUDGE_NAME}_single.jsonl"
         pair_file = folder / "model_judgment" / f"{JUDGE_NAME}_pair.jsonl"
-        rows = [json.loads(line) for line in single_file.read_text().splitlines()]
-        pairs = [json.loads(line) for line in pair_file.read_text().splitlines()]
+        rows, pairs = read_rows(single_file), read_rows(pair_file)
         expected = 2 * len(args.questions)
         checks.append(("single rows, one per question and turn", len(rows) == expected, f"{len(rows)}/{expected}"))
         checks.append(("pairwise rows, each in both orders", len(pairs) == expected, f"{len(pairs)}/{expected}"))
-        unparsable = sum(1 for row in rows if row["score"] == -1)
-        reported = summary["single"]["unparsable"] + summary["single"]["refused"]
-        detail = f"{unparsable} of {len(rows)}, reported {reported}"
-        checks.append(("structured judge: unparsable replies counted", reported == unparsable, detail))
+        checks.append(unparsable_counted("structured judge", answers["lora_over_dynamic"]))
 
+        name = runs["lora_over_dynamic"].name
         shown = fastchat_show_result(single_file, "single")
-        fastchat_mean = show_result_value(shown, "########## Average ##########", runs["lora_over_dynamic"].name)
-        ours = summary["single"]["score"]
-        same = (fastchat_mean is None and ours is None) or (
-            fastchat_mean is not None and ours is not None and abs(fastchat_mean - ours) < 1e-3
-        )
-        checks.append(("FastChat show_result single mean = ours", same, f"{fastchat_mean} vs {ours}"))
+        theirs, ours = show_result_value(shown, "########## Average ##########", name), summary["single"]["score"]
+        checks.append(("FastChat show_result single mean = ours", agree(theirs, ours), f"{theirs} vs {ours}"))
         shown_pairs = fastchat_show_result(pair_file, "pairwise-all")
-        header = next((line for line in shown_pairs.splitlines() if "win_rate_adjusted" in line), "")
-        row = next((line for line in shown_pairs.splitlines() if line.startswith(runs["lora_over_dynamic"].name)), "")
-        fastchat_rate = float(row.split()[header.split().index("win_rate_adjusted") + 1]) if row and header else None
-        ours_rate = summary["pairwise"]["win_rate_adjusted"]
-        same = (fastchat_rate is None and ours_rate is None) or (
-            fastchat_rate is not None and ours_rate is not None and abs(fastchat_rate - ours_rate) < 1e-3
-        )
-        checks.append(("FastChat show_result adjusted win rate = ours", same, f"{fastchat_rate} vs {ours_rate}"))
+        theirs = show_result_column(shown_pairs, name, "win_rate_adjusted")
+        ours = summary["pairwise"]["win_rate_adjusted"]
+        checks.append(("FastChat show_result adjusted win rate = ours", agree(theirs, ours), f"{theirs} vs {ours}"))
         (args.out / "show_result.txt").write_text(shown + "\n" + shown_pairs)
 
         rerun = judge(answers["lora_over_dynamic"], server.url, args, *mine_flags)
         unchanged = len(single_file.read_text().splitlines()) == expected
         checks.append(("rerun judges nothing again", rerun.returncode == 0 and unchanged, ""))
-        wrong = subprocess.run(
-            eval_command(str(answers["lora"]), "--judge_model", "gpt-4", "--judge_base_url", server.url),
-            cwd=ROOT, capture_output=True, text=True,
-        )  # fmt: skip
+        wrong = judge(answers["lora"], server.url, args, model="gpt-4")
         checks.append(one_line_error("wrong model name", wrong, "--judge_model gpt-4"))
         server.stop()
         lost = single_file.read_text().splitlines()
