@@ -87,24 +87,14 @@ def load(path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def _scheduled(config: Any) -> bool:
-    return config.schedule != "static"
-
-
-def _lora_over_sharded(kind: str) -> Callable[[Any], str | None]:
-    why = {
-        "fsdp": "a module entering the bank mid-run turns LoRA weights that FSDP2 already sharded with their decoder "
-        "layer into banked ones",
-        "deepspeed": "a re-allocation moves the bank's values and Adam moments in place, and ZeRO keeps the moments "
-        "in its own partitions and copies its master weights back over the parameters after every step",
-    }[kind]
-
-    def refuse(config: Any) -> str | None:
-        if config.schedule == "static":
-            return None
-        return f"lora_over.schedule: {config.schedule!r} under {{mode}} is not supported: {why}; use schedule: static"
-
-    return refuse
+def _lora_over_deepspeed(config: Any) -> str | None:
+    if config.schedule == "static":
+        return None
+    return (
+        f"lora_over.schedule: {config.schedule!r} under {{mode}} is not supported: a re-allocation moves the bank's "
+        "values and Adam moments in place, and ZeRO keeps the moments in its own partitions and copies its master "
+        "weights back over the parameters after every step; use schedule: static"
+    )
 
 
 _WINDOW = "cLA's window and collapse rewrite the LoRA weights in place outside a forward"
@@ -135,9 +125,7 @@ METHODS: dict[str, Method] = {
                 ("lora_over_history.json", "the schedule's decisions, step by step"),
                 ("lora_over_allocation.png", "which modules held capacity when"),
             ),
-            fsdp2=_lora_over_sharded("fsdp"),
-            deepspeed=_lora_over_sharded("deepspeed"),
-            unused_parameters=_scheduled,
+            deepspeed=_lora_over_deepspeed,
         ),
         Method("lora", "LoRA", "plain LoRA, as PEFT trains it (the baseline)"),
         Method("cla", "cLA", "A a fixed window of r input columns (offset 0); only B trains", fsdp2=_WINDOW, **_CLA),

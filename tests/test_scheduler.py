@@ -9,21 +9,20 @@ import random
 import pytest
 
 from lora_over_trl.lora_over.config import LoraOverConfig
-from lora_over_trl.lora_over.schedule.scheduler import CapacityScheduler, bank_bound, resolve_phases
+from lora_over_trl.lora_over.schedule.scheduler import CapacityScheduler, resolve_phases
 from lora_over_trl.utils.callbacks import ScheduleSetupError
 
 TYPES = ("q_proj", "v_proj", "down_proj")
 
 
-def random_modules(rng: random.Random, layers: int, levels: int) -> tuple[dict, dict]:
-    """Per-level auxiliary costs and storage elements of random modules (both growing with the level)."""
+def random_modules(rng: random.Random, layers: int, levels: int) -> dict[str, list[int]]:
+    """Per-level auxiliary costs of random modules (growing with the level)."""
     names = [f"model.layers.{i}.{t}" for i in range(layers) for t in TYPES]
-    costs, numel = {}, {}
+    costs = {}
     for name in names:
         base = rng.randint(5, 60)
         costs[name] = sorted(base * k + rng.randint(0, 9) for k in range(1, levels + 1))
-        numel[name] = [cost + rng.randint(0, 200) for cost in costs[name]]
-    return costs, numel
+    return costs
 
 
 def spent(costs: dict[str, list[int]], capacities: list[float], chosen: dict[str, float]) -> int:
@@ -33,18 +32,18 @@ def spent(costs: dict[str, list[int]], capacities: list[float], chosen: dict[str
 @pytest.mark.parametrize("seed", range(5))
 def test_budget_defaults_to_half_of_every_module_at_capacity_and_follows_the_rules(seed):
     rng = random.Random(seed)
-    costs, numel = random_modules(rng, 3, 2)
+    costs = random_modules(rng, 3, 2)
     everything = sum(level[-1] for level in costs.values())  # every module at `capacity` (its top level)
     for schedule in ("prepass", "dynamic"):
         config = LoraOverConfig(schedule=schedule, levels=2)
-        assert CapacityScheduler(config, costs, numel).budget == everything // 2
+        assert CapacityScheduler(config, costs).budget == everything // 2
     lora_params = rng.randint(10_000, 50_000)
     ratio = rng.uniform(0.1, 0.9)
     config = LoraOverConfig(schedule="dynamic", budget_ratio=ratio)
-    assert CapacityScheduler(config, costs, numel, lora_params).budget == int(ratio * lora_params)
+    assert CapacityScheduler(config, costs, lora_params).budget == int(ratio * lora_params)
     given = rng.randint(everything // 4, everything)
-    assert CapacityScheduler(LoraOverConfig(schedule="prepass", budget=given), costs, numel).budget == given
-    assert CapacityScheduler(LoraOverConfig(), costs, numel).budget is None  # static without a budget: no limit
+    assert CapacityScheduler(LoraOverConfig(schedule="prepass", budget=given), costs).budget == given
+    assert CapacityScheduler(LoraOverConfig(), costs).budget is None  # static without a budget: no limit
     unsized = CapacityScheduler(LoraOverConfig(schedule="dynamic"))  # a callback's, before on_init_end
     assert (unsized.budget, unsized.costs, unsized.reserve, unsized.history) == (None, {}, 0, [])
 
@@ -54,49 +53,43 @@ def test_a_budget_below_the_cheapest_module_is_refused():
     with pytest.raises(
         ScheduleSetupError, match=r"a budget of 29 auxiliary parameters holds no module at capacity 0\.5"
     ):
-        CapacityScheduler(LoraOverConfig(schedule="dynamic", levels=2, budget=29), costs, costs)
-    assert CapacityScheduler(LoraOverConfig(schedule="dynamic", levels=2, budget=30), costs, costs).budget == 30
+        CapacityScheduler(LoraOverConfig(schedule="dynamic", levels=2, budget=29), costs)
+    assert CapacityScheduler(LoraOverConfig(schedule="dynamic", levels=2, budget=30), costs).budget == 30
     with pytest.raises(ScheduleSetupError, match=r"holds no module at capacity 1 \(the cheapest needs 0\)"):
-        CapacityScheduler(LoraOverConfig(schedule="prepass", budget=10), {"a.q_proj": [0]}, {"a.q_proj": [0]})
+        CapacityScheduler(LoraOverConfig(schedule="prepass", budget=10), {"a.q_proj": [0]})
 
 
-def best_allocation(numel, costs, budget, one_level_per_module=True) -> int:
-    """Most storage elements of any choice within ``budget`` (exhaustive). With ``one_level_per_module`` a module
-    holds at most one level (what the schedule can choose); without it every (module, level) is a free item."""
+def best_allocation(costs, budget) -> int:
+    """Most auxiliary parameters of any choice the schedule can make within ``budget`` (exhaustive: a module holds at
+    most one level)."""
     names = list(costs)
-    if one_level_per_module:
-        options = [range(len(costs[n]) + 1) for n in names]  # 0: not chosen, k: level k
-        best = 0
-        for pick in itertools.product(*options):
-            chosen = [(n, k - 1) for n, k in zip(names, pick, strict=True) if k and costs[n][k - 1] > 0]
-            if sum(costs[n][i] for n, i in chosen) <= budget:
-                best = max(best, sum(numel[n][i] for n, i in chosen))
-        return best
-    items = [(numel[n][i], costs[n][i]) for n in names for i in range(len(costs[n])) if costs[n][i] > 0]
     best = 0
-    for mask in range(1 << len(items)):
-        subset = [item for j, item in enumerate(items) if mask >> j & 1]
-        if sum(c for _, c in subset) <= budget:
-            best = max(best, sum(e for e, _ in subset))
+    for pick in itertools.product(*[range(len(costs[n]) + 1) for n in names]):  # 0: not chosen, k: level k
+        spend = sum(costs[n][k - 1] for n, k in zip(names, pick, strict=True) if k)
+        if spend <= budget:
+            best = max(best, spend)
     return best
 
 
 @pytest.mark.parametrize("seed", range(8))
 def test_the_reserve_holds_every_allocation_within_the_budget(seed):
+    # every factor is in the bank (plain ones as one core): an allocation needs the LoRA weights' elements plus
+    # its auxiliary parameters
     rng = random.Random(100 + seed)
-    costs, numel = random_modules(rng, 1, 2)  # 3 modules x 2 levels: 9 allocations, 64 free subsets
+    costs = random_modules(rng, 1, 2)  # 3 modules x 2 levels: 9 allocations
     costs["model.layers.0.v_proj"][0] = 0  # a module that stays plain at its lower level
+    lora_params = rng.randint(1_000, 5_000)
     budget = rng.randint(20, sum(c[-1] for c in costs.values()))
-    bound = bank_bound(numel, costs, budget)
-    most = sum(max(n) for n in numel.values())
-    assert best_allocation(numel, costs, budget) <= bound <= most
-    # a fractional knapsack exceeds the best free 0/1 choice by less than one item: the bound is not loose
-    assert bound <= best_allocation(numel, costs, budget, one_level_per_module=False) + max(map(max, numel.values()))
-    scheduler = CapacityScheduler(LoraOverConfig(schedule="dynamic", levels=2, budget=budget), costs, numel)
-    assert scheduler.reserve == bound
-    # only a dynamic schedule moves modules in and out of the bank mid-run: the others reserve nothing
-    assert CapacityScheduler(LoraOverConfig(schedule="prepass", levels=2, budget=budget), costs, numel).reserve == 0
-    assert bank_bound(numel, costs, 10**9) == most  # everything fits: every module at its largest level
+    for schedule in ("prepass", "dynamic"):
+        reserve = CapacityScheduler(
+            LoraOverConfig(schedule=schedule, levels=2, budget=budget), costs, lora_params
+        ).reserve
+        assert lora_params + best_allocation(costs, budget) <= reserve <= lora_params + budget
+    everything = sum(max(c) for c in costs.values())
+    roomy = CapacityScheduler(LoraOverConfig(schedule="dynamic", levels=2, budget=10**9), costs, lora_params)
+    assert roomy.reserve == lora_params + everything == lora_params + best_allocation(costs, 10**9)
+    # a static run installs what it keeps once: nothing to reserve
+    assert CapacityScheduler(LoraOverConfig(budget=budget), costs, lora_params).reserve == 0
 
 
 @pytest.mark.parametrize("max_steps", [10, 37, 200, 1000])
@@ -106,7 +99,7 @@ def test_fractional_phases_resolve_against_the_run_and_due_follows_them(max_step
     assert warmup == max_steps // 10
     assert interval == max(1, max_steps // 20)
     assert last == max_steps - max_steps // 5
-    scheduler = CapacityScheduler(config, {"a.q_proj": [5]}, {"a.q_proj": [9]}, 100)
+    scheduler = CapacityScheduler(config, {"a.q_proj": [5]}, 100)
     assert scheduler.phases == (0, 1, 0)  # until the run's length is known
     scheduler.start(max_steps)
     assert scheduler.phases == (warmup, interval, last)
@@ -120,12 +113,12 @@ def test_fractional_phases_resolve_against_the_run_and_due_follows_them(max_step
 
 def test_absolute_phases_and_other_schedules():
     config = LoraOverConfig(schedule="dynamic", budget_ratio=0.5, warmup_steps=3, interval=4, final_steps=2)
-    scheduler = CapacityScheduler(config, {"a.q_proj": [5]}, {"a.q_proj": [9]}, 100)
+    scheduler = CapacityScheduler(config, {"a.q_proj": [5]}, 100)
     scheduler.start(20)
     assert scheduler.phases == (3, 4, 18)
     assert [s for s in range(25) if scheduler.due(s)] == [3, 7, 11, 15]
     for schedule in ("static", "prepass"):
-        other = CapacityScheduler(LoraOverConfig(schedule=schedule, budget=50), {"a.q_proj": [5]}, {"a.q_proj": [9]})
+        other = CapacityScheduler(LoraOverConfig(schedule=schedule, budget=50), {"a.q_proj": [5]})
         other.start(20)
         assert other.phases == (0, 1, 0) and not any(other.due(s) for s in range(25))
 
@@ -135,7 +128,7 @@ def test_a_warmup_beyond_the_run_is_refused():
     assert resolve_phases(config, 11)[0] == 8  # 8 < 11 - 2: one step left
     with pytest.raises(ScheduleSetupError, match=r"`warmup_steps`=8 leaves no re-allocation before step 8"):
         resolve_phases(config, 10)
-    scheduler = CapacityScheduler(config, {"a.q_proj": [5]}, {"a.q_proj": [9]}, 100)
+    scheduler = CapacityScheduler(config, {"a.q_proj": [5]}, 100)
     with pytest.raises(ScheduleSetupError, match="give the phases as fractions of the run"):
         scheduler.start(10)
 
@@ -153,10 +146,10 @@ def greedy(scores: dict[str, float], costs: dict[str, int], budget: int) -> set[
 @pytest.mark.parametrize("seed", range(10))
 def test_choose_spends_within_the_budget_by_score(seed):
     rng = random.Random(200 + seed)
-    costs, numel = random_modules(rng, 4, 3)
+    costs = random_modules(rng, 4, 3)
     scores = {name: rng.expovariate(1.0) for name in costs}
     budget = rng.randint(100, sum(c[-1] for c in costs.values()))
-    leveled = CapacityScheduler(LoraOverConfig(schedule="dynamic", levels=3, capacity=1.5, budget=budget), costs, numel)
+    leveled = CapacityScheduler(LoraOverConfig(schedule="dynamic", levels=3, capacity=1.5, budget=budget), costs)
     assert leveled.capacities == [0.5, 1.0, 1.5]
     chosen = leveled.choose(scores)
     assert chosen and set(chosen.values()) <= {0.5, 1.0, 1.5}
@@ -169,18 +162,18 @@ def test_choose_spends_within_the_budget_by_score(seed):
     # one level: the greedy rule, at `capacity`
     top = {name: levels[-1] for name, levels in costs.items()}
     one_level = {name: [cost] for name, cost in top.items()}
-    single = CapacityScheduler(LoraOverConfig(schedule="dynamic", capacity=1.5, budget=budget), one_level, one_level)
+    single = CapacityScheduler(LoraOverConfig(schedule="dynamic", capacity=1.5, budget=budget), one_level)
     assert single.choose(scores) == dict.fromkeys(greedy(scores, top, budget), 1.5)
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_the_seeded_first_choice_is_the_same_in_every_instance(seed):
-    costs, numel = random_modules(random.Random(300 + seed), 4, 2)
+    costs = random_modules(random.Random(300 + seed), 4, 2)
     budget = sum(c[-1] for c in costs.values()) // 3
     config = LoraOverConfig(schedule="dynamic", levels=2, budget=budget, seed=seed)
-    first, second = (CapacityScheduler(config, dict(reversed(costs.items())), numel).initial() for _ in range(2))
+    first, second = (CapacityScheduler(config, dict(reversed(costs.items()))).initial() for _ in range(2))
     assert first == second and first  # the same, whatever order the modules came in
-    assert first == CapacityScheduler(config, costs, numel).initial()
+    assert first == CapacityScheduler(config, costs).initial()
     assert spent(costs, [0.5, 1.0], first) <= budget
 
 
@@ -193,7 +186,7 @@ def test_plan_names_the_modules_that_move():
 
 def test_history_logs_and_summary(caplog):
     config = LoraOverConfig(schedule="dynamic", levels=2, budget=100, warmup_steps=2, interval=3, final_steps=1)
-    scheduler = CapacityScheduler(config, {"a.q_proj": [5, 9], "b.v_proj": [4, 8]}, {"a.q_proj": [7, 11]})
+    scheduler = CapacityScheduler(config, {"a.q_proj": [5, 9], "b.v_proj": [4, 8]})
     scheduler.start(12)
     scheduler.current = {"a.q_proj": 1.0, "b.v_proj": 0.5}
     with caplog.at_level("INFO", logger="lora_over_trl.lora_over.callback"):
@@ -263,9 +256,9 @@ def test_a_checkpoint_written_before_the_split_resumes_and_is_written_back_alike
 @pytest.mark.parametrize("seed", range(3))
 def test_state_round_trips_through_json(seed):
     rng = random.Random(400 + seed)
-    costs, numel = random_modules(rng, 3, 2)
+    costs = random_modules(rng, 3, 2)
     config = LoraOverConfig(schedule="dynamic", levels=2, budget=sum(c[-1] for c in costs.values()) // 2, seed=seed)
-    scheduler = CapacityScheduler(config, costs, numel)
+    scheduler = CapacityScheduler(config, costs)
     scheduler.current = scheduler.initial()
     scheduler.record(0, "initial", sorted(scheduler.current), spent(costs, [0.5, 1.0], scheduler.current))
     for step in range(1, 4):
@@ -276,7 +269,7 @@ def test_state_round_trips_through_json(seed):
         aux = spent(costs, [0.5, 1.0], targets)
         scheduler.record(step, "reallocate", sorted(targets), aux, leaving=leaving, entering=entering, resized={})
     text = json.dumps(scheduler.state_dict())
-    restored = CapacityScheduler(config, costs, numel)
+    restored = CapacityScheduler(config, costs)
     restored.load_state_dict(json.loads(text))
     assert json.dumps(restored.state_dict()) == text
     assert restored.current == scheduler.current

@@ -263,6 +263,25 @@ class FactorBank(nn.Module):
             self.fresh = [(o, math.prod(shape)) for key in values for o, shape in new[key]]
             self._views_key = None
 
+    def adopt(self, layouts: dict[str, mpo.MpoLayout]) -> None:
+        """Take ``layouts`` as the plan of the values the storage already holds, moving nothing.
+
+        For a resume whose loader wrote a checkpoint's storage (and its Adam moments) straight into the parameter:
+        the values are laid out as the checkpoint's plan, which may differ from the one this bank was built with.
+
+        Raises:
+            ValueError: ``layouts`` names other factors than the bank holds, or needs more than its storage.
+        """
+        if set(layouts) != set(self.layouts) or self.numel(layouts.values()) > self.storage.numel():
+            raise ValueError(
+                f"FactorBank.adopt: the plan holds {len(layouts)} factors in {self.numel(layouts.values()):,} "
+                f"elements; the bank {len(self.layouts)} in {self.storage.numel():,}"
+            )
+        self.layouts = dict(layouts)
+        self.groups = self.order(layouts)
+        self.chunks = self._chunks(self.groups)
+        self._views, self._views_key = {}, None
+
     def seed_fresh_moments(self, optimizer: torch.optim.Optimizer) -> None:
         """Give new factors' Adam moments their first gradient, so their first step is a fresh Adam's first step.
 

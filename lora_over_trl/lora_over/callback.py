@@ -8,12 +8,16 @@
 Events (``transformers.TrainerCallback`` documents what each receives):
 - ``on_init_end``: the model is already the ``PeftModel``; the factors are installed here, before the
   Trainer builds its optimizer, so the cores train from step 0 with the LoRA weights' learning rate.
+  Under ``prepass`` and ``dynamic`` every factor enters the bank here, plain ones as one core, and the bank is
+  reserved at the most the budget can need: what the schedule moves later is slots of that one parameter,
+  whose object and size never change (nothing for DDP's buckets or FSDP2's shards to follow).
+- ``on_train_begin`` (prepass): score every module on a few batches (Fisher information) and move capacity.
 - ``on_pre_optimizer_step`` (dynamic): fold this step's sensitivity ``sum |W * dL/dW|`` per module into
-  the tracker. ``dL/dW`` is taken by hooks on the factor weights, summed over micro-batches.
+  the tracker. ``dL/dW`` is taken by a hook on each bank group's contraction, summed over micro-batches.
 - ``on_step_end`` (dynamic): every ``interval`` steps between ``warmup_steps`` and the last
-  ``final_steps``, choose modules by score within the budget; modules that leave are collapsed to plain
-  LoRA (exact), modules that enter are over-parameterized (exact); the optimizer follows
-  (:mod:`lora_over_trl.lora_over.optim`).
+  ``final_steps``, choose modules by score within the budget; modules that leave go back to one core
+  (exact), modules that enter are over-parameterized (exact); their Adam moments move with them or start
+  anew in place.
 - ``on_save``: ``checkpoint-N/`` gets ``lora_over.json`` (layouts) and ``lora_over_scheduler.json``
   (tracker, allocation history). On resume the Trainer loads the adapter before any callback event, so the
   callback wraps the model's ``load_adapter`` to rebuild the recorded layouts first.
@@ -37,6 +41,7 @@ from transformers import TrainerCallback
 from lora_over_trl.lora_over.checkpoint import (
     FSDP_MODEL_FILE,  # importable from here too, as before it moved
     LAYOUT_FILE,
+    adopt_layouts,
     bank_tensors,
     check_resumable,
     keep_only_parameters,
@@ -48,20 +53,19 @@ from lora_over_trl.lora_over.config import LoraOverConfig
 from lora_over_trl.lora_over.model import (
     FACTOR_NAMES,
     apply_lora_over,
+    banked_factors,
     banks,
     collapse,
-    factor_linears,
     module_layouts,
     over_parameterized_factors,
+    plain_layout,
     set_layouts,
 )
-from lora_over_trl.lora_over.optim import group_index, sync_optimizer
 from lora_over_trl.lora_over.schedule.picture import draw_allocation
 from lora_over_trl.lora_over.schedule.scheduler import CapacityScheduler
 from lora_over_trl.lora_over.sensitivity import SensitivityHooks, fisher_scores
 from lora_over_trl.registry import METHODS, refusal
 from lora_over_trl.utils.callbacks import ScheduleSetupError, restore_before_load
-from lora_over_trl.utils.collectives import synchronize_new_parameters
 from lora_over_trl.utils.distributed import launch_mode
 from lora_over_trl.utils.peft_layers import lora_modules
 
@@ -108,7 +112,6 @@ class LoraOverCallback(TrainerCallback):
     tracker = property(lambda self: self.scheduler.tracker, doc="The smoothed sensitivity per module.")
     costs = property(lambda self: self.scheduler.costs, doc="Auxiliary parameters of each module at `capacity`.")
     capacities = property(lambda self: self.scheduler.capacities, doc="The capacities a module may hold, lowest first.")
-    _grads = property(lambda self: self.hooks.grads, doc="Plain factor -> this step's held gradient statistic.")
 
     @property
     def current(self) -> dict[str, float]:
@@ -146,11 +149,7 @@ class LoraOverCallback(TrainerCallback):
             name: [sum(x.aux_params() for x in level.values() if x) for level in levels]
             for name, levels in planned.items()
         }
-        numel = {
-            name: [sum(x.num_params() for x in level.values() if x) for level in levels]
-            for name, levels in planned.items()
-        }
-        self.scheduler = CapacityScheduler(config, level_costs, numel, lora_params)
+        self.scheduler = CapacityScheduler(config, level_costs, lora_params)
         # The auxiliary cores' own learning rate, as a scale inside the factor (no extra optimizer group,
         # so checkpoints load into a fresh Trainer's optimizer): see lora_over_trl.lora_over.bank.
         self.aux_scale = config.aux_lr / args.learning_rate if config.aux_lr else 1.0
@@ -162,34 +161,35 @@ class LoraOverCallback(TrainerCallback):
                     f"LoraOverCallback: the static rules need {report.aux_params:,} auxiliary parameters, over the "
                     f"budget of {self.budget:,}; lower `capacity`/the rules' capacities or raise the budget"
                 )
-        elif config.schedule == "dynamic":
-            first = self.scheduler.initial()  # no statistics yet: seeded, the same on every process
-            apply_lora_over(model, config, capacities=first, aux_scale=self.aux_scale, reserve=self.scheduler.reserve)
-            self.current = dict(first)
-            self.hooks.observe(model)
-            self._record(0, "initial")
-        else:
-            model.lora_over_config = config  # the pre-pass installs at on_train_begin
+        else:  # every factor in the bank now, before DDP or FSDP2 wrap the model
+            first = self.scheduler.initial() if config.schedule == "dynamic" else {}  # seeded: alike on every rank
+            self._install(first)
+            if config.schedule == "dynamic":
+                self.hooks.observe(model)
+                self._record(0, "initial")
         restore_before_load(model, self._restore)
+
+    def _install(self, capacities: dict[str, float]) -> None:
+        """Put every module's factors in the bank at ``capacities`` (plain, one core, where none), reserved."""
+        targets = {}
+        for name in sorted(self.layers):
+            layouts = self._layouts(name, capacities.get(name, 0.0))
+            targets.update({f"{name}.{FACTOR_NAMES[w]}": layout for w, layout in layouts.items()})
+        set_layouts(self.model, targets, self.config, aux_scale=self.aux_scale, reserve=self.scheduler.reserve)
+        self.model.lora_over_config = self.config
+        self.current = dict(capacities)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         config = self.config
         self.scheduler.start(state.max_steps)
-        if config.schedule != "static" and args.world_size > 1 and not args.ddp_find_unused_parameters:
-            # Modules that leave (or, after the pre-pass, the plain weights of chosen modules) keep parameters
-            # DDP registered at wrap time but no longer train: DDP must be told some parameters may get no
-            # gradient. Cores installed later are synchronized by hooks.
-            raise ScheduleSetupError(
-                f"LoraOverCallback: schedule={config.schedule!r} with {args.world_size} processes needs "
-                "`ddp_find_unused_parameters=True` in the training arguments"
-            )
         self.optimizer = optimizer
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.global_step > 0 and not self._schedule_restored and (folder / SCHEDULER_FILE).is_file():
             # Under FSDP the Trainer resumes through accelerate's loader, not `load_adapter`, so the hook that
-            # rebuilds the checkpoint's state never ran. The layouts are those of on_init_end (only static runs
-            # there), but the schedule's state is not: without it every factor's Adam moments, just loaded, would
-            # be re-seeded at the next step as if new.
+            # rebuilds the checkpoint's state never ran. The storage and its moments, just loaded, are laid out
+            # as the checkpoint's plan; the bank takes that plan over (nothing moves), then the schedule's state:
+            # without it every factor's Adam moments would be re-seeded at the next step as if new.
+            adopt_layouts(self.model, folder)
             self._restore_schedule(folder)
         if config.schedule == "prepass" and state.global_step == 0:  # a resumed run got its layouts from disk
             scores = self._fisher(model, kwargs["train_dataloader"])
@@ -208,12 +208,6 @@ class LoraOverCallback(TrainerCallback):
             if measured is not None:
                 self.tracker.update(measured)
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.hooks.step_begin(args.gradient_accumulation_steps)
-
-    def on_substep_end(self, args, state, control, **kwargs):
-        self.hooks.substep_end()  # the Trainer calls this after every micro-batch of a step but its last
-
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.scheduler.due(state.global_step):
             began = time.perf_counter()
@@ -221,7 +215,7 @@ class LoraOverCallback(TrainerCallback):
             self.history[-1]["seconds"] = round(time.perf_counter() - began, 4)
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if not over_parameterized_factors(self.model, self.config.adapter_name):
+        if not banked_factors(self.model, self.config.adapter_name):
             return
         tensors = bank_tensors(self.model)  # every rank: an FSDP-sharded storage is gathered
         if not state.is_world_process_zero:
@@ -234,7 +228,7 @@ class LoraOverCallback(TrainerCallback):
         (folder / SCHEDULER_FILE).write_text(json.dumps({**self.scheduler.state_dict(), "fresh": fresh}))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if self.config.collapse_on_train_end and over_parameterized_factors(self.model, self.config.adapter_name):
+        if self.config.collapse_on_train_end and banked_factors(self.model, self.config.adapter_name):
             # float32: a bfloat16 run (TRL's choice on 4-bit bases) would lose ~1e-3 of B A to rounding
             errors = collapse(self.model, dtype=torch.float32)
             self.scheduler.record_collapse(state.global_step, max(errors.values()))
@@ -265,32 +259,22 @@ class LoraOverCallback(TrainerCallback):
     # ---- carrying decisions out ---------------------------------------------------------------------
 
     def _move_capacity(self, targets: dict[str, float], step: int, event: str) -> None:
-        """Give each module its target capacity in one change of the bank: modules that leave collapse (exact),
-        entering ones install (exact), modules changing level grow (exact) or shrink (SVD, error recorded).
+        """Give each module its target capacity in one change of the bank: modules that leave go back to one core
+        (exact), entering ones install (exact), modules changing level grow (exact) or shrink (SVD, error recorded).
 
-        The bank's storage stays the same parameter; its Adam moments move with the factors (new ones start at
-        zero). Plain weights that come back are new parameters and join the LoRA weights' optimizer group.
+        Only slots of the bank's storage change, in place: its parameter object and size stay (the reservation
+        holds every allocation within the budget), its Adam moments move with the factors, and the moments of
+        factors that changed layout start anew (seeded at the next step).
         """
-        config, model = self.config, self.model
         leaving, entering, changing = self.scheduler.plan(targets)
         layouts: dict[str, Any] = {}
         for name in leaving + entering + changing:
             chosen = self._layouts(name, targets.get(name, 0.0))
             layouts.update({f"{name}.{FACTOR_NAMES[w]}": layout for w, layout in chosen.items()})
-        group = self._lora_group()
-        errors = set_layouts(
-            model, layouts, config, aux_scale=self.aux_scale, optimizer=self.optimizer, reserve=self.scheduler.reserve
-        )
+        errors = set_layouts(self.model, layouts, self.config, optimizer=self.optimizer)
         self.current = dict(targets)
-        if leaving or entering or changing:
-            known = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-            new = [p for p in model.parameters() if p.requires_grad and id(p) not in known]
-            sync_optimizer(self.optimizer, model, dict.fromkeys(map(id, new), group))
-            synchronize_new_parameters(new)
-            if config.schedule == "dynamic":
-                self.hooks.observe(model)
         resized = {n: max(errors.get(f"{n}.{a}", 0.0) for a in FACTOR_NAMES.values()) for n in changing}
-        extra = {"resized": resized} if config.levels > 1 else {}
+        extra = {"resized": resized} if self.config.levels > 1 else {}
         self._record(step, event, leaving=leaving, entering=entering, **extra)
 
     def _record(self, step: int, event: str, **extra: Any) -> None:
@@ -299,18 +283,12 @@ class LoraOverCallback(TrainerCallback):
         self.scheduler.record(step, event, modules, sum(f.aux_params for f in factors.values()), **extra)
 
     def _layouts(self, name: str, capacity: float) -> dict[str, Any]:
-        """``{"A": layout or None, "B": ...}`` of module ``name`` at ``capacity``."""
-        return module_layouts(self.shapes[name], capacity, self.config)
-
-    def _lora_group(self) -> int:
-        """The optimizer group of the LoRA weights (and of the bank): where parameters that appear go."""
-        candidates = [b.storage for b in banks(self.model, self.config.adapter_name).values()]
-        candidates += [linear.weight for linear in factor_linears(self.model, self.config.adapter_name).values()]
-        for param in candidates:
-            index = group_index(self.optimizer, param)
-            if index is not None:
-                return index
-        return 0
+        """``{"A": layout, "B": ...}`` of module ``name`` at ``capacity``: ``None`` where a static run leaves a factor
+        plain, :func:`plain_layout` where a scheduled run keeps it plain in the bank."""
+        chosen = module_layouts(self.shapes[name], capacity, self.config)
+        if self.config.schedule == "static":
+            return chosen
+        return {w: layout or plain_layout(self.shapes[name][w]) for w, layout in chosen.items()}
 
     # ---- resume -------------------------------------------------------------------------------------
 

@@ -28,11 +28,12 @@ from torch import nn
 
 from lora_over_trl.lora_over import mpo
 from lora_over_trl.lora_over.config import LoraOverConfig
-from lora_over_trl.lora_over.model import BANK_ATTR, banks, over_parameterized_factors, set_layouts
+from lora_over_trl.lora_over.model import BANK_ATTR, banked_factors, banks, over_parameterized_factors, set_layouts
 from lora_over_trl.utils.distributed import gathered
 from lora_over_trl.utils.peft_layers import lora_modules
 
 __all__ = [
+    "adopt_layouts",
     "BANK_FILE",
     "LAYOUT_FILE",
     "FSDP_MODEL_FILE",
@@ -54,7 +55,7 @@ _READABLE = (1, 2)
 
 def _config_of(model: nn.Module) -> LoraOverConfig:
     config = getattr(model, "lora_over_config", None)
-    if config is None or not over_parameterized_factors(model, config.adapter_name):
+    if config is None or not banked_factors(model, config.adapter_name):
         raise ValueError(
             "the model is not over-parameterized (apply_lora_over() never ran, or collapse() did): "
             "save a plain adapter with model.save_pretrained()"
@@ -78,7 +79,7 @@ def write_layout_file(model: nn.Module, directory: str | os.PathLike) -> Path:
                 "bonds": list(f.layout.bonds),
                 "central": f.layout.central,
             }
-            for key, f in over_parameterized_factors(model, config.adapter_name).items()
+            for key, f in banked_factors(model, config.adapter_name).items()
         },
     }
     directory = Path(directory)
@@ -200,8 +201,8 @@ def restore_layouts(model: nn.Module, directory: str | os.PathLike, optimizer=No
             )
     current = banks(model, config.adapter_name)
     if current and any(b.aux_scale != aux_scale or b.storage.numel() != n for b, n in _pairs(current, state)):
-        set_layouts(model, dict.fromkeys(over_parameterized_factors(model, config.adapter_name)), config)
-    installed = over_parameterized_factors(model, config.adapter_name)
+        set_layouts(model, dict.fromkeys(banked_factors(model, config.adapter_name)), config)
+    installed = banked_factors(model, config.adapter_name)
     targets = {key: None for key in installed if key not in recorded} | recorded
     set_layouts(model, targets, config, aux_scale=aux_scale, reserve=_reserve(state), optimizer=optimizer)
     bank_file = Path(directory) / BANK_FILE
@@ -209,6 +210,18 @@ def restore_layouts(model: nn.Module, directory: str | os.PathLike, optimizer=No
         _load_storage(model, config, load_file(bank_file))
     model.lora_over_config = config
     return config
+
+
+def adopt_layouts(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Give the model's banks the layouts recorded in ``directory`` for the values they already hold.
+
+    Under FSDP the Trainer resumes through accelerate's loader, which writes a checkpoint's bank storage straight
+    into the parameter: the factors the bank holds are the same (a scheduled run banks all of them from the start),
+    only their plan is the checkpoint's. Nothing moves.
+    """
+    _, recorded, _ = read_layout_file(directory)
+    for bank in banks(model, _config_of(model).adapter_name).values():
+        bank.adopt({key: recorded.get(key, layout) for key, layout in bank.layouts.items()})
 
 
 @torch.no_grad()
@@ -264,7 +277,7 @@ def load_lora_over(model: nn.Module, directory: str | os.PathLike) -> LoraOverCo
     """
     state = _read(directory)
     adapter = LoraOverConfig.from_dict(state["config"]).adapter_name
-    if over_parameterized_factors(model, adapter):
+    if banked_factors(model, adapter):
         raise ValueError("load_lora_over: the model is already over-parameterized; load onto a fresh PeftModel")
     config = restore_layouts(model, directory)
     saved = load_peft_weights(str(directory))

@@ -28,9 +28,11 @@ from lora_over_trl.utils.peft_layers import lora_modules
 __all__ = [
     "ApplyReport",
     "apply_lora_over",
+    "banked_factors",
     "banks",
     "collapse",
     "over_parameterized_factors",
+    "plain_layout",
     "plan_layout",
     "set_layouts",
 ]
@@ -64,11 +66,17 @@ def banks(model: nn.Module, adapter_name: str = "default") -> dict[str, FactorBa
     return dict(holder[adapter_name].items())
 
 
-def over_parameterized_factors(model: nn.Module, adapter_name: str = "default") -> dict[str, FactorHandle]:
-    """Every installed factor, keyed ``"<module>.lora_A"`` / ``"<module>.lora_B"``."""
+def banked_factors(model: nn.Module, adapter_name: str = "default") -> dict[str, FactorHandle]:
+    """Every factor the bank holds, keyed ``"<module>.lora_A"`` / ``"<module>.lora_B"``: the over-parameterized ones
+    and, in a scheduled run, the plain ones kept there as one core (:func:`plain_layout`)."""
     return {
         key: FactorHandle(bank, key) for bank in banks(model, adapter_name).values() for key in sorted(bank.layouts)
     }
+
+
+def over_parameterized_factors(model: nn.Module, adapter_name: str = "default") -> dict[str, FactorHandle]:
+    """Every over-parameterized factor (two cores or more), keyed ``"<module>.lora_A"`` / ``"<module>.lora_B"``."""
+    return {key: f for key, f in banked_factors(model, adapter_name).items() if f.layout.num_cores > 1}
 
 
 def module_generator(seed: int, name: str) -> torch.Generator:
@@ -79,6 +87,16 @@ def module_generator(seed: int, name: str) -> torch.Generator:
 def default_std(in_features: int) -> float:
     """Scale of the random half of padded bond slots: Kaiming-like, ``1 / sqrt(fan_in)`` of the factor."""
     return 1.0 / math.sqrt(max(in_features, 1))
+
+
+def plain_layout(shape: tuple[int, int]) -> mpo.MpoLayout:
+    """A plain LoRA factor kept in the bank: one core holding the weight, no auxiliary parameter.
+
+    The ``prepass`` and ``dynamic`` schedules keep every factor they may move in the bank from the start, plain
+    ones in this layout: a move then rewrites slots of the bank's one parameter, whose size never changes, and no
+    parameter appears or disappears mid-run (which DDP's buckets and FSDP2's shards could not follow).
+    """
+    return mpo.MpoLayout((shape[0],), (shape[1],), (), 0)
 
 
 @functools.lru_cache(maxsize=4096)  # a pure function of small arguments, asked again at every re-allocation
@@ -154,8 +172,9 @@ def set_layouts(
     gets its contraction as a plain weight (the forward's own values, bit for bit); a factor whose bonds grow
     is padded (exact); one whose bonds shrink is re-decomposed by SVD and its relative error is returned.
     Factors not named are untouched. The bank's storage keeps its parameter object: an ``optimizer`` given
-    here has its moments moved with the factors (new factors start at zero); plain weights that reappear are
-    new parameters, for :func:`~lora_over_trl.lora_over.optim.sync_optimizer` to add.
+    here has its moments moved with the factors (new factors start at zero). A factor that leaves the bank gets a
+    new plain parameter, which an optimizer does not hold yet: the schedules keep their factors in the bank as
+    :func:`plain_layout` instead, so that only the final collapse takes factors out.
 
     Args:
         targets: factor key (``"<module>.lora_A"``) -> layout or ``None``.
@@ -318,7 +337,7 @@ def apply_lora_over(
             f"apply_lora_over: the model has no linear LoRA layers with adapter `{config.adapter_name}`; "
             "wrap it with peft.get_peft_model(model, LoraConfig(...)) first, or set `adapter_name`"
         )
-    if over_parameterized_factors(model, config.adapter_name):
+    if banked_factors(model, config.adapter_name):
         raise ValueError("apply_lora_over: the model is already over-parameterized; call collapse() first")
     if not aux_scale > 0:
         raise ValueError(f"apply_lora_over: `aux_scale` must be > 0, got {aux_scale!r}")
@@ -384,7 +403,7 @@ def collapse(model: nn.Module, adapter_name: str | None = None, dtype: torch.dty
     """
     config = getattr(model, "lora_over_config", None)
     adapter_name = adapter_name or (config.adapter_name if config else "default")
-    factors = over_parameterized_factors(model, adapter_name)
+    factors = banked_factors(model, adapter_name)
     if not factors:
         raise ValueError(
             "collapse: the model has no over-parameterized LoRA factors (collapse() already ran, "

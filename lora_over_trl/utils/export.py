@@ -19,7 +19,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from lora_over_trl.lora_over.model import over_parameterized_factors
+from lora_over_trl.lora_over.model import banked_factors
 from lora_over_trl.utils.atomic import staged_directory
 
 __all__ = ["export_merged"]
@@ -58,7 +58,7 @@ def export_merged(
         ValueError: the model is still over-parameterized, or no base path is known.
         FileExistsError: ``output_dir`` is not empty and ``overwrite`` is false.
     """
-    if over_parameterized_factors(model, adapter_name):
+    if banked_factors(model, adapter_name):
         raise ValueError("export_merged: the model is still over-parameterized; call collapse(model) first")
     base_path = base_model_name_or_path or model.peft_config[adapter_name].base_model_name_or_path
     if not base_path:

@@ -11,7 +11,6 @@ out on the model; :meth:`~CapacityScheduler.state_dict` is the ``lora_over_sched
 from __future__ import annotations
 
 import logging
-import math
 import random
 from typing import Any
 
@@ -21,7 +20,7 @@ from lora_over_trl.lora_over.schedule.importance import SensitivityTracker
 from lora_over_trl.utils.callbacks import ScheduleSetupError
 from lora_over_trl.utils.fields import resolve_phase
 
-__all__ = ["DEFAULT_BUDGET_SHARE", "CapacityScheduler", "bank_bound", "resolve_phases"]
+__all__ = ["DEFAULT_BUDGET_SHARE", "CapacityScheduler", "resolve_phases"]
 
 # The run's log lines keep the name they were always logged under (the SFT command prints it; filters use it).
 logger = logging.getLogger("lora_over_trl.lora_over.callback")
@@ -36,9 +35,7 @@ class CapacityScheduler:
         level_costs: auxiliary parameters of each module at each of the ``levels`` capacities (lowest first;
             0 where the module stays plain at that capacity). ``None``: not sized yet, nothing known of the model
             (no budget, no reserve); a callback before ``on_init_end`` holds such a scheduler.
-        level_numel: bank storage elements of each module at each capacity, as ``level_costs`` (needed by a
-            dynamic schedule with a budget, for :attr:`reserve`).
-        lora_params: the LoRA weights' element count, the base of ``budget_ratio``.
+        lora_params: the LoRA weights' element count, the base of ``budget_ratio`` (and of :attr:`reserve`).
 
     Raises:
         ScheduleSetupError: a prepass or dynamic schedule whose budget holds no module at its lowest capacity.
@@ -48,7 +45,6 @@ class CapacityScheduler:
         self,
         config: LoraOverConfig,
         level_costs: dict[str, list[int]] | None = None,
-        level_numel: dict[str, list[int]] | None = None,
         lora_params: int = 0,
     ) -> None:
         self.config = config
@@ -57,7 +53,10 @@ class CapacityScheduler:
         self.level_costs = dict(level_costs or {})  # ... at each of the `levels` capacities
         self.costs = {name: costs[-1] for name, costs in self.level_costs.items()}  # auxiliary params at `capacity`
         self.budget: int | None = None
-        self.reserve = 0  # bank storage elements: the most any allocation within the budget needs
+        # prepass/dynamic: bank storage elements, the most any allocation within the budget needs. Every factor is in
+        # the bank (plain ones as one core, p q elements) and a layout holds p q + its auxiliary parameters, so that
+        # is the LoRA weights plus the budget (or every module at its largest level, when that is less).
+        self.reserve = 0
         self.current: dict[str, float] = {}  # capacity of each over-parameterized module now
         self.phases = (0, 1, 0)  # dynamic: (first step, interval, step it stops before), see `start`
         if level_costs is None:
@@ -73,8 +72,8 @@ class CapacityScheduler:
                 self.budget,
                 config.capacity,
             )
-        if self.budget is not None and config.schedule == "dynamic":
-            self.reserve = bank_bound(level_numel or {}, self.level_costs, self.budget)
+        if self.budget is not None and config.schedule != "static":
+            self.reserve = lora_params + min(self.budget, sum(max(costs) for costs in self.level_costs.values()))
         if config.schedule != "static":
             cheapest = min((c for costs in self.level_costs.values() for c in costs if c > 0), default=None)
             if cheapest is None or cheapest > self.budget:
@@ -244,32 +243,3 @@ def resolve_phases(config: LoraOverConfig, max_steps: int) -> tuple[int, int, in
         config.final_steps,
     )
     return warmup, interval, last
-
-
-def bank_bound(numel: dict[str, list[int]], aux: dict[str, list[int]], budget: int) -> int:
-    """The most storage elements any allocation within ``budget`` auxiliary parameters can need.
-
-    A fractional knapsack over every (module, level), best elements-per-auxiliary-parameter first, bounds
-    every allocation the schedule can choose (each holds at most one level per module, within the budget).
-
-    Args:
-        numel: storage elements of each module at each level.
-        aux: auxiliary parameters of each module at each level (0: the module stays plain there).
-        budget: auxiliary parameters an allocation may hold.
-
-    Returns:
-        An upper bound, never above every module at its largest level.
-    """
-    items = sorted(
-        ((numel[n][i], aux[n][i]) for n in numel for i in range(len(numel[n])) if aux[n][i] > 0),
-        key=lambda item: item[0] / item[1],
-        reverse=True,
-    )
-    bound, left = 0.0, float(budget)
-    for elements, cost in items:
-        if left <= 0:
-            break
-        bound += elements * min(1.0, left / cost)
-        left -= cost
-    most = sum(max(counts) for counts in numel.values())
-    return int(min(math.ceil(bound), most))
