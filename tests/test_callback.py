@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    free_port,
     gsm8k_dataset,
     load_base,
     logged_losses,
@@ -378,6 +379,8 @@ def run_two_processes(tiny_llama_dir, tokenizer, out, schedules, **env):
         str(torchrun),
         "--nproc_per_node",
         "2",
+        "--master_port",
+        str(free_port()),
         str(Path(__file__).parent / "ddp_worker.py"),
         tiny_llama_dir,
         str(out / "tokenizer"),

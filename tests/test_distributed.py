@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_base, logits
+from conftest import free_port, load_base, logits
 from safetensors.torch import load_file
 from test_sft import make_workspace, run_command, run_in_process, stock_peft_logits, write_recipe
 
@@ -42,6 +42,7 @@ def workspace(tmp_path_factory, tokenizer) -> Path:
 def launch(config: str, recipe: Path, *flags: str, processes: int = 2):
     """``accelerate launch --config_file examples/accelerate/CONFIG -m lora_over_trl.sft RECIPE FLAGS``."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config)]
+    launcher += ["--main_process_port", str(free_port())]
     return run_command(str(recipe), *flags, launcher=[*launcher, "--num_processes", str(processes)])
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import GSM8K_DIR, gsm8k_rows, load_base, logits, save_tiny_llama
+from conftest import GSM8K_DIR, free_port, gsm8k_rows, load_base, logits, save_tiny_llama
 from judge_server import MODEL as JUDGE
 from judge_server import judge_server
 from safetensors.torch import load_file
@@ -162,6 +162,7 @@ def test_two_processes_through_accelerate(workspace, tmp_path, gsm8k_batch):
     # gloo.
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
     launcher += [str(ROOT / "examples" / "accelerate" / "ddp.yaml"), "--num_processes", "2"]
+    launcher += ["--main_process_port", str(free_port())]
     done = run_command(str(write_recipe(workspace, tmp_path)), launcher=launcher)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
