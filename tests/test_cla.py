@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import (
     load_base,
     logged_losses,
@@ -347,3 +348,145 @@ def test_a_named_adapter_chains_saves_and_collapses(tiny_llama_dir, tmp_path):
     assert all(layer.r["other"] == 16 and layer.lora_A["other"].weight.shape[0] == 16 for layer in layers.values())
     plain = make_peft(tiny_llama_dir, "fp32")  # no cLA installed: nothing to collapse, the config stays
     assert collapse_cla(plain) == 8 and plain.peft_config["default"].r == 8
+
+
+def tiny_moe_peft():
+    """A tiny Mixtral whose fused experts (and router, added by PEFT) are wrapped through ``target_parameters``."""
+    from peft import get_peft_model
+    from test_architectures import EXPERTS, tiny_base
+
+    torch.manual_seed(0)
+    return get_peft_model(tiny_base("mixtral"), lora_config(r=4, lora_alpha=8, target_parameters=EXPERTS))
+
+
+def test_a_collapse_of_modules_at_different_chain_positions_is_refused(tiny_llama_dir):
+    """One adapter config holds one rank multiplier: modules that visited different numbers of windows (only by
+    hand; the callback moves every module together) are refused, not written with wrong ranks."""
+    from lora_over_trl.methods.cla.model import install_cla, next_window
+
+    model = make_peft(tiny_llama_dir, "fp32")
+    offsets = install_cla(model, ClaConfig(method="c3la"))
+    name, layer = next(iter(lora_modules(model).items()))
+    next_window(layer, "default", offsets[name][1])
+    raises_exactly("collapse_cla: modules visited different numbers of windows [1, 2]", collapse_cla, model)
+
+
+def test_expert_windows_and_chains_follow_peft_layout_per_expert():
+    """On PEFT's ParamWrapper (experts and router), each expert's update after a chain of three windows is the sum
+    over windows of its own B columns times that window's selector, rebuilt here from PEFT's documented layout
+    (lora_B column k * E + e is rank k of expert e) and compared with PEFT's own delta weight, during the chain and
+    after the collapse; the collapse multiplies every rank, rank_pattern (PEFT's doubled gate_up_proj) included."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from lora_over_trl.methods.cla.experts import trained_b
+    from lora_over_trl.methods.cla.model import install_cla, next_window
+
+    model = tiny_moe_peft()
+    assert model.peft_config["default"].rank_pattern == {r".*\.gate_up_proj": 8}
+    offsets = install_cla(model, ClaConfig(method="rc3la", seed=2))
+    layers = lora_modules(model)
+    wrapped = {name: layer for name, layer in layers.items() if isinstance(layer, ParamWrapper)}
+    assert sorted({layer.num_experts for layer in wrapped.values()}) == [1, 4]  # routers, expert stacks
+    ranks = {name: layer.r["default"] for name, layer in wrapped.items()}
+    trained = {name: [] for name in wrapped}  # each window's B, in PEFT's layout
+    generator = torch.Generator().manual_seed(3)
+    for position in range(3):
+        for name, layer in layers.items():
+            weight = trained_b(layer.lora_B["default"])
+            with torch.no_grad():
+                weight.copy_(torch.randn(weight.shape, generator=generator))
+            if name in wrapped:
+                trained[name].append(weight.detach().clone())
+        if position < 2:
+            for name, layer in layers.items():
+                next_window(layer, "default", offsets[name][position + 1])
+
+    def expected(name: str, layer) -> torch.Tensor:
+        experts, r, n = layer.num_experts, ranks[name], layer.in_features
+        delta = torch.zeros(experts, layer.out_features, n, dtype=torch.float64)
+        for position, weight_b in enumerate(trained[name]):
+            window = (torch.arange(r) + offsets[name][position]) % n
+            for e in range(experts):
+                columns = [k * experts + e for k in range(r)]
+                delta[e] += weight_b[:, columns].double() @ F.one_hot(window, n).double()
+        return delta * layer.scaling["default"]
+
+    def peft_delta(layer) -> torch.Tensor:
+        delta = layer.get_delta_weight("default").double()
+        return delta.unsqueeze(0) if delta.dim() == 2 else delta  # a router's is one (out, in) matrix
+
+    before = {name: expected(name, layer) for name, layer in wrapped.items()}
+    for name, layer in wrapped.items():
+        torch.testing.assert_close(peft_delta(layer), before[name], rtol=1e-6, atol=1e-6)
+    assert collapse_cla(model) == 12
+    config = model.peft_config["default"]
+    assert (config.rank_pattern, config.alpha_pattern, config.lora_alpha) == (
+        {r".*\.gate_up_proj": 24},
+        {r".*\.gate_up_proj": 48},
+        24,
+    )
+    for name, layer in wrapped.items():
+        assert layer.r["default"] == 3 * ranks[name]
+        assert layer.lora_A["default"].weight.shape[0] == 3 * ranks[name] * layer.num_experts
+        torch.testing.assert_close(peft_delta(layer), before[name], rtol=1e-6, atol=1e-6)
+
+
+def test_an_expert_chain_resumes_from_its_checkpoint(tmp_path):
+    """Mid-chain on a wrapped MoE, the checkpoint (adapter + chain files) rebuilds the same function in a fresh model
+    through the callback's load_adapter hook, as a resumed Trainer run loads it."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from lora_over_trl.methods.cla.experts import trained_b
+
+    config, control = ClaConfig(method="c3la", chain_interval=1), TrainerControl()
+    model, callback = tiny_moe_peft(), ClaCallback(config)
+    state = TrainerState(max_steps=4, num_train_epochs=1)
+    callback.on_init_end(None, state, control, model=model)
+    callback.on_train_begin(None, state, control, optimizer=None)
+    generator = torch.Generator().manual_seed(4)
+    for step in (1, 2):
+        for layer in lora_modules(model).values():
+            weight = trained_b(layer.lora_B["default"])
+            with torch.no_grad():
+                weight.copy_(0.1 * torch.randn(weight.shape, generator=generator))
+        state.global_step = step
+        callback.on_step_end(None, state, control)
+    assert callback.position == 2
+    ids = torch.randint(0, 128, (2, 10), generator=generator)
+    expected = logits(model, ids)
+    folder = tmp_path / "checkpoint-2"
+    model.save_pretrained(folder)
+    callback.on_save(TrainingArguments(output_dir=str(tmp_path), report_to=[]), state, control)
+    twin, resumed = tiny_moe_peft(), ClaCallback(ClaConfig(**vars(config)))
+    resumed.on_init_end(None, TrainerState(), control, model=twin)
+    assert (logits(twin, ids) - expected).abs().max() > 1e-3  # the fresh model is not already there
+    twin.load_adapter(str(folder), "default", is_trainable=True)
+    assert resumed.position == 2
+    torch.testing.assert_close(logits(twin, ids), expected, rtol=0, atol=0)
+
+
+def test_c3la_on_a_wrapped_moe_through_sft_trainer_reloads_in_stock_peft(tokenizer, gsm8k_batch, tmp_path):
+    """What a user runs: TRL's SFTTrainer on a tiny Mixtral, LoRA on all linear layers plus the fused experts
+    (target_parameters), c3LA with two chain steps; the saved adapter, loaded by stock PEFT in a process that never
+    imports this package, gives the trained logits (it used to fail with a size mismatch for every module)."""
+    from test_architectures import EXPERTS, FAMILIES
+    from transformers import AutoModelForCausalLM
+
+    config = FAMILIES["mixtral"].config()
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    base_dir = str(tmp_path / "base")
+    lora = dict(r=4, lora_alpha=8, target_parameters=EXPERTS)
+    callback = ClaCallback(ClaConfig(method="c3la", chain_interval=2))
+    trainer = make_sft_trainer(
+        base_dir, tokenizer, tmp_path / "run", callback, lora=lora, max_steps=6, save_strategy="no"
+    )
+    trainer.train()
+    assert callback.position == 2 and callback.rank == 12
+    trained = logits(trainer.model, *gsm8k_batch)
+    trainer.save_model(str(tmp_path / "adapter"))
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["rank_pattern"]) == (12, {r".*\.gate_up_proj": 24})
+    stock = stock_peft_logits_in_fresh_process(base_dir, tmp_path / "adapter", "fp32", gsm8k_batch, tmp_path)
+    assert (stock - trained).abs().max() <= 1e-5

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from lora_over_trl.methods.cla.config import ClaConfig
+from lora_over_trl.methods.cla.experts import chain_holder, trained_b
 from lora_over_trl.methods.cla.model import collapse_cla, install_cla, next_window, restore_chain
 from lora_over_trl.registry import refusal
 from lora_over_trl.utils.callbacks import ScheduleSetupError, restore_before_load
@@ -103,7 +104,8 @@ class ClaCallback(TrainerCallback):
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         layers = lora_modules(self.model, self.config.adapter_name)
-        tensors = {name: layer.lora_B[self.config.adapter_name].frozen.contiguous() for name, layer in layers.items()}
+        adapter = self.config.adapter_name
+        tensors = {name: chain_holder(layer.lora_B[adapter]).frozen.contiguous() for name, layer in layers.items()}
         save_file(tensors, folder / CHAIN_TENSORS)
         (folder / CHAIN_FILE).write_text(json.dumps({"method": self.config.method, "position": self.position}))
 
@@ -135,4 +137,4 @@ class ClaCallback(TrainerCallback):
             offsets = self.offsets[name]
             next_window(layer, adapter, offsets[self.position % len(offsets)])
             if self.optimizer is not None:  # (accelerate's wrapper: its `state` is the wrapped optimizer's)
-                self.optimizer.state.pop(layer.lora_B[adapter].weight, None)
+                self.optimizer.state.pop(trained_b(layer.lora_B[adapter]), None)

@@ -10,19 +10,31 @@
 Both factors stay PEFT's own ``lora_A`` / ``lora_B`` slots, so PEFT's forward (dropout, scaling, 4-bit
 layers) is untouched: ``lora_A`` becomes :class:`WindowSelect` (its ``weight`` is the dense selector, frozen,
 so checkpoints keep PEFT's keys) and, while a chain runs, ``lora_B`` becomes :class:`ChainedB`, which adds the
-frozen part. :func:`collapse_cla` writes plain ``nn.Linear`` factors of rank ``windows x r`` back.
+frozen part. :func:`collapse_cla` writes plain ``nn.Linear`` factors of rank ``windows x r`` back. PEFT's
+parameter-wrapping layers (``target_parameters``: MoE experts, routers) read only the factors' weights and lay
+out every expert in them: :mod:`lora_over_trl.methods.cla.experts`.
 """
 
 from __future__ import annotations
 
 import random
 import zlib
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lora_over_trl.methods.cla.config import ClaConfig
+from lora_over_trl.methods.cla.experts import (
+    ParamWindowSelect,
+    add_frozen_ranks,
+    chain_holder,
+    expert_count,
+    reads_weights,
+    trained_b,
+)
 from lora_over_trl.utils.peft_layers import lora_modules
 
 __all__ = [
@@ -118,20 +130,26 @@ class ChainedB(nn.Linear):
 def install_cla(model: nn.Module, config: ClaConfig) -> dict[str, list[int]]:
     """Turn every LoRA layer's ``A`` into its first window (frozen) and zero ``B``; returns each module's offsets.
 
-    Call before the optimizer is built: the selector is not trainable, so it never reaches the optimizer.
+    Call before the optimizer is built: the selector is not trainable, so it never reaches the optimizer. On a
+    ``ParamWrapper`` every expert gets the module's window (its rank ``r`` is the factors' rows per expert).
     """
     offsets = {}
     for name, layer in lora_modules(model, config.adapter_name).items():
         linear_a, linear_b = layer.lora_A[config.adapter_name], layer.lora_B[config.adapter_name]
-        n, r = linear_a.in_features, linear_a.out_features
+        experts = expert_count(layer)
+        n, r = linear_a.in_features, linear_a.out_features // experts
         offsets[name] = window_offsets(n, r, config, name)
         # B's dtype: PEFT casts x to lora_A's dtype, and TRL may have cast the trainable B to bfloat16
-        layer.lora_A[config.adapter_name] = WindowSelect(
-            n, window_indices(offsets[name][0], r, n), dtype=linear_b.weight.dtype, device=linear_b.weight.device
-        )
+        kind = dict(dtype=linear_b.weight.dtype, device=linear_b.weight.device)
+        current = window_indices(offsets[name][0], r, n)
+        wrapped = reads_weights(layer)
+        select = ParamWindowSelect(n, experts, current, **kind) if wrapped else WindowSelect(n, current, **kind)
+        layer.lora_A[config.adapter_name] = select
         with torch.no_grad():
             linear_b.weight.zero_()  # cLA starts from B = 0 (a no-op adapter)
-        if config.chained:
+        if config.chained and wrapped:
+            add_frozen_ranks(linear_b)  # PEFT reads B's weight only: the frozen part must be in it
+        elif config.chained:
             frozen = linear_b.weight.new_zeros(linear_b.out_features, 0)
             layer.lora_B[config.adapter_name] = ChainedB(linear_b.weight, frozen)
     return offsets
@@ -143,55 +161,77 @@ def next_window(layer: nn.Module, adapter_name: str, offset: int) -> None:
     ``B`` stays the same ``Parameter`` (the optimizer keeps it; reset its state separately): only its values
     restart at zero.
     """
-    select, chained = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+    select, linear_b = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+    holder, weight = chain_holder(linear_b), trained_b(linear_b)
     with torch.no_grad():
-        chained.frozen = torch.cat([chained.weight.detach().clone(), chained.frozen], dim=1)
-        chained.weight.zero_()
+        holder.frozen = torch.cat([weight.detach().clone(), holder.frozen], dim=1)
+        weight.zero_()
     frozen = torch.cat([select.current_indices, select.frozen_indices])
     select.set_window(window_indices(offset, len(select.current_indices), select.in_features), frozen)
 
 
 def collapse_cla(model: nn.Module, adapter_name: str = "default") -> int:
-    """Write every cLA module back as plain LoRA factors (rank ``windows x r``); returns that rank.
+    """Write every cLA module back as plain LoRA factors (rank ``windows x r``); returns the adapter's ``r``.
 
     ``lora_A`` becomes the dense selector of every window visited and ``lora_B`` the concatenated ``B``s,
-    so ``B A`` is exactly ``sum_j B_j A_j``. PEFT's ``r`` and ``lora_alpha`` are updated so that its scaling
-    (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA) is unchanged.
+    so ``B A`` is exactly ``sum_j B_j A_j`` (per expert on a ``ParamWrapper``, in PEFT's layout). Every rank of
+    the adapter config (``r`` and ``rank_pattern``, which PEFT fills for fused MoE experts) is multiplied by the
+    number of windows, and every ``lora_alpha`` (``alpha_pattern`` too) so that PEFT's scaling (``alpha / r``, or
+    ``alpha / sqrt(r)`` with rsLoRA) is unchanged.
+
+    Raises:
+        ValueError: modules that visited different numbers of windows (one adapter config cannot describe them).
     """
-    rank = None
-    peft_config = model.peft_config[adapter_name]
-    for layer in lora_modules(model, adapter_name).values():
+    windows = set()
+    layers = lora_modules(model, adapter_name)
+    for layer in layers.values():
         select, linear_b = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
-        if not isinstance(select, WindowSelect):
+        if not isinstance(select, WindowSelect | ParamWindowSelect):
             continue
-        weight_b = linear_b.weight.detach()
+        weight_b = linear_b.weight.detach()  # the trained B and the frozen ones (parametrized on a ParamWrapper)
         if isinstance(linear_b, ChainedB):
             weight_b = torch.cat([weight_b, linear_b.frozen.to(weight_b.dtype)], dim=1)
-        rank = len(select.all_indices)
-        plain_a = nn.Linear(select.in_features, rank, bias=False, dtype=weight_b.dtype, device=weight_b.device)
-        plain_b = nn.Linear(rank, weight_b.shape[0], bias=False, dtype=weight_b.dtype, device=weight_b.device)
+        if isinstance(select, ParamWindowSelect):  # already every window of every expert
+            weight_a = select.weight.detach().to(weight_b.dtype)
+        else:
+            weight_a = selector(select.all_indices, select.in_features, weight_b.dtype)
+        kind = dict(bias=False, dtype=weight_b.dtype, device=weight_b.device)
+        plain_a = nn.Linear(select.in_features, weight_a.shape[0], **kind)
+        plain_b = nn.Linear(weight_b.shape[1], weight_b.shape[0], **kind)
         with torch.no_grad():
-            plain_a.weight.copy_(selector(select.all_indices, select.in_features, weight_b.dtype))
+            plain_a.weight.copy_(weight_a)
             plain_b.weight.copy_(weight_b)
-        plain_b.weight.requires_grad_(linear_b.weight.requires_grad)
+        plain_b.weight.requires_grad_(trained_b(linear_b).requires_grad)
         layer.lora_A[adapter_name], layer.lora_B[adapter_name] = plain_a, plain_b
-        layer.r[adapter_name] = rank
-    if rank is not None and rank != peft_config.r:
-        scaling = peft_config.lora_alpha / (peft_config.r**0.5 if peft_config.use_rslora else peft_config.r)
-        peft_config.lora_alpha = scaling * (rank**0.5 if peft_config.use_rslora else rank)
-        peft_config.r = rank
-        for layer in lora_modules(model, adapter_name).values():
-            layer.lora_alpha[adapter_name] = peft_config.lora_alpha
-    return rank or peft_config.r
+        windows.add(len(select.all_indices) // len(select.current_indices))
+    if len(windows) > 1:
+        raise ValueError(f"collapse_cla: modules visited different numbers of windows {sorted(windows)}")
+    if windows and windows != {1}:
+        _scale_ranks(model.peft_config[adapter_name], layers.values(), adapter_name, windows.pop())
+    return model.peft_config[adapter_name].r
+
+
+def _scale_ranks(peft_config: Any, layers: Iterable[nn.Module], adapter_name: str, windows: int) -> None:
+    """Every rank times ``windows`` and every alpha so that ``alpha / r`` (``alpha / sqrt(r)``) stays: the config's
+    ``r``, ``lora_alpha``, ``rank_pattern`` and ``alpha_pattern``, and each layer's ``r`` and ``lora_alpha``."""
+    alpha_factor = windows**0.5 if peft_config.use_rslora else windows
+    peft_config.r *= windows
+    peft_config.lora_alpha *= alpha_factor
+    peft_config.rank_pattern = {key: rank * windows for key, rank in (peft_config.rank_pattern or {}).items()}
+    peft_config.alpha_pattern = {key: alpha * alpha_factor for key, alpha in (peft_config.alpha_pattern or {}).items()}
+    for layer in layers:
+        layer.r[adapter_name] *= windows
+        layer.lora_alpha[adapter_name] *= alpha_factor
 
 
 def restore_chain(
     layer: nn.Module, adapter_name: str, offsets: list[int], position: int, frozen_b: torch.Tensor
 ) -> None:
     """Put a module at chain ``position`` (windows ``offsets[position]`` current, earlier ones frozen)."""
-    select, chained = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+    select, linear_b = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
     r, n = len(select.current_indices), select.in_features
     visited = [offsets[p % len(offsets)] for p in range(position - 1, -1, -1)]  # most recent first
     frozen = torch.cat([window_indices(o, r, n) for o in visited]) if visited else torch.zeros(0, dtype=torch.long)
     select.set_window(window_indices(offsets[position % len(offsets)], r, n), frozen)
-    chained.frozen = frozen_b.to(device=chained.weight.device, dtype=chained.weight.dtype)
+    weight = trained_b(linear_b)
+    chain_holder(linear_b).frozen = frozen_b.to(device=weight.device, dtype=weight.dtype)

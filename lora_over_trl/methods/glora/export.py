@@ -69,8 +69,9 @@ def export_glora(
     with torch.no_grad():
         for name, (supernet, choice) in chosen.items():
             linear = base.get_submodule(name)
-            weight_update, bias_update = supernet.merged_update(linear.weight, linear.bias, choice)
-            linear.weight.copy_(linear.weight.double() + weight_update)
+            w0 = linear.weight.T if supernet.fan_in_fan_out else linear.weight  # (out, in); a view of Conv1D's
+            weight_update, bias_update = supernet.merged_update(w0, linear.bias, choice)
+            w0.copy_(w0.double() + weight_update)
             if bias_update is not None and linear.bias is not None:
                 linear.bias.copy_(linear.bias.double() + bias_update)
             elif bias_update is not None:
@@ -180,6 +181,7 @@ def export_glora_lora(
         rank_pattern={name: r for name, r in ranks.items() if r != top},
         alpha_pattern={name: r for name, r in ranks.items() if r != top},
         target_modules=sorted(ranks),
+        fan_in_fan_out=trained.fan_in_fan_out,  # GPT-2's Conv1D
         task_type=trained.task_type,
         base_model_name_or_path=trained.base_model_name_or_path,
         revision=trained.revision,

@@ -19,10 +19,11 @@ right after, in forward and again in backward, so nothing of weight size is kept
 from __future__ import annotations
 
 import random
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora.layer import ParamWrapper
 from torch import nn
 
 from lora_over_trl.methods.glora.config import GloraConfig
@@ -38,6 +39,7 @@ __all__ = [
     "install_glora",
     "sample_choices",
     "search_space",
+    "wrapped_parameters_refusal",
 ]
 
 TENSORS = ("A", "B", "C", "D", "E")
@@ -61,16 +63,23 @@ class GloraSupernet(nn.Module):
     """GLoRA's support tensors for one linear layer; ``forward(x)`` is the update to add to ``W0 x + b0``.
 
     Args:
-        base: the layer's frozen base (``nn.Linear`` or bitsandbytes ``Linear4bit``); referenced, not owned.
+        base: the layer's frozen base (``nn.Linear``, bitsandbytes ``Linear4bit`` or GPT-2's ``Conv1D``); referenced,
+            not owned.
         rank: the stored rank of the ``lora`` paths (``ranks`` on offer are prefixes of it).
         dtype, device: of the new parameters.
+        fan_in_fan_out: the base stores ``W0`` as ``(in, out)`` (``Conv1D``; PEFT's flag of the same name).
     """
 
-    def __init__(self, base: nn.Module, rank: int, *, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, base: nn.Module, rank: int, *, dtype: torch.dtype, device: torch.device, fan_in_fan_out: bool = False
+    ) -> None:
         super().__init__()
         # a plain attribute, not a submodule: the PEFT layer owns the base; no second copy in the state dict
         object.__setattr__(self, "base", base)
-        n_out, n_in = base.out_features, base.in_features
+        self.fan_in_fan_out = fan_in_fan_out
+        n_out, n_in = (
+            (base.weight.shape[1], base.weight.shape[0]) if fan_in_fan_out else (base.out_features, base.in_features)
+        )
         self.in_features, self.out_features = n_in, n_out
 
         def zeros(*shape):
@@ -100,12 +109,17 @@ class GloraSupernet(nn.Module):
     def quantized(self) -> bool:
         return hasattr(self.base.weight, "quant_state")  # bitsandbytes Params4bit
 
+    @property
+    def w0(self) -> torch.Tensor:
+        """The base weight as ``(out, in)``: a transposed view of a ``Conv1D``'s (not for a 4-bit base)."""
+        return self.base.weight.T if self.fan_in_fan_out else self.base.weight
+
     def base_weight(self) -> torch.Tensor:
-        """``W0`` as a dense tensor (dequantized on a 4-bit base)."""
+        """``W0`` as a dense ``(out, in)`` tensor (dequantized on a 4-bit base)."""
         weight = self.base.weight
         if self.quantized:
             return _dequantize(weight, weight.quant_state.dtype)
-        return weight.detach()
+        return self.w0.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         choice = self.choice
@@ -124,7 +138,7 @@ class GloraSupernet(nn.Module):
                 a_down, a_up = self.a_down[:, :k], self.a_up[:k]
                 update = update + _MaskedQuantizedLinear.apply(x.to(dtype), a_down, a_up, self.base.weight).to(x.dtype)
         elif choice.A.startswith("lora"):
-            weight = self.base.weight
+            weight = self.w0
             factor = support(choice.A, self.a_down, self.a_up).to(weight.dtype)
             update = update + F.linear(x.to(weight.dtype), weight * factor).to(x.dtype)
         elif choice.A != "none":
@@ -156,7 +170,7 @@ class GloraSupernet(nn.Module):
         if self.quantized:
             out = self.base(x)
             return out - self.base.bias.to(out.dtype) if self.has_bias else out
-        weight = self.base.weight
+        weight = self.w0
         return F.linear(x.to(weight.dtype), weight).to(x.dtype)
 
     @torch.no_grad()
@@ -292,11 +306,15 @@ def install_glora(model: nn.Module, config: GloraConfig) -> dict[str, dict[str, 
     optimizer is built, so it holds the new parameters.
 
     Raises:
-        ValueError: a rank in ``config.ranks`` exceeds the LoRA ``r`` of some layer.
+        ValueError: a rank in ``config.ranks`` exceeds the LoRA ``r`` of some layer; the adapter wraps parameters
+            (``target_parameters``: PEFT's ``ParamWrapper``, e.g. fused MoE experts).
     """
     adapter = config.adapter_name
+    layers = lora_modules(model, adapter)
+    if any(isinstance(layer, ParamWrapper) for layer in layers.values()):
+        raise ValueError(wrapped_parameters_refusal(model.peft_config[adapter].target_parameters))
     spaces = {}
-    for name, layer in lora_modules(model, adapter).items():
+    for name, layer in layers.items():
         linear_a = layer.lora_A[adapter]
         rank = linear_a.out_features
         ranks = sorted(set(config.ranks or [rank]))
@@ -305,11 +323,33 @@ def install_glora(model: nn.Module, config: GloraConfig) -> dict[str, dict[str, 
         # at least float32: TRL casts a 4-bit base's LoRA weights to bfloat16, and in bfloat16 the full-size
         # W0 (.) A x and b 1^T x paths moved the logits by 2e-2 from the float64 merge after a short run
         dtype = torch.promote_types(linear_a.weight.dtype, torch.float32)
-        supernet = GloraSupernet(layer.get_base_layer(), rank, dtype=dtype, device=linear_a.weight.device)
+        supernet = GloraSupernet(
+            layer.get_base_layer(),
+            rank,
+            dtype=dtype,
+            device=linear_a.weight.device,
+            fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False)),
+        )
         layer.lora_A[adapter], layer.lora_B[adapter] = supernet, nn.Identity()
         layer.scaling[adapter] = 1.0  # GLoRA has no LoRA scaling
         spaces[name] = search_space(supernet, ranks, config.new_biases)
     return spaces
+
+
+def wrapped_parameters_refusal(target_parameters: Any) -> str:
+    """Why GLoRA refuses an adapter that wraps parameters, naming the setting and what to do instead.
+
+    GLoRA's support tensors act on a linear layer (its input for ``W0 C``, its bias for D and E, the layer's
+    forward for all of them); PEFT adapts a wrapped parameter (a fused 3-D expert stack, a router weight) as a bare
+    weight delta, with no layer input, bias or per-expert merge for the supernet to use.
+    """
+    value = sorted(target_parameters or [])
+    return (
+        f"target_parameters: {value} is not supported by method 'glora' (its support tensors act on a linear "
+        "layer's input, output and bias; PEFT adapts these parameters, e.g. MoE experts and routers, as a bare weight "
+        "delta); leave target_parameters empty and name linear layers in target_modules (on an MoE model PEFT turns "
+        "'all-linear' into expert target_parameters)"
+    )
 
 
 def sample_choices(spaces: dict[str, dict[str, list[str]]], rng: random.Random) -> dict[str, Choice]:
