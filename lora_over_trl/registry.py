@@ -45,6 +45,8 @@ class Method:
         save: ``"module:function"`` that writes the run's folders instead of the default ``adapter/`` (and
             ``merged/``): ``save(trainer, tokenizer, output_dir)``.
         fsdp2: why it cannot train under FSDP2 (``None``: it can).
+        fsdp2_wrapped: why it cannot train under FSDP2 on PEFT's parameter-wrapping layers (``target_parameters``:
+            MoE experts), known once the model is built (``None``: it can, where :attr:`fsdp2` allows).
         deepspeed: why it cannot train under DeepSpeed ZeRO-1/2 (``None``: it can).
         unused_parameters: whether, with this config, some trainable weights get no gradient in a step (DDP must
             then be told to look for unused parameters).
@@ -66,6 +68,7 @@ class Method:
     finish: str | None = None
     save: str | None = None
     fsdp2: str | Callable[[Any], str | None] | None = None
+    fsdp2_wrapped: str | None = None
     deepspeed: str | Callable[[Any], str | None] | None = None
     unused_parameters: Callable[[Any], bool] = lambda config: False
 
@@ -97,8 +100,11 @@ def _lora_over_deepspeed(config: Any) -> str | None:
     )
 
 
-_WINDOW = "cLA's window and collapse rewrite the LoRA weights in place outside a forward"
 _CHAIN = "the chain freezes and restarts B in place and resets its optimizer state between steps"
+_CHAIN_WRAPPED = (
+    "on a parameter-wrapping layer the chain replaces lora_A's weight by a wider one at every step, while FSDP2 "
+    "keeps gathering the one it sharded (the next forward fails on mismatched shapes)"
+)
 _GLORA = "GLoRA's supernet rewrites the LoRA weights outside a forward and its search runs on one process"
 _CLA = dict(
     section="cla",
@@ -108,7 +114,7 @@ _CLA = dict(
     axolotl_section="lora_over_cla",
     replaces_lora_a="replaces lora_A by a column window",
 )
-_CHAINED = dict(fsdp2=_CHAIN, deepspeed=_CHAIN, **_CLA)
+_CHAINED = dict(deepspeed=_CHAIN, fsdp2_wrapped=_CHAIN_WRAPPED, **_CLA)
 
 METHODS: dict[str, Method] = {
     method.name: method
@@ -128,8 +134,8 @@ METHODS: dict[str, Method] = {
             deepspeed=_lora_over_deepspeed,
         ),
         Method("lora", "LoRA", "plain LoRA, as PEFT trains it (the baseline)"),
-        Method("cla", "cLA", "A a fixed window of r input columns (offset 0); only B trains", fsdp2=_WINDOW, **_CLA),
-        Method("rcla", "random cLA", "cLA at a seeded random window offset per module", fsdp2=_WINDOW, **_CLA),
+        Method("cla", "cLA", "A a fixed window of r input columns (offset 0); only B trains", **_CLA),
+        Method("rcla", "random cLA", "cLA at a seeded random window offset per module", **_CLA),
         Method("c3la", "c3LA", "chained cLA: windows 0, r, 2r, ... trained in turn", **_CHAINED),
         Method("rc3la", "random c3LA", "chained cLA, windows in a seeded random order", **_CHAINED),
         Method(
@@ -198,11 +204,12 @@ def build_callback(name: str, config: Any = None) -> Any:
     return method.callback_class()(config)
 
 
-def refusal(name: str, config: Any, mode: Any) -> str | None:
+def refusal(name: str, config: Any, mode: Any, wrapped: bool = False) -> str | None:
     """Why ``name`` (with ``config``) cannot train under the sharded ``mode``, and the alternative; else ``None``.
 
-    ``mode`` is a :class:`lora_over_trl.utils.distributed.ShardedMode` or ``None`` (DDP or one process). The
-    message starts with the recipe key it is about (``method`` or ``lora_over.schedule``).
+    ``mode`` is a :class:`lora_over_trl.utils.distributed.ShardedMode` or ``None`` (DDP or one process); ``wrapped``:
+    the model has PEFT's parameter-wrapping LoRA layers (``target_parameters``), which a callback knows once the
+    model is built. The message starts with the recipe key it is about (``method`` or ``lora_over.schedule``).
     """
     method = get_method(name)
     if mode is None or method.callback is None:
@@ -215,6 +222,9 @@ def refusal(name: str, config: Any, mode: Any) -> str | None:
             f"module's forward, and this method reads and rewrites LoRA weights there; use ZeRO-2 "
             f"(zero_stage: 2) with plain LoRA or LoRA-Over's static schedule, or {USE_DDP}"
         )
+    if mode.kind == "fsdp" and wrapped and method.fsdp2_wrapped:
+        why = method.fsdp2_wrapped
+        return f"method: {name!r} with target_parameters under {mode.label} is not supported: {why}; {USE_DDP}"
     limit = method.fsdp2 if mode.kind == "fsdp" else method.deepspeed
     why = limit(config) if callable(limit) else limit
     if why is None:

@@ -282,11 +282,11 @@ def test_callback_events_chain_by_steps_or_epochs_reset_b_and_save_on_rank_zero(
         positions.append(callback.position)
     assert callback.every == 2 and positions == [0, 1, 1]  # after every second epoch
 
-    for key, value in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}.items():
+    for key, value in {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(ScheduleSetupError) as caught:
         ClaCallback(ClaConfig(method="c3la")).on_init_end(None, TrainerState(), control, model=model)
-    assert str(caught.value).startswith("ClaCallback: method: 'c3la' under FSDP2 is not supported: the chain")
+    assert str(caught.value).startswith("ClaCallback: method: 'c3la' under DeepSpeed ZeRO-2 is not supported: the")
 
 
 def test_restoring_a_chain_position_rebuilds_the_windows_it_visited(tiny_llama_dir):

@@ -21,7 +21,7 @@ Under FSDP2 the storage belongs to the root unit (it is no decoder layer's param
 when the root's forward starts, stays gathered through the backward (FSDP2 keeps the root unsharded), and its
 gradient is reduce-scattered with the root's. Its size is about the adapter's, small next to one decoder
 layer of the base. Outside a forward, reads gather it and writes keep each rank's shard (``distributed.gathered``,
-``_write``; tested with torch's ``fully_shard`` on two CPU processes, ``tests/test_bank.py``).
+``distributed.write_whole``; tested with torch's ``fully_shard`` on two CPU processes, ``tests/test_bank.py``).
 
 Auxiliary cores (every core but the layout's central one) are stored divided by ``aux_scale`` and multiplied
 back in the contraction: under Adam, whose step ignores the gradient's scale, they then learn at
@@ -38,29 +38,11 @@ import torch
 from torch import nn
 
 from lora_over_trl.lora_over import mpo
-from lora_over_trl.utils.distributed import gathered
+from lora_over_trl.utils.distributed import gathered, write_whole
 
 __all__ = ["BankedLinear", "FactorBank", "FactorHandle"]
 
 GradObserver = Callable[[list[str], torch.Tensor], None]  # (a group's keys, dL/d(its contraction))
-
-
-# The DTensor path below runs only under FSDP2, in torchrun workers (tests/test_bank.py's FSDP2 test and
-# tests/test_distributed.py) that mutation testing cannot reach: they are left out of it (docs/testing.md).
-# pragma: no mutate start
-def _write(target: torch.Tensor, whole: torch.Tensor) -> None:
-    """``target[:] = whole``; for a DTensor, this rank's shard of ``whole`` (the same on every rank)."""
-    with torch.no_grad():
-        if hasattr(target, "to_local"):
-            from torch.distributed.tensor import distribute_tensor
-
-            local = distribute_tensor(whole, target.device_mesh, target.placements, src_data_rank=None).to_local()
-            target.to_local().copy_(local)
-        else:
-            target.copy_(whole)
-
-
-# pragma: no mutate end
 
 
 class BankedLinear(nn.Linear):
@@ -244,9 +226,9 @@ class FactorBank(nn.Module):
                 pass
             elif size == self.storage.numel():
                 data = moved(gathered(self.storage.detach()), stored)
-                _write(self.storage, data)
+                write_whole(self.storage, data)
                 for _, tensor in moments:
-                    _write(tensor, moved(gathered(tensor), zeros))
+                    write_whole(tensor, moved(gathered(tensor), zeros))
             else:  # a plan larger than the reservation: the same parameter object, with larger data (DDP would need
                 # to be told: the schedules reserve the most they can need instead)
                 # pragma: no mutate start (FSDP2 only)
@@ -314,7 +296,7 @@ class FactorBank(nn.Module):
                     g = grad[offset : offset + size]
                     whole[offset : offset + size] = (g if name == "exp_avg" else g * g) * factor
                 if whole is not target:  # pragma: no mutate (FSDP2 only)
-                    _write(target, whole)  # pragma: no mutate
+                    write_whole(target, whole)  # pragma: no mutate
 
     def _to_stored(self, cores: list[torch.Tensor], layout: mpo.MpoLayout) -> list[torch.Tensor]:
         if self.aux_scale == 1.0:

@@ -9,12 +9,13 @@ training something else) after the first steps.
 
 What runs where (docs/distributed.md has the table with the tests):
 
-- FSDP2: plain LoRA and LoRA-Over's ``static`` schedule. The bank is the root unit's parameter and every
-  factor is in it before accelerate shards the model. ``prepass`` and ``dynamic`` are refused: a module that
-  enters the bank mid-run turns plain LoRA weights, which FSDP2 already sharded with their decoder layer, into
-  banked ones (the sharded weight stays registered in the layer's FSDP group, which writes it back at every
-  unshard). cLA's windows and chain and GLoRA's supernet edit LoRA weights in place outside a forward, and
-  GLoRA's search runs forwards on one process; all refused.
+- FSDP2: plain LoRA, LoRA-Over (every factor is in the bank, the root unit's parameter, before accelerate shards
+  the model) and the cLA family. Outside a forward, reads of a sharded LoRA weight gather it (:func:`gathered`)
+  and writes put each rank's shard of the whole value (:func:`write_whole`): c3LA's chain step reads the trained
+  ``B`` gathered into its frozen part (a plain tensor, the same on every rank) and rewrites the window selector
+  in ``lora_A``; the collapse builds plain factors from gathered weights. A chain on PEFT's parameter-wrapping
+  layers (``target_parameters``) is refused: its ``lora_A`` grows with every step. GLoRA's supernet edits LoRA
+  weights in place outside a forward and its search runs forwards on one process: refused.
 - FSDP1 (flat parameters): refused for every method with a callback; they read and rewrite parameters by module.
 - DeepSpeed: ZeRO keeps Adam's moments in its own flat partitions and copies its master weights over the
   parameters after each step, so whatever rewrites parameters or moves optimizer state between steps (LoRA-Over's
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ShardedMode", "gathered", "launch_mode", "sharding_report"]
+__all__ = ["ShardedMode", "gathered", "launch_mode", "sharding_report", "write_whole"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,29 @@ def gathered(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor: a DTensor (FSDP2's shard of a parameter, a moment or a gradient) is gathered, a collective
     that every rank calls at the same point; any other tensor as it is."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def write_whole(target: torch.Tensor, whole: torch.Tensor) -> None:
+    """``target[:] = whole`` without autograd; for a DTensor (FSDP2's shard of a parameter or a moment), this rank's
+    shard of ``whole``.
+
+    ``whole`` is the entire value, the same on every rank (e.g. computed from :func:`gathered` tensors): each rank
+    keeps its own part of it, so no collective runs; every rank calls it alike all the same, as FSDP2 expects every
+    rank's shard to change together.
+    """
+    with torch.no_grad():
+        # The DTensor branch runs only under FSDP2, in torchrun workers (tests/test_bank.py's FSDP2 test and
+        # tests/test_distributed.py) that mutation testing cannot reach: it is left out of it (docs/testing.md).
+        # pragma: no mutate start
+        if hasattr(target, "to_local"):
+            from torch.distributed.tensor import distribute_tensor
+
+            whole = whole.to(device=target.device, dtype=target.dtype)
+            local = distribute_tensor(whole, target.device_mesh, target.placements, src_data_rank=None).to_local()
+            target.to_local().copy_(local)
+            return
+        # pragma: no mutate end
+        target.copy_(whole)
 
 
 def _env_true(name: str) -> bool:

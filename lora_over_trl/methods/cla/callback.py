@@ -8,7 +8,8 @@
   ``B A`` is frozen, the window moves on and ``B`` restarts at zero with fresh optimizer state.
 - ``on_save``: ``checkpoint-N/cla_chain.json`` + ``cla_chain.safetensors`` (chain position, frozen ``B``s);
   a resumed run rebuilds the chain before the Trainer loads the adapter (the same ``load_adapter`` hook as
-  LoRA-Over).
+  LoRA-Over). Under FSDP the Trainer resumes through accelerate's loader instead, which restores ``B`` (and the
+  selector) but not the chain: ``on_train_begin`` rebuilds it then, leaving the loaded ``B`` as it is.
 - ``on_train_end``: collapse to a standard PEFT LoRA adapter of rank ``windows x r``.
 """
 
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from lora_over_trl.methods.cla.config import ClaConfig
-from lora_over_trl.methods.cla.experts import chain_holder, trained_b
+from lora_over_trl.methods.cla.experts import chain_holder, reads_weights, trained_b
 from lora_over_trl.methods.cla.model import collapse_cla, install_cla, next_window, restore_chain
 from lora_over_trl.registry import refusal
 from lora_over_trl.utils.callbacks import ScheduleSetupError, restore_before_load
@@ -58,12 +59,15 @@ class ClaCallback(TrainerCallback):
         self.model = None
         self.optimizer = None
         self.every: int | None = None  # chain_interval in steps or epochs, resolved against the run at its start
+        self._chain_restored = False  # a checkpoint's chain was rebuilt (resume through `load_adapter`)
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
-        refused = refusal(self.config.method, self.config, launch_mode(args))
+        layers = lora_modules(model, self.config.adapter_name)
+        wrapped = any(reads_weights(layer) for layer in layers.values())
+        refused = refusal(self.config.method, self.config, launch_mode(args), wrapped=wrapped)
         if refused:
             raise ScheduleSetupError(f"ClaCallback: {refused}")
-        if not lora_modules(model, self.config.adapter_name):
+        if not layers:
             raise ScheduleSetupError(
                 "ClaCallback: the model has no LoRA layers; pass peft_config=LoraConfig(...) to the trainer"
             )
@@ -74,6 +78,12 @@ class ClaCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self.optimizer = optimizer
         config = self.config
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" if state.global_step > 0 else None
+        if folder is not None and not self._chain_restored and (folder / CHAIN_FILE).is_file():
+            # Under FSDP the Trainer resumes through accelerate's loader, not `load_adapter`, so the hook never ran:
+            # B (sharded) and the selector hold the checkpoint's values already; the chain's position, windows and
+            # frozen B's come from its chain file (restoring them leaves B as loaded)
+            self._restore_chain(folder)
         if config.chained:
             total = state.max_steps if config.chain_unit == "steps" else math.ceil(state.num_train_epochs)
             self.every = resolve_phase(config.chain_interval, total, minimum=1)
@@ -126,11 +136,15 @@ class ClaCallback(TrainerCallback):
             raise ValueError(f"{folder} holds a {recorded['method']} chain, not {self.config.method}")
         frozen = load_file(folder / CHAIN_TENSORS)
         self.position = recorded["position"]
+        self._chain_restored = True
         for name, layer in lora_modules(self.model, self.config.adapter_name).items():
             restore_chain(layer, self.config.adapter_name, self.offsets[name], self.position, frozen[name])
 
     def _advance(self) -> None:
-        """One chain step in every module; ``B``'s Adam moments belong to the window it leaves."""
+        """One chain step in every module; ``B``'s Adam moments belong to the window it leaves.
+
+        Popping ``B``'s optimizer state makes the optimizer start it afresh at its next step (step 0, zero moments
+        created like the parameter: under FSDP2 sharded DTensors like it)."""
         self.position += 1
         adapter = self.config.adapter_name
         for name, layer in lora_modules(self.model, adapter).items():

@@ -13,6 +13,12 @@ so checkpoints keep PEFT's keys) and, while a chain runs, ``lora_B`` becomes :cl
 frozen part. :func:`collapse_cla` writes plain ``nn.Linear`` factors of rank ``windows x r`` back. PEFT's
 parameter-wrapping layers (``target_parameters``: MoE experts, routers) read only the factors' weights and lay
 out every expert in them: :mod:`lora_over_trl.methods.cla.experts`.
+
+Under FSDP2 (installed before accelerate shards the model) ``B`` and the selector are DTensor shards in their
+decoder layer's unit, while the window indices and the frozen part are plain tensors, the same on every rank:
+outside a forward the chain and the collapse read the weights gathered and write the selector and ``B`` as each
+rank's shard of the whole value (:func:`~lora_over_trl.utils.distributed.gathered`,
+:func:`~lora_over_trl.utils.distributed.write_whole`), every rank alike.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from lora_over_trl.methods.cla.experts import (
     reads_weights,
     trained_b,
 )
+from lora_over_trl.utils.distributed import gathered, write_whole
 from lora_over_trl.utils.peft_layers import lora_modules
 
 __all__ = [
@@ -87,8 +94,7 @@ class WindowSelect(nn.Linear):
         self.current_indices = current.to(device)
         if frozen is not None:
             self.frozen_indices = frozen.to(device)
-        with torch.no_grad():
-            self.weight.copy_(selector(self.current_indices, self.in_features, self.weight.dtype))
+        write_whole(self.weight, selector(self.current_indices, self.in_features, self.weight.dtype))  # FSDP2: a shard
         self.all_indices = torch.cat([self.current_indices, self.frozen_indices])
         steps = self.all_indices[1:] - self.all_indices[:-1]
         contiguous = len(self.all_indices) == 1 or bool((steps == 1).all())
@@ -159,13 +165,14 @@ def next_window(layer: nn.Module, adapter_name: str, offset: int) -> None:
     """One chain step: the current ``B`` joins the frozen part, the window moves to ``offset``, ``B`` is zeroed.
 
     ``B`` stays the same ``Parameter`` (the optimizer keeps it; reset its state separately): only its values
-    restart at zero.
+    restart at zero. Under FSDP2 (``B`` a DTensor shard) every rank calls it alike: ``B`` is gathered into the frozen
+    part, the same on every rank.
     """
     select, linear_b = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
     holder, weight = chain_holder(linear_b), trained_b(linear_b)
     with torch.no_grad():
-        holder.frozen = torch.cat([weight.detach().clone(), holder.frozen], dim=1)
-        weight.zero_()
+        holder.frozen = torch.cat([gathered(weight.detach()).clone(), holder.frozen], dim=1)
+        weight.zero_()  # a DTensor zeroes its own shard
     frozen = torch.cat([select.current_indices, select.frozen_indices])
     select.set_window(window_indices(offset, len(select.current_indices), select.in_features), frozen)
 
@@ -188,11 +195,13 @@ def collapse_cla(model: nn.Module, adapter_name: str = "default") -> int:
         select, linear_b = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
         if not isinstance(select, WindowSelect | ParamWindowSelect):
             continue
-        weight_b = linear_b.weight.detach()  # the trained B and the frozen ones (parametrized on a ParamWrapper)
-        if isinstance(linear_b, ChainedB):
-            weight_b = torch.cat([weight_b, linear_b.frozen.to(weight_b.dtype)], dim=1)
+        # the trained B (gathered: under FSDP2 a shard), then the frozen ones, as ChainedB and FrozenRanks append them
+        weight_b = gathered(trained_b(linear_b).detach())
+        holder = chain_holder(linear_b)
+        if holder is not None and holder.frozen.shape[1]:
+            weight_b = torch.cat([weight_b, holder.frozen.to(weight_b.dtype)], dim=1)
         if isinstance(select, ParamWindowSelect):  # already every window of every expert
-            weight_a = select.weight.detach().to(weight_b.dtype)
+            weight_a = gathered(select.weight.detach()).to(weight_b.dtype)
         else:
             weight_a = selector(select.all_indices, select.in_features, weight_b.dtype)
         kind = dict(bias=False, dtype=weight_b.dtype, device=weight_b.device)
