@@ -25,8 +25,10 @@ lint:
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# One worker per core (pytest-xdist), whole files to a worker: module fixtures (a trained run shared by its tests)
+# are built once.
 test: setup lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # Quick iteration: lint and the tests not marked slow (pyproject's markers), on an environment already set up.
 test-fast: lint

@@ -24,6 +24,12 @@ CHAT_TEMPLATE = (
 )
 BASE_KINDS = ["fp32", "bf16", "nf4"]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest worker per core: one thread each, in the processes they start too, or every
+    # parallel region of a tiny model waits on a thread the other worker's work has descheduled
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
 
 def free_port() -> int:
     """A TCP port free now, for a launcher's rendezvous: two test processes (pytest-xdist workers) may launch

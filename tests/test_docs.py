@@ -212,28 +212,42 @@ def test_shell_words_in_commands_parse():
 # ---- the README's methods table against the registry ------------------------------------------------------
 
 
-def readme_method_rows(text: str) -> dict[str, str]:
-    """Each method's "runs under" cell of the README's methods table, ``as `other``` resolved."""
+def readme_mode_rows(text: str) -> dict[tuple[str, str | None], dict[str, str]]:
+    """The README's "where each runs" table: per (method, LoRA-Over schedule or None), its cells by column."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| method | DDP | FSDP2 |"))
+    header = [cell.strip() for cell in lines[start].strip().strip("|").split("|")]
     rows = {}
-    for line in text.splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if len(cells) == 3 and re.fullmatch(r"`\w+`", cells[0]):
-            rows[cells[0].strip("`")] = cells[2]
-    for name, cell in rows.items():
-        if (alias := re.fullmatch(r"as `(\w+)`", cell)) is not None:
-            rows[name] = rows[alias.group(1)]
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = dict(zip(header, (cell.strip() for cell in line.strip().strip("|").split("|")), strict=True))
+        label = cells["method"]
+        schedules = re.findall(r"static|prepass|dynamic", label) or [None]
+        for name in re.findall(r"`(\w+)`", label):
+            for schedule in schedules:
+                rows[(name, schedule)] = cells
     return rows
 
 
-def test_the_readme_methods_table_says_what_the_registry_allows():
+def test_the_readme_modes_table_says_what_the_registry_allows():
     from lora_over_trl.registry import METHODS, build_config, refusal
     from lora_over_trl.utils.distributed import ShardedMode
 
-    rows = readme_method_rows((ROOT / "README.md").read_text())
-    assert sorted(rows) == sorted(METHODS)
-    for name, method in METHODS.items():
-        config = build_config(name, {})  # the defaults (LoRA-Over: the static schedule)
-        row = rows[name]
-        assert ("FSDP2" in row) == (refusal(name, config, ShardedMode("fsdp", 2)) is None), name
-        assert ("DeepSpeed" in row) == (refusal(name, config, ShardedMode("deepspeed", 2)) is None), name
-        assert ("not Axolotl" in row) == (method.axolotl_refusal is not None), name
+    rows = readme_mode_rows((ROOT / "README.md").read_text())
+    assert {name for name, _ in rows} == set(METHODS)
+    modes = {
+        "FSDP2": ShardedMode("fsdp", 2),
+        "DeepSpeed ZeRO-2": ShardedMode("deepspeed", 2),
+        "DeepSpeed ZeRO-3": ShardedMode("deepspeed", 3),
+    }
+    for (name, schedule), cells in rows.items():
+        config = build_config(name, {"schedule": schedule} if schedule else {})
+        for column, mode in modes.items():
+            refused = refusal(name, config, mode) is not None
+            assert cells[column].startswith("refused") == refused, (name, schedule, column, cells[column])
+            if refused:  # every refusal has its stated reason below the table
+                assert re.search(r"\[[a-z]\]", cells[column]), (name, column)
+        on_experts = refusal(name, config, modes["FSDP2"], wrapped=True) is not None
+        assert ("on MoE experts refused" in cells["FSDP2"]) == (on_experts and not cells["FSDP2"].startswith("refused"))
+        assert cells["Axolotl"].startswith("no") == (METHODS[name].axolotl_refusal is not None), name

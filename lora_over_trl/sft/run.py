@@ -139,7 +139,7 @@ def train(parsed: tuple[Any, ...]) -> Path:
 
 
 def _warn_if_not_sharded(trainer) -> None:
-    """The launcher asked for FSDP or DeepSpeed and the accelerator runs neither: accelerate (1.16) switches them on
+    """The launcher asked for FSDP or DeepSpeed and the accelerator runs neither: accelerate (1.16) switches FSDP on
     only for GPU process groups, and a CPU run trains as DDP, every process with the whole model. Said once, since
     the run itself still works."""
     from accelerate.utils import DistributedType
@@ -149,8 +149,8 @@ def _warn_if_not_sharded(trainer) -> None:
     if mode is not None and running not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         if trainer.accelerator.is_main_process:
             logger.warning(
-                "the launcher asked for %s, but accelerate runs it only on GPUs: this run trains as %s (every "
-                "process holds the whole model)",
+                "the launcher asked for %s, but accelerate did not switch it on (it runs FSDP only on GPUs): this run "
+                "trains as %s (every process holds the whole model)",
                 mode.label,
                 "DDP" if trainer.args.world_size > 1 else "one process",
             )

@@ -41,7 +41,8 @@ REFUSED = {
     "nvfp4_merge_aware": "it trains against merged quantized weights instead of PEFT's LoRA forward",
     "flash_attn_fuse_mlp": "the fused SwiGLU MLP reads the base weights directly and skips PEFT's LoRA forward",
     "loraplus_lr_ratio": "LoRA+ builds its optimizer groups from parameter names, which the factors' cores change",
-    "lora_target_parameters": "PEFT's parameter-wrapping LoRA layers are not the linear LoRA layers the methods use",
+    "lora_target_parameters": "wrapped MoE experts train with these methods through the SFT command or a script, "
+    "but the plugin has not been checked with Axolotl's MoE loading (make check-axolotl covers a dense model)",
     "rl": "the plugin is built and tested for supervised fine-tuning; RL trainers build their own adapter",
 }
 
