@@ -1,5 +1,5 @@
-"""Statistics and tables of the benchmarks: mean ± std, the noise verdict against a reference, Markdown tables,
-and the machine line (CPU, cores, memory, library versions) a result is recorded with."""
+"""Statistics and tables of the benchmarks: mean ± std, 95% confidence intervals, the noise verdict against a
+reference, Markdown tables, and the machine line (CPU, cores, memory, library versions) a result is recorded with."""
 
 from __future__ import annotations
 
@@ -15,6 +15,29 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
         return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def ci95(values: list[float]) -> float:
+    """Half-width of the 95% confidence interval of the mean (Student's t; NaN for fewer than two values)."""
+    from scipy.stats import t
+
+    if len(values) < 2:
+        return math.nan
+    return float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def diff_ci95(values: list[float], reference: list[float]) -> float:
+    """Half-width of the 95% confidence interval of ``mean(values) - mean(reference)`` (Welch: unequal variances,
+    unpaired, so conservative for runs that share seeds; NaN when either side has fewer than two values)."""
+    from scipy.stats import t
+
+    if len(values) < 2 or len(reference) < 2:
+        return math.nan
+    va, vb = statistics.variance(values) / len(values), statistics.variance(reference) / len(reference)
+    if va + vb == 0:
+        return 0.0
+    df = (va + vb) ** 2 / (va**2 / (len(values) - 1) + vb**2 / (len(reference) - 1))
+    return float(t.ppf(0.975, df)) * math.sqrt(va + vb)
 
 
 def versus(values: list[float], reference: list[float], items: int | None = None) -> tuple[float, str]:

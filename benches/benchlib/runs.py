@@ -93,24 +93,27 @@ def run_parallel(run: Callable[[dict], dict], specs: list[dict], jobs: int) -> l
         return list(pool.map(run, specs))
 
 
-def next_lr(lr: float, up: bool) -> float:
-    """The next learning rate of the 1-3 series (..., 1e-4, 3e-4, 1e-3, ...) above or below ``lr``."""
-    series = [float(f"{m}e{e}") for e in range(-9, 2) for m in (1, 3)]
+def next_lr(lr: float, up: bool, mantissas: tuple[float, ...] = (1, 3)) -> float:
+    """The next learning rate of the series ``mantissas`` x 10^e (default 1-3: ..., 1e-4, 3e-4, 1e-3, ...) above or
+    below ``lr``."""
+    series = [float(f"{m}e{e}") for e in range(-9, 2) for m in mantissas]
     return min(v for v in series if v > lr * 1.01) if up else max(v for v in series if v < lr / 1.01)
 
 
 def sweep_lrs(
     methods: list[str],
-    lrs: list[float],
+    lrs: list[float] | dict[str, list[float]],
     extend_edges: int,
     run: Callable[[list[tuple[str, float]]], list[dict]],
     best: Callable[[dict[float, dict]], float | None],
     log: Callable[[str], None],
+    mantissas: tuple[float, ...] = (1, 3),
 ) -> dict[str, dict[float, dict]]:
     """Every method x lr (``run`` gets the pairs not run yet, returns their results in order); a method whose
-    ``best`` lr is at an edge of its grid gets the next lr beyond that edge (1-3 series), up to ``extend_edges``
-    times, so its best is inside the range it was tried on. Returns ``{method: {lr: result}}``."""
-    grids = {method: sorted(lrs) for method in methods}
+    ``best`` lr is at an edge of its grid gets the next lr beyond that edge (series ``mantissas`` x 10^e), up to
+    ``extend_edges`` times, so its best is inside the range it was tried on. ``lrs`` is one grid for every method,
+    or ``{method: grid}``. Returns ``{method: {lr: result}}``."""
+    grids = {method: sorted(lrs[method] if isinstance(lrs, dict) else lrs) for method in methods}
     table: dict[str, dict[float, dict]] = {method: {} for method in methods}
     for _ in range(1 + extend_edges):
         todo = [(method, lr) for method, grid in grids.items() for lr in grid if lr not in table[method]]
@@ -122,7 +125,7 @@ def sweep_lrs(
             chosen = best(table[method])
             if chosen is not None and len(grid) > 1 and chosen in (grid[0], grid[-1]):
                 log(f"{method}: best lr {chosen:g} at an edge of {[f'{lr:g}' for lr in grid]}: extending")
-                grid.insert(len(grid) if chosen == grid[-1] else 0, next_lr(chosen, up=chosen == grid[-1]))
+                grid.insert(len(grid) if chosen == grid[-1] else 0, next_lr(chosen, chosen == grid[-1], mantissas))
     return table
 
 

@@ -1,17 +1,23 @@
-"""When does over-parameterization help? LoRA against LoRA-Over where generalization, not optimization speed,
-decides the score: a fixed, limited training set seen for several epochs, validation after every epoch, the
-checkpoint best on validation scored on the test split (``benches/study/study_worker.py`` runs one arm).
+"""When does over-parameterization help? LoRA against LoRA-Over and its rivals where generalization, not only
+optimization speed, decides the score: a fixed, limited training set seen for several epochs, validation after every
+epoch (and more often early on, for the time-to-target), the checkpoint best on validation scored on the test split
+(``benches/study/study_worker.py`` runs one arm).
 
     python benches/study/study_regime.py --quick                                   # tiny models, plumbing only
     python benches/study/study_regime.py --task privacy_qa --jobs 2                # sweep, seeds, ablations, report
-    python benches/study/study_regime.py --task gsm8k --stage sweep seeds --jobs 1
+    python benches/study/study_regime.py --task gsm8k --stage controls --controls lora=0.001 ... --seeds 0 1 2
     python benches/study/study_regime.py --task privacy_qa --stage report          # tables and pictures again
 
+Arms (``--arms``, :data:`ARMS`): LoRA; LoRA-Over static and dynamic, each also with its auxiliary cores at 0.1x and
+0.3x the learning rate (``aux_lr``); LoRA+ (PEFT's optimizer) at ratios 16 and 4; rsLoRA; LoRA at twice the rank
+folded back by a truncated SVD (``benches/study/study_fold.py``); cLA; c3LA.
+
 Stages:
-- ``sweep``: every method x ``--lrs`` at seed 0; a method whose best lr is at an edge gets the next lr of the
-  1-3 series beyond it (``--extend-edges`` times). The best lr is chosen on validation (its best checkpoint).
-- ``seeds``: every method at its best lr, ``--seeds`` (seed 0 is the sweep's run).
-- ``controls``: ``--controls METHOD=LR ...`` at ``--seeds`` (LoRA at LoRA-Over's lr: the comparison at one lr).
+- ``sweep``: every arm x its lrs (``--lrs``, else the arm's own grid) at ``--sweep-seeds``; an arm whose best lr is
+  at an edge gets the next lr of the 1-1.5-2-3-5-7 series beyond it (``--extend-edges`` times). The best lr is the
+  one with the best validation score (at the best checkpoint) averaged over the sweep seeds.
+- ``seeds``: every arm at its best lr, ``--seeds`` (the sweep's seeds are reused).
+- ``controls``: ``--controls ARM=LR ...`` at ``--seeds`` (arms compared at one lr).
 - ``ablate``: LoRA-Over's knobs at LoRA-Over static's best lr, ``--ablation-seeds``: capacity 0.25 and 4,
   num_cores 3, aux_lr 3x and 10x, factors A and B, and the schedules at one budget (half the cost of every
   module at capacity 1: static at capacity 0.5, prepass and dynamic at capacity 1 with their default budget).
@@ -36,20 +42,40 @@ from benchlib.report import machine_line  # noqa: E402
 from benchlib.runs import finite, run_parallel, run_stored, sweep_lrs  # noqa: E402
 
 WORKER = Path(__file__).resolve().with_name("study_worker.py")
-METHODS = ["lora", "lora_over_static", "lora_over_dynamic", "cla", "c3la"]
+LR_SERIES = (1, 1.5, 2, 3, 5, 7)  # mantissas of the lrs an edge extends to (the 1-3 series is too coarse)
+FINE_GRID = [1e-3, 1.5e-3, 2e-3, 3e-3]
+LOW_GRID = [3e-4, 5e-4, 1e-3]  # arms whose effective step is larger than LoRA's at one lr (LoRA+ with B faster, rsLoRA)
+# name: (worker method, knobs, its lrs when --lrs is not given). Knobs: LoraOverConfig fields ("aux_lr_x": a
+# multiple of the lr) and the study's own (``loraplus_ratio``).
+ARMS: dict[str, tuple[str, dict, list[float]]] = {
+    "lora": ("lora", {}, FINE_GRID),
+    "lora_over_static": ("lora_over_static", {}, FINE_GRID),
+    "lora_over_dynamic": ("lora_over_dynamic", {}, FINE_GRID),
+    "static_aux0.1": ("lora_over_static", {"aux_lr_x": 0.1}, FINE_GRID),
+    "static_aux0.3": ("lora_over_static", {"aux_lr_x": 0.3}, FINE_GRID),
+    "dynamic_aux0.1": ("lora_over_dynamic", {"aux_lr_x": 0.1}, FINE_GRID),
+    "dynamic_aux0.3": ("lora_over_dynamic", {"aux_lr_x": 0.3}, FINE_GRID),
+    "loraplus16": ("loraplus", {"loraplus_ratio": 16}, LOW_GRID),  # the ratio Hayou et al. recommend (2^4)
+    "loraplus4": ("loraplus", {"loraplus_ratio": 4}, LOW_GRID),
+    "rslora": ("rslora", {}, LOW_GRID),
+    "wide_svd": ("lora_wide", {}, FINE_GRID),
+    "cla": ("cla", {}, FINE_GRID),
+    "c3la": ("c3la", {}, FINE_GRID),
+}
 TASKS = {
-    # rows seen: train_rows x epochs; the test split is scored only when validation improves, and at the end
+    # rows seen: train_rows x epochs; the test split is scored only when validation improves, and at the end;
+    # validation is also scored every fine_eval_every steps up to fine_eval_until (the first two epochs)
     "privacy_qa": dict(
-        lrs=[3e-4, 1e-3, 3e-3], train_rows=384, epochs=6, batch=16, rank=8, evals_per_epoch=1, n_val=500,
-        n_test=1000, max_length=128, eval_batch=64,
+        train_rows=384, epochs=6, batch=16, rank=8, evals_per_epoch=1, n_val=500, n_test=1000, max_length=128,
+        eval_batch=64, fine_eval_every=6, fine_eval_until=48,
     ),
     "gsm8k": dict(
-        lrs=[1e-3, 3e-3], train_rows=32, epochs=4, batch=4, rank=16, evals_per_epoch=1, n_val=48, n_test=100,
-        max_length=256, eval_batch=8,
+        train_rows=32, epochs=4, batch=4, rank=16, evals_per_epoch=1, n_val=48, n_test=100, max_length=256,
+        eval_batch=8, fine_eval_every=4, fine_eval_until=16,
     ),
 }  # fmt: skip
 QUICK = dict(lrs=[1e-3, 1e-2], train_rows=16, epochs=2, batch=4, rank=4, evals_per_epoch=1, n_val=8, n_test=8,
-             max_length=64, eval_batch=8)  # fmt: skip
+             max_length=64, eval_batch=8, fine_eval_every=2, fine_eval_until=4)  # fmt: skip
 # Ablations of LoRA-Over's knobs: (name, method, LoraOverConfig overrides; "aux_lr_x" is a multiple of the lr).
 ABLATIONS = [
     ("capacity 1 (base)", "lora_over_static", {}),
@@ -71,9 +97,11 @@ def selection(task: str) -> tuple[str, bool]:
     return ("val_acc", True) if task != "gsm8k" else ("val_nll", False)
 
 
-def spec_for(args: argparse.Namespace, method: str, lr: float, seed: int, knobs: dict | None = None) -> dict:
-    """One arm's worker settings."""
-    knobs = dict(knobs or {})
+def spec_for(args: argparse.Namespace, arm: str, lr: float, seed: int, knobs: dict | None = None) -> dict:
+    """One run's worker settings: ``arm`` (a name of :data:`ARMS`, or a worker method for the ablations) with
+    ``knobs`` on top of the arm's own."""
+    method, arm_knobs, _ = ARMS.get(arm, (arm, {}, []))
+    knobs = {**arm_knobs, **(knobs or {})}
     if "aux_lr_x" in knobs:
         knobs["aux_lr"] = knobs.pop("aux_lr_x") * lr
     steps_per_epoch = args.train_rows // args.batch
@@ -95,6 +123,8 @@ def spec_for(args: argparse.Namespace, method: str, lr: float, seed: int, knobs:
         "n_val": args.n_val,
         "n_test": args.n_test,
         "eval_batch": args.eval_batch,
+        "fine_eval_every": args.fine_eval_every,
+        "fine_eval_until": args.fine_eval_until,
         "threads": args.threads,
         "split": "study",
         "gsm8k_dir": str(Path(args.gsm8k_dir).resolve()),
@@ -103,7 +133,8 @@ def spec_for(args: argparse.Namespace, method: str, lr: float, seed: int, knobs:
 
 def run_key(spec: dict) -> str:
     """File name (without ``.json``) of a run: method, knobs, lr, seed."""
-    knobs = "".join(f"-{k}{v}" for k, v in sorted(spec["knobs"].items()))
+    knobs = "".join(f"-{k}{v:g}" for k, v in sorted(spec["knobs"].items()) if isinstance(v, float))
+    knobs += "".join(f"-{k}{v}" for k, v in sorted(spec["knobs"].items()) if not isinstance(v, float))
     return f"{spec['method']}{knobs}-lr{spec['lr']:g}-s{spec['seed']}"
 
 
@@ -121,14 +152,16 @@ def run_all(specs: list[dict], out: Path, log, jobs: int) -> list[dict]:
     return run_parallel(lambda spec: run_arm(spec, out, log), specs, jobs)
 
 
-def best_score(result: dict, task: str) -> float | None:
-    """A run's validation score at its best checkpoint (``None`` for a failed run)."""
+def best_score(results: list[dict], task: str) -> float | None:
+    """The runs' validation score at their best checkpoint, averaged over seeds (``None`` if any run failed:
+    an lr that fails one seed is not a usable lr)."""
     key, _ = selection(task)
-    return None if "error" in result else result["best"][key]
+    scores = [r["best"][key] if "error" not in r else None for r in results]
+    return sum(scores) / len(scores) if scores and all(finite(s) for s in scores) else None
 
 
-def best_lr(results: dict[float, dict], task: str) -> float | None:
-    """The lr whose run reached the best validation score."""
+def best_lr(results: dict[float, list[dict]], task: str) -> float | None:
+    """The lr whose runs reached the best seed-mean validation score."""
     _, higher = selection(task)
     scored = {lr: best_score(r, task) for lr, r in results.items()}
     scored = {lr: s for lr, s in scored.items() if finite(s)}
@@ -138,14 +171,21 @@ def best_lr(results: dict[float, dict], task: str) -> float | None:
 
 
 def sweep(args: argparse.Namespace, out: Path, log) -> dict[str, float]:
-    """Every method x lr at seed 0 (edges extended); writes and returns ``{method: best lr}``."""
+    """Every arm x lr at the sweep seeds (edges extended); writes and returns ``{arm: best lr}``."""
 
-    def run(todo: list[tuple[str, float]]) -> list[dict]:
-        return run_all([spec_for(args, m, lr, 0) for m, lr in todo], out, log, args.jobs)
+    def run(todo: list[tuple[str, float]]) -> list[list[dict]]:
+        specs = [spec_for(args, arm, lr, seed) for arm, lr in todo for seed in args.sweep_seeds]
+        results = iter(run_all(specs, out, log, args.jobs))
+        return [[next(results) for _ in args.sweep_seeds] for _ in todo]
 
-    table = sweep_lrs(args.methods, args.lrs, args.extend_edges, run, lambda results: best_lr(results, args.task), log)
-    chosen = {method: best_lr(results, args.task) for method, results in table.items()}
-    (out / "best_lrs.json").write_text(json.dumps(chosen, indent=1))
+    grids = {arm: args.lrs or ARMS[arm][2] for arm in args.arms}
+    table = sweep_lrs(
+        args.arms, grids, args.extend_edges, run, lambda results: best_lr(results, args.task), log, LR_SERIES
+    )
+    chosen = {arm: best_lr(results, args.task) for arm, results in table.items()}
+    path = out / "best_lrs.json"
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**stored, **chosen}, indent=1))
     return chosen
 
 
@@ -157,6 +197,17 @@ def stored_best_lrs(out: Path) -> dict[str, float]:
     return json.loads(path.read_text())
 
 
+def control(pair: str) -> tuple[str, float]:
+    """``ARM=LR`` of ``--controls``, checked."""
+    arm, _, lr = pair.partition("=")
+    if arm not in ARMS:
+        raise SystemExit(f"--controls: {arm!r} in {pair!r} is not an arm; choose from {', '.join(ARMS)}")
+    try:
+        return arm, float(lr)
+    except ValueError:
+        raise SystemExit(f"--controls: {pair!r} needs ARM=LR with a number for LR") from None
+
+
 def main() -> None:
     """Command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,16 +215,18 @@ def main() -> None:
     stage_names = ["sweep", "seeds", "controls", "ablate", "report", "all"]
     parser.add_argument("--stage", nargs="+", choices=stage_names, default=["all"])
     parser.add_argument("--quick", action="store_true", help="tiny models, 2 lrs, a few steps (plumbing only)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS[:3])
-    parser.add_argument("--lrs", type=float, nargs="+")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS)[:3])
+    parser.add_argument("--lrs", type=float, nargs="+", help="every arm's sweep grid (default: each arm's own)")
+    parser.add_argument("--sweep-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--ablations", nargs="+", help="names from ABLATIONS (default: all)")
     parser.add_argument("--extend-edges", type=int, default=2)
     parser.add_argument(
-        "--controls", nargs="+", default=[], metavar="METHOD=LR", help="stage controls: --seeds of METHOD at LR"
+        "--controls", nargs="+", default=[], metavar="ARM=LR", help="stage controls: --seeds of ARM at LR"
     )
-    for name in ("train-rows", "epochs", "batch", "rank", "evals-per-epoch", "n-val", "n-test", "max-length"):
+    ints = ("train-rows", "epochs", "batch", "rank", "evals-per-epoch", "n-val", "n-test", "max-length")
+    for name in (*ints, "fine-eval-every", "fine-eval-until"):
         parser.add_argument(f"--{name}", type=int)
     parser.add_argument("--eval-batch", type=int)
     parser.add_argument("--threads", type=int, default=1)
@@ -183,12 +236,12 @@ def main() -> None:
     add_gsm8k_dir(parser)
     args = parser.parse_args()
     stages = {"sweep", "seeds", "controls", "ablate", "report"} if "all" in args.stage else set(args.stage)
-    args.controls = [(pair.split("=")[0], float(pair.split("=")[1])) for pair in args.controls]
+    args.controls = [control(pair) for pair in args.controls]
     for key, value in (QUICK if args.quick else TASKS[args.task]).items():
-        if getattr(args, key) is None:
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.quick:
-        args.seeds, args.ablation_seeds = args.seeds[:2], args.ablation_seeds[:1]
+        args.seeds, args.ablation_seeds, args.sweep_seeds = args.seeds[:2], args.ablation_seeds[:1], [0]
     args.out = args.out or f"runs/study_{args.task}{'_quick' if args.quick else ''}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,7 +257,7 @@ def main() -> None:
     chosen = sweep(args, out, log) if "sweep" in stages else None
     if "seeds" in stages:
         chosen = chosen or stored_best_lrs(out)
-        specs = [spec_for(args, m, chosen[m], s) for m in args.methods if chosen.get(m) for s in args.seeds]
+        specs = [spec_for(args, arm, chosen[arm], s) for arm in args.arms if chosen.get(arm) for s in args.seeds]
         run_all(specs, out, log, args.jobs)
     if "controls" in stages:
         run_all([spec_for(args, m, lr, s) for m, lr in args.controls for s in args.seeds], out, log, args.jobs)

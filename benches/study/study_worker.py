@@ -46,13 +46,58 @@ from benchlib.methods import (  # noqa: E402
     training_arguments,
 )
 from benchlib.models import load_causal_base, load_cls_base  # noqa: E402
+from study_fold import as_deployed  # noqa: E402
+
+# Arms trained as plain PEFT LoRA with no package callback: LoRA+ (PEFT's optimizer, A and B at different
+# rates), rsLoRA (PEFT's use_rslora scaling), and LoRA at twice the rank folded back to the rank by a truncated SVD.
+PLAIN_ARMS = ("lora", "loraplus", "rslora", "lora_wide")
+STUDY_KNOBS = ("loraplus_ratio",)  # knobs of the study's own arms, not LoraOverConfig fields
 
 
 def study_callback(method: str, knobs: dict, seed: int):
     """The package's callback for ``method`` with the study's ``knobs`` (LoraOverConfig fields), or ``None``:
     c3LA moves its window every half of the run (two windows, as the quality benchmarks' c3LA)."""
+    if method in PLAIN_ARMS:
+        return None
     settings = {"chain_interval": 1 / C3LA_WINDOWS} if method == "c3la" else {}
     return method_callback(method, {**settings, **knobs, "seed": seed})
+
+
+def train_rank(method: str, rank: int) -> int:
+    """The LoRA ``r`` an arm trains at: twice the rank for ``lora_wide`` (folded back to ``rank``)."""
+    return 2 * rank if method == "lora_wide" else lora_rank(method, rank)
+
+
+def lora_config(spec: dict, **fields):
+    """The arm's PEFT LoraConfig: ``lora_alpha`` twice the trained rank (the scaling 2 whatever the rank; rsLoRA
+    divides by its square root instead, as PEFT's ``use_rslora``)."""
+    from peft import LoraConfig
+
+    rank = train_rank(spec["method"], spec["rank"])
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, use_rslora=spec["method"] == "rslora", **fields)
+
+
+def use_loraplus(trainer, spec: dict) -> None:
+    """LoRA+: PEFT's optimizer (B's learning rate ``loraplus_ratio`` times A's), AdamW as every other arm's. Set
+    before ``train()``, the Trainer keeps it and builds the same cosine schedule around it."""
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+
+    ratio = spec["knobs"]["loraplus_ratio"]
+    trainer.optimizer = create_loraplus_optimizer(
+        trainer.model, torch.optim.AdamW, lr=spec["lr"], loraplus_lr_ratio=ratio, weight_decay=0.0
+    )
+
+
+def eval_steps(spec: dict) -> set[int]:
+    """The steps validation is scored at: step 0, every ``steps_per_eval``, and every ``fine_eval_every`` steps up
+    to ``fine_eval_until`` (where validation loss is lowest, for the time-to-target). Only the ``steps_per_eval``
+    ones choose the checkpoint."""
+    total = max_steps(spec)
+    steps = {0, total, *range(spec["steps_per_eval"], total + 1, spec["steps_per_eval"])}
+    if spec.get("fine_eval_every"):
+        steps |= set(range(spec["fine_eval_every"], spec["fine_eval_until"] + 1, spec["fine_eval_every"]))
+    return {s for s in steps if s <= total}
 
 
 def max_steps(spec: dict) -> int:
@@ -75,9 +120,12 @@ def fixed_rows(pool: list[dict], count: int, keep=lambda row: True) -> list[dict
 
 
 def epoch_evaluator(spec: dict, score_val, score_test, better):
-    """A TrainerCallback that scores validation every ``steps_per_eval`` steps, and the test split when validation
-    improved and at the last step; ``evals`` holds one dict per evaluation."""
+    """A TrainerCallback that scores validation at :func:`eval_steps`, and the test split when a checkpoint
+    evaluation (every ``steps_per_eval`` steps) improved and at the last step; ``evals`` holds one dict per
+    evaluation (``"checkpoint": False`` for the step-0 and the finer ones, which only trace the loss)."""
     from transformers import TrainerCallback
+
+    steps = eval_steps(spec)
 
     class EpochEvaluator(TrainerCallback):
         def __init__(self):
@@ -85,15 +133,21 @@ def epoch_evaluator(spec: dict, score_val, score_test, better):
             self.best: dict | None = None
             self.seconds = 0.0
 
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.evaluate(model, 0, state.max_steps)
+
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            step = state.global_step
-            if step % spec["steps_per_eval"] and step != state.max_steps:
-                return
+            if state.global_step in steps:
+                self.evaluate(model, state.global_step, state.max_steps)
+
+        def evaluate(self, model, step: int, last: int) -> None:
             began = time.time()
             was_training = model.training
+            checkpoint = step > 0 and (step % spec["steps_per_eval"] == 0 or step == last)
             entry = {"step": step, "epoch": round(step / spec["steps_per_epoch"], 3), **score_val(model)}
-            improved = self.best is None or better(entry, self.best)
-            if improved or step == state.max_steps:
+            entry["checkpoint"] = checkpoint
+            improved = checkpoint and (self.best is None or better(entry, self.best))
+            if improved or step == last:
                 entry.update(score_test(model))
             if improved:
                 self.best = entry
@@ -128,6 +182,9 @@ def fit(spec: dict, trainer_factory, rows_count: int) -> dict:
         record["train"]["reallocations"] = sum(h.get("event") == "reallocate" for h in callback.history)
         collapse = [h for h in callback.history if h.get("event") == "collapse"]
         record["train"]["collapse_max_error"] = collapse[-1]["max_error"] if collapse else None
+    # every distinct learning rate the optimizer started with (LoRA+: A's and B's; LoRA-Over: the auxiliary cores')
+    groups = [g for g in trainer.optimizer.param_groups if g["params"]]
+    record["train"]["optimizer_lrs"] = sorted({g.get("initial_lr", g["lr"]) for g in groups})
     record["train"]["trainable_at_begin"] = clock.trainable
     record["train"]["trainable_after"] = sum(p.numel() for p in params)
     record["_model"] = trainer.model
@@ -137,7 +194,7 @@ def fit(spec: dict, trainer_factory, rows_count: int) -> dict:
 def run_privacy_qa(spec: dict) -> tuple[dict, object, object]:
     """MiniLM on PrivacyQA; returns (record, model, evaluator scoring function for the collapse check)."""
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     pool, val, test = splits(spec)
@@ -146,16 +203,14 @@ def run_privacy_qa(spec: dict) -> tuple[dict, object, object]:
     test_enc = encode(tokenizer, test[: spec["n_test"]], spec["max_length"])
     train_enc = encode(tokenizer, fixed_rows(pool, spec["train_rows"]), spec["max_length"])
     order = epoch_order([len(e["input_ids"]) for e in train_enc], spec)
-    rank = lora_rank(spec["method"], spec["rank"])
-    lora = LoraConfig(
-        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS,
-        modules_to_save=["classifier"], task_type="SEQ_CLS",
-    )  # fmt: skip
+    lora = lora_config(spec, target_modules=TARGETS, modules_to_save=["classifier"], task_type="SEQ_CLS")
 
+    @as_deployed(spec)
     def score_val(model) -> dict:
         acc, loss = classify(model, tokenizer, val_enc, spec["eval_batch"])
         return {"val_acc": acc, "val_loss": loss}
 
+    @as_deployed(spec)
     def score_test(model) -> dict:
         acc, loss = classify(model, tokenizer, test_enc, spec["eval_batch"])
         return {"test_acc": acc, "test_loss": loss}
@@ -172,6 +227,8 @@ def run_privacy_qa(spec: dict) -> tuple[dict, object, object]:
             data_collator=DataCollatorWithPadding(tokenizer),
             callbacks=[c for c in (callback, evaluator) if c is not None],
         )
+        if spec["method"] == "loraplus":
+            use_loraplus(trainer, spec)
         return evaluator, trainer
 
     record = fit(spec, factory, len(train_enc))
@@ -181,7 +238,6 @@ def run_privacy_qa(spec: dict) -> tuple[dict, object, object]:
 def run_gsm8k(spec: dict) -> tuple[dict, object, object]:
     """SmolLM2-135M NF4 SFT on a GSM8K subset; returns (record, model, validation scoring function)."""
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
     pool, val = gsm8k_splits(spec["gsm8k_dir"], spec["n_val"])
@@ -190,12 +246,13 @@ def run_gsm8k(spec: dict) -> tuple[dict, object, object]:
 
     rows = fixed_rows(pool, spec["train_rows"], answer_fits(tokenizer, spec["max_length"]))
     order = epoch_order([len(ids) for ids, _ in encode_answers(tokenizer, rows, spec["max_length"])], spec)
-    rank = lora_rank(spec["method"], spec["rank"])
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    lora = lora_config(spec, target_modules="all-linear", task_type="CAUSAL_LM")
 
+    @as_deployed(spec)
     def score_val(model) -> dict:
         return {"val_nll": answer_nll(model, tokenizer, val, spec["max_length"], spec["eval_batch"])}
 
+    @as_deployed(spec)
     def score_test(model) -> dict:
         return {"test_nll": answer_nll(model, tokenizer, test, spec["max_length"], spec["eval_batch"])}
 
@@ -211,6 +268,8 @@ def run_gsm8k(spec: dict) -> tuple[dict, object, object]:
         )
         if len(trainer.train_dataset) != len(order):
             raise RuntimeError(f"TRL kept {len(trainer.train_dataset)} of {len(order)} training rows")
+        if spec["method"] == "loraplus":
+            use_loraplus(trainer, spec)
         return evaluator, trainer
 
     record = fit(spec, factory, len(rows))
@@ -228,6 +287,8 @@ def worker(spec: dict) -> None:
     after = score_val(model)
     key = next(iter(after))
     record["collapse_val_diff"] = after[key] - record["last"][key]
+    if spec["method"] == "lora_wide":  # what the fold costs: the same model unfolded (rank 2r), at the end
+        record["unfolded_last"] = score_val.__wrapped__(model)
     finish_run(spec, {"spec": spec, **record}, {k: v for k, v in record["best"].items()}, model, began, scoring)
 
 

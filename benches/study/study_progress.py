@@ -1,0 +1,121 @@
+"""Early progress and the wide-rank fold, from the study's stored runs (``benches/study/study_report.py`` calls these).
+
+Time-to-target: the steps a run needs until its validation loss first reaches a fixed target, read off the
+evaluations (step 0, every ``fine_eval_every`` steps up to ``fine_eval_until``, then every epoch). Two targets, the
+same for every arm: LoRA's best (the mean over LoRA's seeds, at its best lr, of each run's lowest validation loss)
+and a looser one, halfway from the untrained model's loss at step 0 to LoRA's best.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from benchlib.report import fmt, markdown_table
+
+Arms = dict[str, tuple[float, list[dict]]]  # arm: (lr, its runs over seeds)
+
+
+def steps_to(result: dict, target: float, loss_key: str) -> int | None:
+    """The first evaluated step whose validation loss is at most ``target`` (``None``: never reached)."""
+    return next((e["step"] for e in result["evals"] if e[loss_key] <= target), None)
+
+
+def targets(finals: Arms, loss_key: str) -> dict[str, float] | None:
+    """``{"LoRA's best": ..., "halfway": ...}``, or ``None`` without LoRA runs at LoRA's best lr."""
+    lora = finals.get("lora", (None, []))[1]
+    if not lora:
+        return None
+    best = statistics.fmean(min(e[loss_key] for e in r["evals"]) for r in lora)
+    start = statistics.fmean(r["evals"][0][loss_key] for r in lora if r["evals"][0]["step"] == 0)
+    return {"LoRA's best": best, "halfway": (start + best) / 2}
+
+
+def median_steps(steps: list[int | None]) -> str:
+    """The median over seeds, a seed that never reached the target counting as slower than all; ``-`` when half or
+    more never reached it."""
+    ordered = sorted(steps, key=lambda s: float("inf") if s is None else s)
+    middle = ordered[(len(ordered) - 1) // 2] if len(ordered) % 2 else None
+    if len(ordered) % 2 == 0:
+        low, high = ordered[len(ordered) // 2 - 1], ordered[len(ordered) // 2]
+        middle = None if low is None or high is None else (low + high) / 2
+    return "-" if middle is None else f"{middle:g}"
+
+
+def time_to_target(finals: Arms, controls: dict[float, Arms], loss_key: str, args) -> None:
+    """Print the time-to-target tables: each arm at its best lr, and every arm at each control lr."""
+    goal = targets(finals, loss_key)
+    if goal is None:
+        return
+    shown = ", ".join(f"{name} {value:.4f}" for name, value in goal.items())
+    for title, arms in [("each arm at its best lr", finals), *((f"at lr {lr:g}", a) for lr, a in controls.items())]:
+        rows = []
+        for arm, (lr, results) in arms.items():
+            cells = [arm, f"{lr:g}", str(len(results))]
+            for target in goal.values():
+                steps = [steps_to(r, target, loss_key) for r in results]
+                reached = sum(s is not None for s in steps)
+                cells += [median_steps(steps), f"{reached}/{len(steps)}"]
+            lowest = [min(r["evals"], key=lambda e: e[loss_key]) for r in results]
+            cells += [fmt(statistics.fmean(e[loss_key] for e in lowest)), median_steps([e["step"] for e in lowest])]
+            rows.append(cells)
+        header = ["arm", "lr", "seeds"]
+        for name in goal:
+            header += [f"steps to {name} (median)", "reached"]
+        header += [f"lowest validation {loss_key} (mean)", "at step (median)"]
+        print(f"\n## Time-to-target, {title}: validation {loss_key} targets {shown}\n")
+        print(markdown_table(header, rows))
+
+
+def fold_table(finals: Arms, controls: dict[float, Arms], args, tests) -> None:
+    """The wide-rank arm: its fold error at the end, and its score folded (what it deploys) against unfolded."""
+    rows = []
+    key, label, _, digits = tests[0]
+    for title, arms in [("best lr", finals), *((f"lr {lr:g}", a) for lr, a in controls.items())]:
+        lr, results = arms.get("wide_svd", (None, []))
+        if not results:
+            continue
+        val_key = "val_nll" if args.task == "gsm8k" else "val_acc"
+        rows.append(
+            [title, f"{lr:g}", str(len(results)),
+             fmt(statistics.fmean(r["last"]["fold_error_mean"] for r in results)),
+             fmt(max(r["last"]["fold_error_max"] for r in results)),
+             fmt(statistics.fmean(r["last"][val_key] for r in results), digits),
+             fmt(statistics.fmean(r["unfolded_last"][val_key] for r in results), digits),
+             fmt(statistics.fmean(r["best"][key] for r in results), digits)]
+        )  # fmt: skip
+    if rows:
+        header = ["wide_svd at", "lr", "seeds", "fold error at the end (mean over modules)", "worst module"]
+        header += ["validation score folded (end)", "unfolded (rank 2r, end)", f"{label} at best checkpoint (folded)"]
+        print(f"\n## Rank {2 * args.rank} trained, folded to rank {args.rank} by a truncated SVD of B A\n")
+        print(markdown_table(header, rows))
+
+
+def progress_pictures(out: Path, finals: Arms, controls: dict[float, Arms], loss_key: str, args) -> None:
+    """curves.png: seed-mean validation loss against steps, each arm at its best lr and at the first control lr,
+    with the two targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("each arm at its best lr", finals)]
+    panels += [(f"every arm at lr {lr:g}", arms) for lr, arms in list(controls.items())[:1]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    goal = targets(finals, loss_key) or {}
+    for ax, (title, arms) in zip(axes[0], panels, strict=True):
+        for arm, (lr, results) in arms.items():
+            steps = [e["step"] for e in results[0]["evals"]]
+            same = [r for r in results if [e["step"] for e in r["evals"]] == steps]
+            mean = [statistics.fmean(r["evals"][i][loss_key] for r in same) for i in range(len(steps))]
+            ax.plot(steps, mean, marker=".", label=f"{arm} (lr {lr:g})")
+        for (name, value), style in zip(goal.items(), ("--", ":"), strict=False):
+            ax.axhline(value, color="grey", linestyle=style, linewidth=1, label=f"target: {name}")
+        ax.set_title(f"{title}: seed mean", fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"validation {loss_key}")
+        ax.legend(fontsize=6, ncol=2)
+    fig.suptitle(f"{args.task}: {args.train_rows} training rows, {args.epochs} epochs", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
