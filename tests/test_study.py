@@ -113,3 +113,25 @@ def test_time_to_target():
     assert median_steps([12, None, 6]) == "12"
     assert median_steps([12, None, None]) == "-"
     assert median_steps([12, 6]) == "9" and median_steps([12, None]) == "-"
+
+
+def test_sweep_extends_an_edge_along_the_series():
+    """An arm whose best lr is at an edge gets the next lr of the series beyond it, ``extend_edges`` times; every
+    (arm, lr) runs once; an arm with its best inside its grid is not extended."""
+    from benchlib.runs import sweep_lrs
+
+    peak = {"a": 5e-3, "b": 1.5e-3}
+    calls = []
+
+    def run(todo):
+        calls.extend(todo)
+        return [{"score": -abs(math.log(lr / peak[arm]))} for arm, lr in todo]
+
+    def best(results):
+        return max(results, key=lambda lr: results[lr]["score"])
+
+    grids = {"a": [1e-3, 2e-3], "b": [1e-3, 1.5e-3, 2e-3]}
+    table = sweep_lrs(["a", "b"], grids, 2, run, best, lambda message: None, (1, 1.5, 2, 3, 5, 7))
+    assert sorted(table["a"]) == [1e-3, 2e-3, 3e-3, 5e-3]
+    assert sorted(table["b"]) == [1e-3, 1.5e-3, 2e-3]
+    assert len(calls) == len(set(calls)) == 7

@@ -115,13 +115,13 @@ def sweep_lrs(
     or ``{method: grid}``. Returns ``{method: {lr: result}}``."""
     grids = {method: sorted(lrs[method] if isinstance(lrs, dict) else lrs) for method in methods}
     table: dict[str, dict[float, dict]] = {method: {} for method in methods}
-    for _ in range(1 + extend_edges):
+    for extension in range(1 + extend_edges):
         todo = [(method, lr) for method, grid in grids.items() for lr in grid if lr not in table[method]]
         if not todo:
             break
         for (method, lr), result in zip(todo, run(todo), strict=True):
             table[method][lr] = result
-        for method, grid in grids.items():
+        for method, grid in grids.items() if extension < extend_edges else ():
             chosen = best(table[method])
             if chosen is not None and len(grid) > 1 and chosen in (grid[0], grid[-1]):
                 log(f"{method}: best lr {chosen:g} at an edge of {[f'{lr:g}' for lr in grid]}: extending")
