@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -171,7 +172,8 @@ def seeds_table(arms: dict[str, tuple[float, list[dict]]], reference: str, tests
                 reference_values = [r["best"][key] for r in ref_runs]
                 diff, verdict = versus(values, reference_values, n_test if is_higher else None)
                 half = diff_ci95(values, reference_values)
-                cells += [f"{fmt(diff, digits)} ± {fmt(half, digits)}", verdict]
+                shown = fmt(diff, digits) if math.isnan(half) else f"{fmt(diff, digits)} ± {fmt(half, digits)}"
+                cells += [shown, verdict]
             cells.append(interval([r["last"][key] for r in results], digits))
         rows.append(cells)
     return markdown_table(header, rows)
