@@ -108,7 +108,9 @@ def test_study_regime_quick(tmp_path):
     assert aux["spec"]["knobs"] == {"aux_lr": 3 * aux["spec"]["lr"]}
     assert aux["train"]["trainable_at_begin"] > runs["lora-lr0.001-s0"]["train"]["trainable_at_begin"]
     plus = runs["loraplus-loraplus_ratio16-lr0.001-s0"]
-    assert plus["train"]["optimizer_lrs"] == [0.001, 0.016], plus["train"]
+    groups = {g["lr"]: g for g in plus["train"]["optimizer_groups"]}  # B alone at 16x; A, the head at 1x
+    assert sorted(groups) == [0.001, 0.016] and groups[0.016]["tensors"] == groups[0.016]["lora_B"] > 0, groups
+    assert groups[0.001]["lora_B"] == 0 and groups[0.001]["tensors"] == groups[0.016]["tensors"] + 2, groups
     wide = runs["lora_wide-lr0.001-s1"]
     assert 0 < wide["last"]["fold_error_mean"] <= wide["last"]["fold_error_max"] < 1, wide["last"]
     assert set(wide["unfolded_last"]) == {"val_acc", "val_loss"}

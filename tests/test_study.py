@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benches"))
 sys.path.insert(0, str(ROOT / "benches" / "study"))
 
-from benchlib.report import ci95, diff_ci95  # noqa: E402
+from benchlib.report import ci95, diff_ci95, verdict95  # noqa: E402
 from study_fold import folded, truncate  # noqa: E402
 from study_progress import median_steps, steps_to, targets  # noqa: E402
 
@@ -108,11 +108,11 @@ def test_time_to_target():
     assert [steps_to(r, 0.675, "val_loss") for r in runs] == [12, 6]
     assert steps_to(runs[1], 0.6, "val_loss") is None
     goal = targets({"lora": (1e-3, runs)}, "val_loss")
-    assert goal["LoRA's best"] == pytest.approx((0.66 + 0.67) / 2)
-    assert goal["halfway"] == pytest.approx((0.70 + 0.665) / 2)
+    assert goal["LoRA's best"] == pytest.approx(0.67)  # the lowest loss both seeds reach
+    assert goal["halfway"] == pytest.approx((0.70 + 0.67) / 2)
     assert median_steps([12, None, 6]) == "12"
     assert median_steps([12, None, None]) == "-"
-    assert median_steps([12, 6]) == "9" and median_steps([12, None]) == "-"
+    assert median_steps([12, 6]) == "9" and median_steps([12, None]) == "-" and median_steps([]) == "-"
 
 
 def test_sweep_extends_an_edge_along_the_series():
@@ -135,3 +135,16 @@ def test_sweep_extends_an_edge_along_the_series():
     assert sorted(table["a"]) == [1e-3, 2e-3, 3e-3, 5e-3]
     assert sorted(table["b"]) == [1e-3, 1.5e-3, 2e-3]
     assert len(calls) == len(set(calls)) == 7
+
+
+def test_verdict_needs_the_interval_and_the_item_floor():
+    """beyond noise only when the 95% CI of the difference excludes 0 and, for accuracies, the difference exceeds
+    twice the standard error of two proportions over the test items."""
+    values, reference = [0.62, 0.63, 0.64], [0.60, 0.61, 0.60]
+    diff, half, verdict = verdict95(values, reference)
+    assert diff == pytest.approx(0.0267, abs=1e-4) and half == pytest.approx(diff_ci95(values, reference))
+    assert verdict == "beyond noise" and 0 < half < diff
+    assert verdict95(values, reference, items=1000)[2] == "within noise"  # 2 * sqrt(2 p (1-p) / 1000) = 0.043
+    assert verdict95(values, reference, items=100000)[2] == "beyond noise"
+    assert verdict95([0.61, 0.65], [0.60, 0.64])[2] == "within noise"
+    assert verdict95([0.6], reference)[2] == "n<2"

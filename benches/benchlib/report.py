@@ -40,6 +40,23 @@ def diff_ci95(values: list[float], reference: list[float]) -> float:
     return float(t.ppf(0.975, df)) * math.sqrt(va + vb)
 
 
+def verdict95(values: list[float], reference: list[float], items: int | None = None) -> tuple[float, float, str]:
+    """``(mean difference, half-width of its 95% CI, verdict)``: "beyond noise" when the interval (Welch,
+    :func:`diff_ci95`) excludes 0 and, for a proportion over ``items`` test items, the difference is also beyond
+    twice the standard error of a difference of two proportions over that many items; "n<2" when either side has
+    fewer than two values."""
+    if not values or not reference:
+        return math.nan, math.nan, "-"
+    diff, half = statistics.fmean(values) - statistics.fmean(reference), diff_ci95(values, reference)
+    if math.isnan(half):
+        return diff, half, "n<2"
+    floor = 0.0
+    if items:
+        p = statistics.fmean([*values, *reference])
+        floor = 2 * math.sqrt(2 * p * (1 - p) / items)
+    return diff, half, "beyond noise" if abs(diff) > max(half, floor) else "within noise"
+
+
 def versus(values: list[float], reference: list[float], items: int | None = None) -> tuple[float, str]:
     """Difference of means against ``reference`` and a plain verdict.
 

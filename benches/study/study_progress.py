@@ -2,8 +2,8 @@
 
 Time-to-target: the steps a run needs until its validation loss first reaches a fixed target, read off the
 evaluations (step 0, every ``fine_eval_every`` steps up to ``fine_eval_until``, then every epoch). Two targets, the
-same for every arm: LoRA's best (the mean over LoRA's seeds, at its best lr, of each run's lowest validation loss)
-and a looser one, halfway from the untrained model's loss at step 0 to LoRA's best.
+same for every arm: LoRA's best (at LoRA's best lr, the lowest validation loss every one of its seeds reaches) and a
+looser one, halfway from the untrained model's loss at step 0 to LoRA's best.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ def steps_to(result: dict, target: float, loss_key: str) -> int | None:
 
 
 def targets(finals: Arms, loss_key: str) -> dict[str, float] | None:
-    """``{"LoRA's best": ..., "halfway": ...}``, or ``None`` without LoRA runs at LoRA's best lr."""
+    """``{"LoRA's best": ..., "halfway": ...}``, or ``None`` without LoRA runs at LoRA's best lr. LoRA's best is the
+    highest of its seeds' lowest losses: the lowest loss every LoRA seed reaches (a mean of the seeds' lowest
+    would be out of reach for about half of LoRA's own seeds)."""
     lora = finals.get("lora", (None, []))[1]
     if not lora:
         return None
-    best = statistics.fmean(min(e[loss_key] for e in r["evals"]) for r in lora)
+    best = max(min(e[loss_key] for e in r["evals"]) for r in lora)
     start = statistics.fmean(r["evals"][0][loss_key] for r in lora if r["evals"][0]["step"] == 0)
     return {"LoRA's best": best, "halfway": (start + best) / 2}
 
@@ -34,6 +36,8 @@ def targets(finals: Arms, loss_key: str) -> dict[str, float] | None:
 def median_steps(steps: list[int | None]) -> str:
     """The median over seeds, a seed that never reached the target counting as slower than all; ``-`` when half or
     more never reached it."""
+    if not steps:
+        return "-"
     ordered = sorted(steps, key=lambda s: float("inf") if s is None else s)
     middle = ordered[(len(ordered) - 1) // 2] if len(ordered) % 2 else None
     if len(ordered) % 2 == 0:

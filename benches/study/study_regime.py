@@ -183,9 +183,10 @@ def sweep(args: argparse.Namespace, out: Path, log) -> dict[str, float]:
         args.arms, grids, args.extend_edges, run, lambda results: best_lr(results, args.task), log, LR_SERIES
     )
     chosen = {arm: best_lr(results, args.task) for arm, results in table.items()}
-    path = out / "best_lrs.json"
-    stored = json.loads(path.read_text()) if path.is_file() else {}
-    path.write_text(json.dumps({**stored, **chosen}, indent=1))
+    for name, value in (("best_lrs.json", chosen), ("sweep_grids.json", {a: sorted(r) for a, r in table.items()})):
+        path = out / name
+        earlier = json.loads(path.read_text()) if path.is_file() else {}
+        path.write_text(json.dumps({**earlier, **value}, indent=1))
     return chosen
 
 

@@ -16,21 +16,29 @@ import math
 import statistics
 from pathlib import Path
 
-from benchlib.report import ci95, diff_ci95, fmt, markdown_table, mean_std, versus
+from benchlib.report import ci95, fmt, markdown_table, mean_std, verdict95, versus
 from study_progress import fold_table, progress_pictures, time_to_target
 
 ACC_TOLERANCE = 0.01  # PrivacyQA: an lr is "within reach" when its accuracy is at most this below the best
 NLL_TOLERANCE = 0.01  # GSM8K: ... when its answer NLL is at most 1% above the best
 
 
-def load_runs(out: Path) -> dict[str, dict]:
-    """Every stored run that did not fail, by file stem."""
-    runs = {}
+def load_runs(out: Path) -> tuple[dict[str, dict], set[str]]:
+    """Every stored run that did not fail, by file stem; and the stems of the failed ones."""
+    runs, failed = {}, set()
     for path in sorted((out / "runs").glob("*.json")):
         result = json.loads(path.read_text())
-        if "error" not in result:
+        if "error" in result:
+            failed.add(path.stem)
+        else:
             runs[path.stem] = result
-    return runs
+    return runs, failed
+
+
+def stored(out: Path, name: str) -> dict:
+    """A JSON file the sweep writes (``best_lrs.json``, ``sweep_grids.json``), or ``{}``."""
+    path = out / name
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def metrics(task: str) -> tuple[str, str, list[tuple[str, str, bool, int]]]:
@@ -62,17 +70,20 @@ def interval(values: list[float], digits: int) -> str:
 
 def report(args, out: Path, ablations, spec_for, run_key, selected: tuple[str, bool]) -> None:
     """Print the Markdown tables and write the pictures."""
-    runs = load_runs(out)
+    runs, failed = load_runs(out)
     select, higher = selected
     loss_key, _, tests = metrics(args.task)
-    best_lrs = json.loads((out / "best_lrs.json").read_text()) if (out / "best_lrs.json").is_file() else {}
-    all_lrs = sorted({r["spec"]["lr"] for r in runs.values()})
+    best_lrs, grids = stored(out, "best_lrs.json"), stored(out, "sweep_grids.json")
 
     def find(arm: str, lr: float, seeds: list[int], knobs: dict | None = None) -> list[dict]:
         return [r for s in seeds if (r := runs.get(run_key(spec_for(args, arm, lr, s, knobs))))]
 
-    # ---- sweep and robustness: every arm x lr at the sweep seeds
-    sweep = {arm: {lr: found for lr in all_lrs if (found := find(arm, lr, args.sweep_seeds))} for arm in args.arms}
+    def failures(arm: str, lr: float) -> int:
+        return sum(run_key(spec_for(args, arm, lr, s)) in failed for s in args.sweep_seeds)
+
+    # ---- sweep and robustness: every arm x lr of its sweep grid (as the sweep ran it) at the sweep seeds
+    sweep = {arm: {lr: find(arm, lr, args.sweep_seeds) for lr in grids.get(arm, [])} for arm in args.arms}
+    sweep = {arm: {lr: found for lr, found in table.items() if found} for arm, table in sweep.items()}
     sweep = {arm: table for arm, table in sweep.items() if table}
     lrs = sorted({lr for table in sweep.values() for lr in table})
     digits = 3 if higher else 4
@@ -84,8 +95,9 @@ def report(args, out: Path, ablations, spec_for, run_key, selected: tuple[str, b
         for lr in lrs:
             found = table.get(lr)
             mark = "*" if best_lrs.get(arm) == lr else ""
+            broken = failures(arm, lr)
             score = interval([r["best"][select] for r in found], digits) if found else None
-            cells.append(f"{score}{mark} ({len(found)})" if found else "-")
+            cells.append(f"{score}{mark} ({len(found)}{f', {broken} failed' if broken else ''})" if found else "-")
         inside = reach[arm]
         width = f"{inside[-1] / inside[0]:.3g}x ({len(inside)} of {len(scores)})"
         cells += [", ".join(f"{lr:g}" for lr in inside), width]
@@ -170,8 +182,7 @@ def seeds_table(arms: dict[str, tuple[float, list[dict]]], reference: str, tests
                 cells += ["-", "-"]
             else:
                 reference_values = [r["best"][key] for r in ref_runs]
-                diff, verdict = versus(values, reference_values, n_test if is_higher else None)
-                half = diff_ci95(values, reference_values)
+                diff, half, verdict = verdict95(values, reference_values, n_test if is_higher else None)
                 shown = fmt(diff, digits) if math.isnan(half) else f"{fmt(diff, digits)} ± {fmt(half, digits)}"
                 cells += [shown, verdict]
             cells.append(interval([r["last"][key] for r in results], digits))

@@ -51,7 +51,6 @@ from study_fold import as_deployed  # noqa: E402
 # Arms trained as plain PEFT LoRA with no package callback: LoRA+ (PEFT's optimizer, A and B at different
 # rates), rsLoRA (PEFT's use_rslora scaling), and LoRA at twice the rank folded back to the rank by a truncated SVD.
 PLAIN_ARMS = ("lora", "loraplus", "rslora", "lora_wide")
-STUDY_KNOBS = ("loraplus_ratio",)  # knobs of the study's own arms, not LoraOverConfig fields
 
 
 def study_callback(method: str, knobs: dict, seed: int):
@@ -79,20 +78,32 @@ def lora_config(spec: dict, **fields):
 
 def use_loraplus(trainer, spec: dict) -> None:
     """LoRA+: PEFT's optimizer (B's learning rate ``loraplus_ratio`` times A's), AdamW as every other arm's. Set
-    before ``train()``, the Trainer keeps it and builds the same cosine schedule around it."""
+    before ``train()``, the Trainer keeps it and builds the same cosine schedule around it.
+
+    PEFT puts every 1-D trainable parameter in B's group; here that is the new classifier head's bias (the head is
+    in ``modules_to_save``), which would then train 16x faster than the head's weight. It goes back to A's rate, so
+    that only the LoRA ``B`` factors differ from plain LoRA, as LoRA+ defines them."""
     import torch
     from peft.optimizers import create_loraplus_optimizer
 
     ratio = spec["knobs"]["loraplus_ratio"]
-    trainer.optimizer = create_loraplus_optimizer(
+    optimizer = create_loraplus_optimizer(
         trainer.model, torch.optim.AdamW, lr=spec["lr"], loraplus_lr_ratio=ratio, weight_decay=0.0
     )
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    base = next(g for g in optimizer.param_groups if g["lr"] == spec["lr"])  # A's group
+    for group in optimizer.param_groups:
+        if group["lr"] == spec["lr"] * ratio:
+            stray = [p for p in group["params"] if "lora_B" not in names[id(p)]]
+            group["params"] = [p for p in group["params"] if "lora_B" in names[id(p)]]
+            base["params"] += stray
+    trainer.optimizer = optimizer
 
 
 def eval_steps(spec: dict) -> set[int]:
     """The steps validation is scored at: step 0, every ``steps_per_eval``, and every ``fine_eval_every`` steps up
     to ``fine_eval_until`` (where validation loss is lowest, for the time-to-target). Only the ``steps_per_eval``
-    ones choose the checkpoint."""
+    ones and the last step choose the checkpoint."""
     total = max_steps(spec)
     steps = {0, total, *range(spec["steps_per_eval"], total + 1, spec["steps_per_eval"])}
     if spec.get("fine_eval_every"):
@@ -182,9 +193,13 @@ def fit(spec: dict, trainer_factory, rows_count: int) -> dict:
         record["train"]["reallocations"] = sum(h.get("event") == "reallocate" for h in callback.history)
         collapse = [h for h in callback.history if h.get("event") == "collapse"]
         record["train"]["collapse_max_error"] = collapse[-1]["max_error"] if collapse else None
-    # every distinct learning rate the optimizer started with (LoRA+: A's and B's; LoRA-Over: the auxiliary cores')
-    groups = [g for g in trainer.optimizer.param_groups if g["params"]]
-    record["train"]["optimizer_lrs"] = sorted({g.get("initial_lr", g["lr"]) for g in groups})
+    # the optimizer's groups as they started: learning rate, tensors, LoRA B tensors among them (LoRA+: A's and B's)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    record["train"]["optimizer_groups"] = [
+        {"lr": g.get("initial_lr", g["lr"]), "tensors": len(g["params"]),
+         "lora_B": sum("lora_B" in names.get(id(p), "") for p in g["params"])}
+        for g in trainer.optimizer.param_groups if g["params"]
+    ]  # fmt: skip
     record["train"]["trainable_at_begin"] = clock.trainable
     record["train"]["trainable_after"] = sum(p.numel() for p in params)
     record["_model"] = trainer.model
