@@ -97,7 +97,7 @@ def fold_table(finals: Arms, controls: dict[float, Arms], args, tests) -> None:
 
 def progress_pictures(out: Path, finals: Arms, controls: dict[float, Arms], loss_key: str, args) -> None:
     """curves.png: seed-mean validation loss against steps, each arm at its best lr and at the first control lr,
-    with the two targets."""
+    with the two targets; the lower row zooms in on the first ``fine_eval_until`` steps (the time-to-target)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,20 +105,23 @@ def progress_pictures(out: Path, finals: Arms, controls: dict[float, Arms], loss
 
     panels = [("each arm at its best lr", finals)]
     panels += [(f"every arm at lr {lr:g}", arms) for lr, arms in list(controls.items())[:1]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(panels), figsize=(6 * len(panels), 8), squeeze=False)
     goal = targets(finals, loss_key) or {}
-    for ax, (title, arms) in zip(axes[0], panels, strict=True):
-        for arm, (lr, results) in arms.items():
-            steps = [e["step"] for e in results[0]["evals"]]
-            same = [r for r in results if [e["step"] for e in r["evals"]] == steps]
-            mean = [statistics.fmean(r["evals"][i][loss_key] for r in same) for i in range(len(steps))]
-            ax.plot(steps, mean, marker=".", label=f"{arm} (lr {lr:g})")
-        for (name, value), style in zip(goal.items(), ("--", ":"), strict=False):
-            ax.axhline(value, color="grey", linestyle=style, linewidth=1, label=f"target: {name}")
-        ax.set_title(f"{title}: seed mean", fontsize=9)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(f"validation {loss_key}")
-        ax.legend(fontsize=6, ncol=2)
+    for column, (title, arms) in enumerate(panels):
+        for row, until in enumerate((None, args.fine_eval_until)):
+            ax = axes[row][column]
+            for arm, (lr, results) in arms.items():
+                steps = [e["step"] for e in results[0]["evals"] if until is None or e["step"] <= until]
+                same = [r for r in results if [e["step"] for e in r["evals"]][: len(steps)] == steps]
+                mean = [statistics.fmean(r["evals"][i][loss_key] for r in same) for i in range(len(steps))]
+                ax.plot(steps, mean, marker=".", label=f"{arm} (lr {lr:g})")
+            for (name, value), style in zip(goal.items(), ("--", ":"), strict=False):
+                ax.axhline(value, color="grey", linestyle=style, linewidth=1, label=f"target: {name}")
+            zoom = "" if until is None else f", first {until} steps"
+            ax.set_title(f"{title}{zoom}: seed mean", fontsize=9)
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel(f"validation {loss_key}")
+            ax.legend(fontsize=6, ncol=2)
     fig.suptitle(f"{args.task}: {args.train_rows} training rows, {args.epochs} epochs", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)

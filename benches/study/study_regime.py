@@ -14,8 +14,8 @@ folded back by a truncated SVD (``benches/study/study_fold.py``); cLA; c3LA.
 
 Stages:
 - ``sweep``: every arm x its lrs (``--lrs``, else the arm's own grid) at ``--sweep-seeds``; an arm whose best lr is
-  at an edge gets the next lr of the 1-1.5-2-3-5-7 series beyond it (``--extend-edges`` times). The best lr is the
-  one with the best validation score (at the best checkpoint) averaged over the sweep seeds.
+  at an edge gets the next lr of the 1-1.5-2-3-5-7 series (``--lr-series``) beyond it (``--extend-edges`` times).
+  The best lr is the one with the best validation score (at the best checkpoint) averaged over the sweep seeds.
 - ``seeds``: every arm at its best lr, ``--seeds`` (the sweep's seeds are reused).
 - ``controls``: ``--controls ARM=LR ...`` at ``--seeds`` (arms compared at one lr).
 - ``ablate``: LoRA-Over's knobs at LoRA-Over static's best lr, ``--ablation-seeds``: capacity 0.25 and 4,
@@ -180,7 +180,7 @@ def sweep(args: argparse.Namespace, out: Path, log) -> dict[str, float]:
 
     grids = {arm: args.lrs or ARMS[arm][2] for arm in args.arms}
     table = sweep_lrs(
-        args.arms, grids, args.extend_edges, run, lambda results: best_lr(results, args.task), log, LR_SERIES
+        args.arms, grids, args.extend_edges, run, lambda results: best_lr(results, args.task), log, args.lr_series
     )
     chosen = {arm: best_lr(results, args.task) for arm, results in table.items()}
     for name, value in (("best_lrs.json", chosen), ("sweep_grids.json", {a: sorted(r) for a, r in table.items()})):
@@ -223,6 +223,9 @@ def main() -> None:
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--ablations", nargs="+", help="names from ABLATIONS (default: all)")
     parser.add_argument("--extend-edges", type=int, default=2)
+    parser.add_argument(
+        "--lr-series", type=float, nargs="+", default=list(LR_SERIES), help="mantissas of the lrs an edge extends to"
+    )
     parser.add_argument(
         "--controls", nargs="+", default=[], metavar="ARM=LR", help="stage controls: --seeds of ARM at LR"
     )

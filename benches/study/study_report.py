@@ -191,26 +191,29 @@ def seeds_table(arms: dict[str, tuple[float, list[dict]]], reference: str, tests
 
 
 def sweep_picture(out: Path, sweep: dict, reach: dict, select: str) -> None:
-    """sweep.png: each arm's seed-mean validation score per lr (bars: 95% CI), and its within-reach lrs."""
+    """sweep.png: each arm's seed-mean validation score per lr (line) and every seed's (dots), and its within-reach
+    lrs (band)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for arm, table in sweep.items():
+    for offset, (arm, table) in enumerate(sweep.items()):
         points = sorted(table.items())
-        means = [statistics.fmean(r["best"][select] for r in found) for _, found in points]
-        halves = [ci95([r["best"][select] for r in found]) if len(found) > 1 else 0 for _, found in points]
         xs = [lr for lr, _ in points]
-        line = ax.errorbar(xs, means, yerr=halves, marker="o", capsize=3, label=arm)
+        means = [statistics.fmean(r["best"][select] for r in found) for _, found in points]
+        (line,) = ax.plot(xs, means, marker="o", label=arm)
+        shift = 1 + 0.015 * (offset - len(sweep) / 2)  # seeds of different arms side by side
+        for lr, found in points:
+            ax.scatter([lr * shift] * len(found), [r["best"][select] for r in found], s=9, color=line.get_color())
         if reach.get(arm):
             ax.hlines(min(m for x, m in zip(xs, means, strict=True) if x in reach[arm]), reach[arm][0], reach[arm][-1],
-                      color=line[0].get_color(), linewidth=6, alpha=0.2)  # fmt: skip
+                      color=line.get_color(), linewidth=6, alpha=0.2)  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"validation {select} (best checkpoint)")
-    ax.set_title("sweep: seed mean, 95% CI (bands: lrs within tolerance of each arm's best)", fontsize=9)
+    ax.set_title("sweep: seed mean (line), each seed (dots); bands: lrs within reach of each arm's best", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "sweep.png", dpi=110)
