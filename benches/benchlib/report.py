@@ -50,11 +50,16 @@ def verdict95(values: list[float], reference: list[float], items: int | None = N
     diff, half = statistics.fmean(values) - statistics.fmean(reference), diff_ci95(values, reference)
     if math.isnan(half):
         return diff, half, "n<2"
-    floor = 0.0
-    if items:
-        p = statistics.fmean([*values, *reference])
-        floor = 2 * math.sqrt(2 * p * (1 - p) / items)
+    floor = 2 * items_se(values, reference, items) if items else 0.0
     return diff, half, "beyond noise" if abs(diff) > max(half, floor) else "within noise"
+
+
+def items_se(values: list[float], reference: list[float], items: int) -> float:
+    """The standard error of a difference of two proportions over ``items`` test items, ``sqrt(2 p (1 - p) /
+    items)`` at the pooled proportion ``p``: the floor under any verdict on accuracies (seeds that agree on 1 of 24
+    questions do not resolve 1/24)."""
+    p = statistics.fmean([*values, *reference])
+    return math.sqrt(2 * p * (1 - p) / items)
 
 
 def versus(values: list[float], reference: list[float], items: int | None = None) -> tuple[float, str]:
@@ -62,9 +67,7 @@ def versus(values: list[float], reference: list[float], items: int | None = None
 
     "within noise" when ``|diff| < 2 * noise``. The noise is the seeds' (pooled std / sqrt(n); pooled std: root
     mean of the two variances, n: the smaller number of seeds) and, for a proportion over ``items`` test items, at
-    least the standard error of a difference of two proportions over that many items, ``sqrt(2 p (1 - p) /
-    items)`` at the pooled proportion ``p``: seeds that agree on 1 of 24 questions do not resolve 1/24. "n<2" when
-    either side has fewer than two seeds (no spread to judge by).
+    least :func:`items_se`. "n<2" when either side has fewer than two seeds (no spread to judge by).
     """
     if not values or not reference:
         return math.nan, "-"
@@ -76,8 +79,7 @@ def versus(values: list[float], reference: list[float], items: int | None = None
         return diff, "n<2"
     noise = math.sqrt((statistics.variance(values) + statistics.variance(reference)) / 2) / math.sqrt(n)
     if items:
-        p = statistics.fmean([*values, *reference])
-        noise = max(noise, math.sqrt(2 * p * (1 - p) / items))
+        noise = max(noise, items_se(values, reference, items))
     return diff, "within noise" if abs(diff) < 2 * noise else "beyond noise"
 
 

@@ -125,7 +125,9 @@ def report(args, out: Path, ablations, spec_for, run_key, selected: tuple[str, b
         )  # fmt: skip
     print(f"\n## The regime: validation {loss_key} per run (means over seeds)\n")
     print(markdown_table(["arm", "lr", "seeds", "best epoch", "lowest", "last", "rise"], rows))
-    print(f"\n## Seeds {args.seeds}: test split, each arm at its best lr\n")
+    fresh = [s for s in args.seeds if s not in args.sweep_seeds]  # seeds that took no part in choosing the lr
+    chose = f"the lr chosen on validation at seeds {args.sweep_seeds}" + (f"; seeds {fresh} fresh" if fresh else "")
+    print(f"\n## Seeds {args.seeds}: test split, each arm at its best lr ({chose})\n")
     print(seeds_table(finals, "lora", tests, args.n_test))
     controls = {}
     for lr in sorted({lr for _, lr in args.controls}):
