@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "benches" / "study"))
 
 from benchlib.report import ci95, diff_ci95, verdict95  # noqa: E402
 from study_fold import folded, truncate  # noqa: E402
-from study_progress import median_steps, steps_to, targets  # noqa: E402
+from study_progress import median_steps, paired_steps, steps_to, targets  # noqa: E402
 
 
 def test_truncate_is_the_best_rank_r_approximation():
@@ -99,7 +99,8 @@ def test_confidence_intervals_match_scipy_t_tests():
 
 def test_time_to_target():
     """The first evaluated step at or below the target; the median over seeds counts a miss as slowest; targets are
-    LoRA's mean lowest loss and the point halfway to it from step 0."""
+    the lowest loss every LoRA seed reaches and the point halfway to it from step 0; the paired difference against
+    LoRA takes the seeds where both reached the target."""
 
     def run(losses):
         return {"evals": [{"step": 6 * i, "val_loss": loss} for i, loss in enumerate(losses)]}
@@ -113,6 +114,11 @@ def test_time_to_target():
     assert median_steps([12, None, 6]) == "12"
     assert median_steps([12, None, None]) == "-"
     assert median_steps([12, 6]) == "9" and median_steps([12, None]) == "-" and median_steps([]) == "-"
+    for seed, result in enumerate(runs):
+        result["spec"] = {"seed": seed}
+    other = [{**run([0.70, 0.66, 0.66, 0.66]), "spec": {"seed": 1}}, {**run([0.66] * 4), "spec": {"seed": 0}}]
+    assert paired_steps(other, runs, 0.675, "val_loss") == "-6 (2)"  # seed 1: 6 - 6 = 0, seed 0: 0 - 12 = -12
+    assert paired_steps(other, runs, 0.6, "val_loss") == "-"  # nobody reaches it
 
 
 def test_sweep_extends_an_edge_along_the_series():

@@ -46,6 +46,19 @@ def median_steps(steps: list[int | None]) -> str:
     return "-" if middle is None else f"{middle:g}"
 
 
+def paired_steps(results: list[dict], reference: list[dict], target: float, loss_key: str) -> str:
+    """Steps to ``target`` minus the reference arm's at the same seed, median over the seeds where both reached it
+    (``-2 (4)``: 2 steps sooner, 4 seeds); seeds pair the data order and the initialization, so a paired difference
+    sees what a median over unequal seed sets can hide."""
+    by_seed = {r["spec"]["seed"]: steps_to(r, target, loss_key) for r in reference}
+    deltas = []
+    for result in results:
+        mine, theirs = steps_to(result, target, loss_key), by_seed.get(result["spec"]["seed"])
+        if mine is not None and theirs is not None:
+            deltas.append(mine - theirs)
+    return f"{statistics.median(deltas):+g} ({len(deltas)})" if deltas else "-"
+
+
 def time_to_target(finals: Arms, controls: dict[float, Arms], loss_key: str, args) -> None:
     """Print the time-to-target tables: each arm at its best lr, and every arm at each control lr."""
     goal = targets(finals, loss_key)
@@ -54,18 +67,20 @@ def time_to_target(finals: Arms, controls: dict[float, Arms], loss_key: str, arg
     shown = ", ".join(f"{name} {value:.4f}" for name, value in goal.items())
     for title, arms in [("each arm at its best lr", finals), *((f"at lr {lr:g}", a) for lr, a in controls.items())]:
         rows = []
+        reference = arms.get("lora", (None, []))[1]
         for arm, (lr, results) in arms.items():
             cells = [arm, f"{lr:g}", str(len(results))]
             for target in goal.values():
                 steps = [steps_to(r, target, loss_key) for r in results]
                 reached = sum(s is not None for s in steps)
-                cells += [median_steps(steps), f"{reached}/{len(steps)}"]
+                paired = "-" if arm == "lora" else paired_steps(results, reference, target, loss_key)
+                cells += [median_steps(steps), f"{reached}/{len(steps)}", paired]
             lowest = [min(r["evals"], key=lambda e: e[loss_key]) for r in results]
             cells += [fmt(statistics.fmean(e[loss_key] for e in lowest)), median_steps([e["step"] for e in lowest])]
             rows.append(cells)
         header = ["arm", "lr", "seeds"]
         for name in goal:
-            header += [f"steps to {name} (median)", "reached"]
+            header += [f"steps to {name} (median)", "reached", "vs lora, same seed (median, seeds)"]
         header += [f"lowest validation {loss_key} (mean)", "at step (median)"]
         print(f"\n## Time-to-target, {title}: validation {loss_key} targets {shown}\n")
         print(markdown_table(header, rows))
