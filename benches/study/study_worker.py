@@ -100,12 +100,17 @@ def use_loraplus(trainer, spec: dict) -> None:
     trainer.optimizer = optimizer
 
 
-def eval_steps(spec: dict) -> set[int]:
-    """The steps validation is scored at: step 0, every ``steps_per_eval``, and every ``fine_eval_every`` steps up
-    to ``fine_eval_until`` (where validation loss is lowest, for the time-to-target). Only the ``steps_per_eval``
-    ones and the last step choose the checkpoint."""
+def checkpoint_steps(spec: dict) -> set[int]:
+    """The evaluations that may choose the checkpoint: every ``steps_per_eval`` steps, and the last step."""
     total = max_steps(spec)
-    steps = {0, total, *range(spec["steps_per_eval"], total + 1, spec["steps_per_eval"])}
+    return {total, *range(spec["steps_per_eval"], total + 1, spec["steps_per_eval"])}
+
+
+def eval_steps(spec: dict) -> set[int]:
+    """The steps validation is scored at: step 0, :func:`checkpoint_steps`, and every ``fine_eval_every`` steps up
+    to ``fine_eval_until`` (where validation loss is lowest, for the time-to-target)."""
+    total = max_steps(spec)
+    steps = {0, *checkpoint_steps(spec)}
     if spec.get("fine_eval_every"):
         steps |= set(range(spec["fine_eval_every"], spec["fine_eval_until"] + 1, spec["fine_eval_every"]))
     return {s for s in steps if s <= total}
@@ -136,7 +141,7 @@ def epoch_evaluator(spec: dict, score_val, score_test, better):
     evaluation (``"checkpoint": False`` for the step-0 and the finer ones, which only trace the loss)."""
     from transformers import TrainerCallback
 
-    steps = eval_steps(spec)
+    steps, checkpoints = eval_steps(spec), checkpoint_steps(spec)
 
     class EpochEvaluator(TrainerCallback):
         def __init__(self):
@@ -154,7 +159,7 @@ def epoch_evaluator(spec: dict, score_val, score_test, better):
         def evaluate(self, model, step: int, last: int) -> None:
             began = time.time()
             was_training = model.training
-            checkpoint = step > 0 and (step % spec["steps_per_eval"] == 0 or step == last)
+            checkpoint = step in checkpoints
             entry = {"step": step, "epoch": round(step / spec["steps_per_epoch"], 3), **score_val(model)}
             entry["checkpoint"] = checkpoint
             improved = checkpoint and (self.best is None or better(entry, self.best))
