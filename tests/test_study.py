@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "benches" / "study"))
 
 from benchlib.report import ci95, diff_ci95, verdict95  # noqa: E402
 from study_fold import folded, truncate  # noqa: E402
-from study_progress import median_steps, paired_steps, steps_to, targets  # noqa: E402
+from study_progress import median_steps, paired_steps, steps_to, target_arms, targets  # noqa: E402
 
 
 def test_truncate_is_the_best_rank_r_approximation():
@@ -119,6 +119,27 @@ def test_time_to_target():
     other = [{**run([0.70, 0.66, 0.66, 0.66]), "spec": {"seed": 1}}, {**run([0.66] * 4), "spec": {"seed": 0}}]
     assert paired_steps(other, runs, 0.675, "val_loss") == "-6 (2)"  # seed 1: 6 - 6 = 0, seed 0: 0 - 12 = -12
     assert paired_steps(other, runs, 0.6, "val_loss") == "-"  # nobody reaches it
+
+
+def test_a_control_without_lora_at_its_lr_is_read_against_lora_at_lora_s():
+    """Without a sweep, an arm controlled at its own lr (LoRA+ at a fifth of LoRA's) is still compared with LoRA,
+    at the lr LoRA was controlled at, and LoRA there sets the time-to-target's targets."""
+    from types import SimpleNamespace
+
+    from study_report import control_arms
+
+    runs = {(arm, lr): [{"arm": arm, "lr": lr, "seed": s} for s in (0, 1)]
+            for arm, lr in [("lora", 1e-3), ("lora_over_static", 1e-3), ("loraplus16", 2e-4)]}  # fmt: skip
+    args = SimpleNamespace(arms=["lora"], seeds=[0, 1], controls=[("lora", 1e-3), *[(a, lr) for a, lr in runs][1:]])
+    controls = control_arms(args, lambda arm, lr, seeds: runs.get((arm, lr), []))
+    assert list(controls) == [2e-4, 1e-3]
+    assert controls[2e-4] == {"lora": (1e-3, runs["lora", 1e-3]), "loraplus16": (2e-4, runs["loraplus16", 2e-4])}
+    assert list(controls[1e-3]) == ["lora", "lora_over_static"]
+    assert target_arms({}, controls)["lora"] == (1e-3, runs["lora", 1e-3])
+    finals = {"lora": (5e-4, runs["lora", 1e-3])}
+    assert target_arms(finals, controls) is finals  # a sweep's best lr wins
+    alone = SimpleNamespace(arms=[], seeds=[0, 1], controls=[("loraplus16", 2e-4)])  # no LoRA anywhere
+    assert list(control_arms(alone, lambda arm, lr, seeds: runs.get((arm, lr), []))[2e-4]) == ["loraplus16"]
 
 
 def test_sweep_extends_an_edge_along_the_series():

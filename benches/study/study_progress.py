@@ -2,8 +2,8 @@
 
 Time-to-target: the steps a run needs until its validation loss first reaches a fixed target, read off the
 evaluations (step 0, every ``fine_eval_every`` steps up to ``fine_eval_until``, then every epoch). Two targets, the
-same for every arm: LoRA's best (at LoRA's best lr, the lowest validation loss every one of its seeds reaches) and a
-looser one, halfway from the untrained model's loss at step 0 to LoRA's best.
+same for every arm: LoRA's best (at LoRA's best lr, or without a sweep at its control lr: the lowest validation loss
+every one of its seeds reaches) and a looser one, halfway from the untrained model's loss at step 0 to LoRA's best.
 """
 
 from __future__ import annotations
@@ -31,6 +31,14 @@ def targets(finals: Arms, loss_key: str) -> dict[str, float] | None:
     best = max(min(e[loss_key] for e in r["evals"]) for r in lora)
     start = statistics.fmean(r["evals"][0][loss_key] for r in lora if r["evals"][0]["step"] == 0)
     return {"LoRA's best": best, "halfway": (start + best) / 2}
+
+
+def target_arms(finals: Arms, controls: dict[float, Arms]) -> Arms:
+    """The arms whose LoRA sets the targets: each arm at its best lr, or without a sweep (no LoRA among them) the
+    first control group that has LoRA."""
+    if finals.get("lora"):
+        return finals
+    return next((arms for arms in controls.values() if arms.get("lora")), {})
 
 
 def median_steps(steps: list[int | None]) -> str:
@@ -61,11 +69,13 @@ def paired_steps(results: list[dict], reference: list[dict], target: float, loss
 
 def time_to_target(finals: Arms, controls: dict[float, Arms], loss_key: str, args) -> None:
     """Print the time-to-target tables: each arm at its best lr, and every arm at each control lr."""
-    goal = targets(finals, loss_key)
+    goal = targets(target_arms(finals, controls), loss_key)
     if goal is None:
         return
     shown = ", ".join(f"{name} {value:.4f}" for name, value in goal.items())
     for title, arms in [("each arm at its best lr", finals), *((f"at lr {lr:g}", a) for lr, a in controls.items())]:
+        if not arms:
+            continue
         rows = []
         reference = arms.get("lora", (None, []))[1]
         for arm, (lr, results) in arms.items():
@@ -111,17 +121,20 @@ def fold_table(finals: Arms, controls: dict[float, Arms], args, tests) -> None:
 
 
 def progress_pictures(out: Path, finals: Arms, controls: dict[float, Arms], loss_key: str, args) -> None:
-    """curves.png: seed-mean validation loss against steps, each arm at its best lr and at the first control lr,
-    with the two targets; the lower row zooms in on the first ``fine_eval_until`` steps (the time-to-target)."""
+    """curves.png: seed-mean validation loss against steps, each arm at its best lr and at the first control lr
+    (without a sweep: at the first two control lrs), with the two targets; the lower row zooms in on the first
+    ``fine_eval_until`` steps (the time-to-target)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("each arm at its best lr", finals)]
-    panels += [(f"every arm at lr {lr:g}", arms) for lr, arms in list(controls.items())[:1]]
+    panels = [("each arm at its best lr", finals)] if finals else []
+    panels = (panels + [(f"every arm at lr {lr:g}", arms) for lr, arms in controls.items()])[:2]
+    if not panels:
+        return
     fig, axes = plt.subplots(2, len(panels), figsize=(6 * len(panels), 8), squeeze=False)
-    goal = targets(finals, loss_key) or {}
+    goal = targets(target_arms(finals, controls), loss_key) or {}
     for column, (title, arms) in enumerate(panels):
         for row, until in enumerate((None, args.fine_eval_until)):
             ax = axes[row][column]

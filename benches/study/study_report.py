@@ -2,7 +2,8 @@
 
 - The sweep: each arm's validation score at its best checkpoint per lr, mean ± 95% CI over the sweep seeds, and
   the lrs within a tolerance of the arm's best (accuracy: 0.01; NLL: 1%).
-- The regime: each arm at its best lr, validation loss at its lowest and at the end (a rise means it overfits).
+- The regime: each arm at its best lr (without a sweep: at its control lr), validation loss at its lowest and at
+  the end (a rise means it overfits).
 - Seeds: the test score of the checkpoint best on validation, mean ± 95% CI, against LoRA (difference with its
   95% CI, and the benches' verdict), each arm at its best lr and every arm at each ``--controls`` lr.
 - Time-to-target and the wide-rank fold (``benches/study/study_progress.py``).
@@ -103,17 +104,23 @@ def report(args, out: Path, ablations, spec_for, run_key, selected: tuple[str, b
         cells += [", ".join(f"{lr:g}" for lr in inside), width]
         rows.append(cells)
     tolerance = f"within {ACC_TOLERANCE} of the best" if higher else f"within {NLL_TOLERANCE:.0%} of the best"
-    print(f"## Sweep: validation {select} of the best checkpoint, mean ± 95% CI (seeds), seeds {args.sweep_seeds}\n")
-    header = ["arm", *(f"lr {lr:g}" for lr in lrs), f"lrs {tolerance}", "range (lrs in it of those tried)"]
-    print(markdown_table(header, rows))
+    if rows:
+        print(f"## Sweep: validation {select} of the best checkpoint, mean ± 95% CI (seeds), seeds {args.sweep_seeds}")
+        print()
+        header = ["arm", *(f"lr {lr:g}" for lr in lrs), f"lrs {tolerance}", "range (lrs in it of those tried)"]
+        print(markdown_table(header, rows))
 
     # ---- each arm at its best lr, and every arm at each control lr
     finals = {}
     for arm in args.arms:
         if best_lrs.get(arm) and (found := find(arm, best_lrs[arm], args.seeds)):
             finals[arm] = (best_lrs[arm], found)
+    controls = control_arms(args, find)
+    # without a sweep (controls only), the regime is read at the control lrs: each arm and lr once
+    seen = {(arm, lr): found for arms in controls.values() for arm, (lr, found) in arms.items()}
+    regime = list(finals.items()) or [(arm, (lr, found)) for (arm, lr), found in seen.items()]
     rows = []
-    for arm, (lr, results) in finals.items():
+    for arm, (lr, results) in regime:
         lowest = [min(e[loss_key] for e in r["evals"]) for r in results]
         last = [r["last"][loss_key] for r in results]
         rise = [b - a for a, b in zip(lowest, last, strict=True)]
@@ -125,17 +132,15 @@ def report(args, out: Path, ablations, spec_for, run_key, selected: tuple[str, b
         )  # fmt: skip
     print(f"\n## The regime: validation {loss_key} per run (means over seeds)\n")
     print(markdown_table(["arm", "lr", "seeds", "best epoch", "lowest", "last", "rise"], rows))
-    fresh = [s for s in args.seeds if s not in args.sweep_seeds]  # seeds that took no part in choosing the lr
-    chose = f"the lr chosen on validation at seeds {args.sweep_seeds}" + (f"; seeds {fresh} fresh" if fresh else "")
-    print(f"\n## Seeds {args.seeds}: test split, each arm at its best lr ({chose})\n")
-    print(seeds_table(finals, "lora", tests, args.n_test))
-    controls = {}
-    for lr in sorted({lr for _, lr in args.controls}):
-        listed = dict.fromkeys([*args.arms, *(arm for arm, _ in args.controls)])  # in order, once each
-        same = {arm: (lr, found) for arm in listed if (found := find(arm, lr, args.seeds))}
-        reference = "lora" if "lora" in same else next(arm for arm, control_lr in args.controls if control_lr == lr)
-        controls[lr] = same
-        print(f"\n## At one learning rate, {lr:g}: against {reference}\n")
+    if finals:
+        fresh = [s for s in args.seeds if s not in args.sweep_seeds]  # seeds that took no part in choosing the lr
+        chose = f"the lr chosen on validation at seeds {args.sweep_seeds}" + (f"; seeds {fresh} fresh" if fresh else "")
+        print(f"\n## Seeds {args.seeds}: test split, each arm at its best lr ({chose})\n")
+        print(seeds_table(finals, "lora", tests, args.n_test))
+    for lr, same in controls.items():
+        reference = "lora" if "lora" in same else next(iter(same))
+        elsewhere = f" at lr {same[reference][0]:g}" if same[reference][0] != lr else ""
+        print(f"\n## At one learning rate, {lr:g}: against {reference}{elsewhere}\n")
         print(seeds_table(same, reference, tests, args.n_test))
 
     time_to_target(finals, controls, loss_key, args)
@@ -162,9 +167,27 @@ def report(args, out: Path, ablations, spec_for, run_key, selected: tuple[str, b
         print(f"\n## Ablations: LoRA-Over at lr {lr:g} (static's best), seeds {args.ablation_seeds}\n")
         header = ["variant", "seeds", f"{label} (mean ± std)", "Δ vs base", "verdict", "trainable at begin"]
         print(markdown_table(header, ablation_rows))
-    sweep_picture(out, sweep, reach, select)
+    if sweep:
+        sweep_picture(out, sweep, reach, select)
     progress_pictures(out, finals, controls, loss_key, args)
     ablation_picture(out, ablation_rows, label)
+
+
+def control_arms(args, find) -> dict[float, dict[str, tuple[float, list[dict]]]]:
+    """Every arm run at each ``--controls`` lr (the ``--arms`` too, where they were run there), in order. A group
+    without LoRA at its lr gets LoRA at the lr LoRA is controlled at, so an arm that needs its own rate (LoRA+ at
+    a fifth of LoRA's) is still read against LoRA."""
+    lora_lr = next((lr for arm, lr in args.controls if arm == "lora"), None)
+    lora = find("lora", lora_lr, args.seeds) if lora_lr is not None else []
+    controls = {}
+    for lr in sorted({lr for _, lr in args.controls}):
+        listed = dict.fromkeys([*args.arms, *(arm for arm, _ in args.controls)])  # in order, once each
+        same = {arm: (lr, found) for arm in listed if (found := find(arm, lr, args.seeds))}
+        if same and "lora" not in same and lora:
+            same = {"lora": (lora_lr, lora), **same}
+        if same:
+            controls[lr] = same
+    return controls
 
 
 def seeds_table(arms: dict[str, tuple[float, list[dict]]], reference: str, tests, n_test: int) -> str:
