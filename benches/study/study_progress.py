@@ -138,11 +138,12 @@ def progress_pictures(out: Path, finals: Arms, controls: dict[float, Arms], loss
     for column, (title, arms) in enumerate(panels):
         for row, until in enumerate((None, args.fine_eval_until)):
             ax = axes[row][column]
-            for arm, (lr, results) in arms.items():
+            for index, (arm, (lr, results)) in enumerate(arms.items()):
                 steps = [e["step"] for e in results[0]["evals"] if until is None or e["step"] <= until]
                 same = [r for r in results if [e["step"] for e in r["evals"]][: len(steps)] == steps]
                 mean = [statistics.fmean(r["evals"][i][loss_key] for r in same) for i in range(len(steps))]
-                ax.plot(steps, mean, marker=".", label=f"{arm} (lr {lr:g})")
+                style = "-" if index < 10 else "--"  # past the 10 colours of the cycle, which start again
+                ax.plot(steps, mean, style, marker=".", label=f"{arm} (lr {lr:g})")
             for (name, value), style in zip(goal.items(), ("--", ":"), strict=False):
                 ax.axhline(value, color="grey", linestyle=style, linewidth=1, label=f"target: {name}")
             zoom = "" if until is None else f", first {until} steps"
