@@ -67,9 +67,9 @@ def paired_steps(results: list[dict], reference: list[dict], target: float, loss
     return f"{statistics.median(deltas):+g} ({len(deltas)})" if deltas else "-"
 
 
-def time_to_target(finals: Arms, controls: dict[float, Arms], loss_key: str, args) -> None:
-    """Print the time-to-target tables: each arm at its best lr, and every arm at each control lr."""
-    goal = targets(target_arms(finals, controls), loss_key)
+def time_to_target(goal: dict[str, float] | None, finals: Arms, controls: dict[float, Arms], loss_key: str) -> None:
+    """Print the time-to-target tables for ``goal`` (from ``targets``): each arm at its best lr, and every arm at
+    each control lr."""
     if goal is None:
         return
     shown = ", ".join(f"{name} {value:.4f}" for name, value in goal.items())
@@ -120,7 +120,9 @@ def fold_table(finals: Arms, controls: dict[float, Arms], args, tests) -> None:
         print(markdown_table(header, rows))
 
 
-def progress_pictures(out: Path, finals: Arms, controls: dict[float, Arms], loss_key: str, args) -> None:
+def progress_pictures(
+    out: Path, goal: dict[str, float] | None, finals: Arms, controls: dict[float, Arms], loss_key: str, args
+) -> None:
     """curves.png: seed-mean validation loss against steps, each arm at its best lr and at the first control lr
     (without a sweep: at the first two control lrs), with the two targets; the lower row zooms in on the first
     ``fine_eval_until`` steps (the time-to-target)."""
@@ -134,7 +136,6 @@ def progress_pictures(out: Path, finals: Arms, controls: dict[float, Arms], loss
     if not panels:
         return
     fig, axes = plt.subplots(2, len(panels), figsize=(6 * len(panels), 8), squeeze=False)
-    goal = targets(target_arms(finals, controls), loss_key) or {}
     for column, (title, arms) in enumerate(panels):
         for row, until in enumerate((None, args.fine_eval_until)):
             ax = axes[row][column]
@@ -144,7 +145,7 @@ def progress_pictures(out: Path, finals: Arms, controls: dict[float, Arms], loss
                 mean = [statistics.fmean(r["evals"][i][loss_key] for r in same) for i in range(len(steps))]
                 style = "-" if index < 10 else "--"  # past the 10 colours of the cycle, which start again
                 ax.plot(steps, mean, style, marker=".", label=f"{arm} (lr {lr:g})")
-            for (name, value), style in zip(goal.items(), ("--", ":"), strict=False):
+            for (name, value), style in zip((goal or {}).items(), ("--", ":"), strict=False):
                 ax.axhline(value, color="grey", linestyle=style, linewidth=1, label=f"target: {name}")
             zoom = "" if until is None else f", first {until} steps"
             ax.set_title(f"{title}{zoom}: seed mean", fontsize=9)

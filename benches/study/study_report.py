@@ -18,7 +18,7 @@ import statistics
 from pathlib import Path
 
 from benchlib.report import ci95, fmt, markdown_table, mean_std, verdict95, versus
-from study_progress import fold_table, progress_pictures, time_to_target
+from study_progress import fold_table, progress_pictures, target_arms, targets, time_to_target
 
 ACC_TOLERANCE = 0.01  # PrivacyQA: an lr is "within reach" when its accuracy is at most this below the best
 NLL_TOLERANCE = 0.01  # GSM8K: ... when its answer NLL is at most 1% above the best
@@ -143,7 +143,8 @@ def report(args, out: Path, ablations, spec_for, run_key, selected: tuple[str, b
         print(f"\n## At one learning rate, {lr:g}: against {reference}{elsewhere}\n")
         print(seeds_table(same, reference, tests, args.n_test))
 
-    time_to_target(finals, controls, loss_key, args)
+    goal = targets(target_arms(finals, controls), loss_key)  # the same two targets for every arm and picture
+    time_to_target(goal, finals, controls, loss_key)
     fold_table(finals, controls, args, tests)
 
     # ---- ablations
@@ -169,7 +170,7 @@ def report(args, out: Path, ablations, spec_for, run_key, selected: tuple[str, b
         print(markdown_table(header, ablation_rows))
     if sweep:
         sweep_picture(out, sweep, reach, select)
-    progress_pictures(out, finals, controls, loss_key, args)
+    progress_pictures(out, goal, finals, controls, loss_key, args)
     ablation_picture(out, ablation_rows, label)
 
 
