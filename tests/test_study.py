@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "benches" / "study"))
 
 from benchlib.report import ci95, diff_ci95, verdict95  # noqa: E402
 from study_fold import folded, truncate  # noqa: E402
-from study_progress import median_steps, paired_steps, steps_to, target_arms, targets  # noqa: E402
+from study_progress import median_steps, paired_steps, seed_mean_curve, steps_to, target_arms, targets  # noqa: E402
 
 
 def test_truncate_is_the_best_rank_r_approximation():
@@ -119,6 +119,9 @@ def test_time_to_target():
     other = [{**run([0.70, 0.66, 0.66, 0.66]), "spec": {"seed": 1}}, {**run([0.66] * 4), "spec": {"seed": 0}}]
     assert paired_steps(other, runs, 0.675, "val_loss") == "-6 (2)"  # seed 1: 6 - 6 = 0, seed 0: 0 - 12 = -12
     assert paired_steps(other, runs, 0.6, "val_loss") == "-"  # nobody reaches it
+    curve = seed_mean_curve(runs, "val_loss", until=12)  # the seed mean at each evaluation up to step 12
+    assert [step for step, _ in curve] == [0, 6, 12]
+    assert [loss for _, loss in curve] == pytest.approx([0.70, 0.68, 0.67])
 
 
 def test_a_control_without_lora_at_its_lr_is_read_against_lora_at_lora_s():

@@ -96,6 +96,27 @@ def time_to_target(goal: dict[str, float] | None, finals: Arms, controls: dict[f
         print(markdown_table(header, rows))
 
 
+def seed_mean_curve(results: list[dict], loss_key: str, until: int | None = None) -> list[tuple[int, float]]:
+    """``(step, validation loss averaged over seeds)`` at the first run's evaluated steps (up to ``until``), over the
+    runs evaluated at those same steps."""
+    steps = [e["step"] for e in results[0]["evals"] if until is None or e["step"] <= until]
+    same = [r for r in results if [e["step"] for e in r["evals"]][: len(steps)] == steps]
+    return [(step, statistics.fmean(r["evals"][i][loss_key] for r in same)) for i, step in enumerate(steps)]
+
+
+def early_curves(finals: Arms, controls: dict[float, Arms], loss_key: str, until: int) -> None:
+    """Print the seed-mean validation loss at each evaluation up to step ``until`` (the numbers behind the lower row
+    of curves.png): each arm at its best lr, and every arm at each control lr."""
+    for title, arms in [("each arm at its best lr", finals), *((f"at lr {lr:g}", a) for lr, a in controls.items())]:
+        curves = {arm: (lr, seed_mean_curve(results, loss_key, until)) for arm, (lr, results) in arms.items()}
+        if not curves:
+            continue
+        steps = [step for step, _ in next(iter(curves.values()))[1]]
+        rows = [[arm, f"{lr:g}", *(fmt(loss) for _, loss in curve)] for arm, (lr, curve) in curves.items()]
+        print(f"\n## Validation {loss_key} at the early evaluations, {title} (seed mean)\n")
+        print(markdown_table(["arm", "lr", *(f"step {step}" for step in steps)], rows))
+
+
 def fold_table(finals: Arms, controls: dict[float, Arms], args, tests) -> None:
     """The wide-rank arm: its fold error at the end, and its score folded (what it deploys) against unfolded."""
     rows = []
@@ -140,9 +161,7 @@ def progress_pictures(
         for row, until in enumerate((None, args.fine_eval_until)):
             ax = axes[row][column]
             for index, (arm, (lr, results)) in enumerate(arms.items()):
-                steps = [e["step"] for e in results[0]["evals"] if until is None or e["step"] <= until]
-                same = [r for r in results if [e["step"] for e in r["evals"]][: len(steps)] == steps]
-                mean = [statistics.fmean(r["evals"][i][loss_key] for r in same) for i in range(len(steps))]
+                steps, mean = zip(*seed_mean_curve(results, loss_key, until), strict=True)
                 style = "-" if index < 10 else "--"  # past the 10 colours of the cycle, which start again
                 ax.plot(steps, mean, style, marker=".", label=f"{arm} (lr {lr:g})")
             for (name, value), style in zip((goal or {}).items(), ("--", ":"), strict=False):

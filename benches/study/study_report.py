@@ -18,7 +18,7 @@ import statistics
 from pathlib import Path
 
 from benchlib.report import ci95, fmt, markdown_table, mean_std, verdict95, versus
-from study_progress import fold_table, progress_pictures, target_arms, targets, time_to_target
+from study_progress import early_curves, fold_table, progress_pictures, target_arms, targets, time_to_target
 
 ACC_TOLERANCE = 0.01  # PrivacyQA: an lr is "within reach" when its accuracy is at most this below the best
 NLL_TOLERANCE = 0.01  # GSM8K: ... when its answer NLL is at most 1% above the best
@@ -145,7 +145,12 @@ def report(args, out: Path, ablations, spec_for, run_key, selected: tuple[str, b
 
     goal = targets(target_arms(finals, controls), loss_key)  # the same two targets for every arm and picture
     time_to_target(goal, finals, controls, loss_key)
+    early_curves(finals, controls, loss_key, args.fine_eval_until)
     fold_table(finals, controls, args, tests)
+    collapse = [abs(r["collapse_val_diff"]) for r in runs.values() if "collapse_val_diff" in r]
+    if collapse:  # the collapsed adapter scored again, against the run's last in-training evaluation
+        print(f"\n## Collapse: |validation {select} after collapse - last in-training| at most {max(collapse):.2g}")
+        print(f"({len(collapse)} stored runs)")
 
     # ---- ablations
     ablation_rows = []
